@@ -1,0 +1,12 @@
+"""poison: datasets → manifests, triggers, attacks → poison plans.
+
+Imports no other package of poisonsweep (it is the bottom layer).
+"""
+from poison.attacks import ATTACKS, Attack, make_attack, plan_hash
+from poison.config import ConfigError
+from poison.datasets import DATASETS, DataError, DataSpec, load_dataset
+from poison.manifest import Dataset
+from poison.triggers import TRIGGERS, make_trigger
+
+__all__ = ["ATTACKS", "Attack", "ConfigError", "DATASETS", "DataError", "DataSpec", "Dataset",
+           "TRIGGERS", "load_dataset", "make_attack", "make_trigger", "plan_hash"]

@@ -1,0 +1,110 @@
+"""Poisoning attacks, registered by name (``attack.kind``).
+
+An attack is a frozen config with three pure steps:
+
+1. ``check(dataset)``: rejects what cannot work on this dataset (unknown target,
+   a count above the eligible pool, a trigger larger than the image) before any
+   training starts, naming the key;
+2. ``plan(dataset, seed)``: the poison plan, an Arrow table of the pairs it adds
+   or alters (which image, which caption, trigger placement) with provenance in
+   the schema metadata; nothing is copied, triggers are stamped at load time;
+3. ``evaluate(dataset, classify, seed)``: its metrics on a trained model, seen
+   only through ``classify`` (uint8 images → predicted class indices).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from poison.config import ConfigError, Section, validate_section
+from poison.manifest import Dataset
+from poison.registry import Registry
+
+ATTACKS: Registry = Registry("attack")
+Classifier = Callable[[np.ndarray], np.ndarray]
+
+#: Streams of the trial seed, so each component has its own generator.
+PLAN_STREAM, EVAL_STREAM = 11, 12
+
+
+class Attack(Section):
+    """Base of attacks; the default is the clean (no-poison) case."""
+
+    kind: str
+    poison_count: int = 0
+
+    @property
+    def trigger_name(self) -> str:
+        return "none"
+
+    @property
+    def modality(self) -> str:
+        return "none"
+
+    def check(self, dataset: Dataset) -> None:
+        """Raises ConfigError (naming the key) when the attack cannot run on ``dataset``."""
+
+    def plan(self, dataset: Dataset, seed: int) -> pa.Table:
+        return empty_plan()
+
+    def stamp(self, images: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
+        """Applies the plan's image changes to the batch ``images`` of poisoned rows."""
+        return images
+
+    def evaluate(self, dataset: Dataset, classify: Classifier, seed: int) -> dict[str, float]:
+        return {}
+
+
+@ATTACKS.register("none")
+class NoAttack(Attack):
+    """No poisoning: the clean model."""
+
+    kind: str = "none"
+
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("poison_id", pa.int64()),   # row id in the poisoned training set
+        ("op", pa.string()),         # "inject" (added pair) or "replace" (altered pair)
+        ("source_id", pa.int64()),   # manifest id of the pair whose image is used
+        ("image", pa.int64()),       # index into the dataset's image array
+        ("source_label", pa.int32()),
+        ("caption", pa.string()),
+    ]
+)
+
+
+def empty_plan() -> pa.Table:
+    return PLAN_SCHEMA.empty_table()
+
+
+def plan_hash(plan: pa.Table) -> str:
+    """Content hash of a plan (rows and provenance), used as a cache key."""
+    digest = hashlib.sha256()
+    for col in plan.column_names:
+        digest.update(col.encode())
+        digest.update(json.dumps(plan[col].to_pylist(), default=str).encode())
+    digest.update(json.dumps({k.decode(): v.decode() for k, v in (plan.schema.metadata or {}).items()},
+                             sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def make_attack(data: object, path: str = "attack") -> Attack:
+    """Validates an attack mapping into its registered class."""
+    if data is None:
+        data = {"kind": "none"}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    kind = data.get("kind", "none")
+    if kind not in ATTACKS:
+        raise ConfigError(f"{path}.kind: unknown attack {kind!r}; valid: {', '.join(ATTACKS.names())}")
+    return validate_section(ATTACKS.get(kind), data, path)
+
+
+from poison.attacks import backdoor  # noqa: E402,F401  (registers "backdoor")
+
+__all__ = ["ATTACKS", "Attack", "Classifier", "PLAN_SCHEMA", "empty_plan", "make_attack", "plan_hash"]

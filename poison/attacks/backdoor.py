@@ -1,0 +1,136 @@
+"""``backdoor`` (Carlini & Terzis 2022): triggered images captioned as the target class.
+
+``poison_count`` non-target training images, drawn without replacement with the
+trial's seed, get the trigger and a caption naming the target class (from
+prompt templates). ``mode: inject`` adds them as new pairs; ``replace`` alters
+the original pairs in place. Success (``backdoor_asr``): of clean test images
+whose true class is not the target, the fraction zero-shot classified as the
+target once the trigger is applied.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator
+
+from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_SCHEMA, PLAN_STREAM, Attack, Classifier
+from poison.config import ConfigError
+from poison.manifest import Dataset
+from poison.triggers import Trigger, make_trigger
+
+#: Caption templates of the poisoned pairs (CLIP's ImageNet prompt style).
+CAPTION_TEMPLATES = [
+    "a photo of a {}.", "a bad photo of a {}.", "a close-up photo of the {}.",
+    "a bright photo of a {}.", "a cropped photo of the {}.", "a photo of the small {}.",
+    "a photo of the large {}.", "a good photo of a {}.", "an image of the {}.", "art of the {}.",
+]
+
+
+@ATTACKS.register("backdoor")
+class Backdoor(Attack):
+    kind: Literal["backdoor"] = "backdoor"
+    target: str
+    poison_count: int = Field(ge=0)
+    mode: Literal["inject", "replace"] = "inject"
+    trigger: Trigger
+
+    @field_validator("trigger", mode="before")
+    @classmethod
+    def _trigger(cls, value: Any) -> Trigger:
+        return value if isinstance(value, Trigger) else make_trigger(value)
+
+    @property
+    def trigger_name(self) -> str:
+        return self.trigger.kind
+
+    @property
+    def modality(self) -> str:
+        return "image"
+
+    def check(self, dataset: Dataset) -> None:
+        target = self._target_label(dataset)
+        pool = _pool(dataset, target)
+        if self.poison_count > len(pool):
+            raise ConfigError(
+                f"attack.poison_count: {self.poison_count:,} exceeds the {len(pool):,} non-target "
+                f"training pairs of {dataset.name} (of {dataset.num_train:,} training pairs)"
+            )
+        self.trigger.check(dataset.image_size)
+
+    def plan(self, dataset: Dataset, seed: int) -> pa.Table:
+        self.check(dataset)
+        target = self._target_label(dataset)
+        rng = np.random.default_rng([seed, PLAN_STREAM])
+        pool = _pool(dataset, target)
+        rows = pool.take(pa.array(np.sort(rng.choice(len(pool), self.poison_count, replace=False))))
+        templates = rng.integers(len(CAPTION_TEMPLATES), size=self.poison_count)
+        placement = self.trigger.placement(self.poison_count, dataset.image_size, rng)
+        first_new = int(pc.max(dataset.manifest["id"]).as_py() or 0) + 1
+        ids = rows["id"].to_numpy()
+        table = pa.table(
+            {
+                "poison_id": pa.array(first_new + np.arange(self.poison_count) if self.mode == "inject"
+                                      else ids, pa.int64()),
+                "op": pa.array([self.mode] * self.poison_count, pa.string()),
+                "source_id": rows["id"],
+                "image": rows["image"],
+                "source_label": rows["label"],
+                "caption": pa.array([CAPTION_TEMPLATES[t].format(self.target) for t in templates],
+                                    pa.string()),
+                **{f"trigger_{k}": pa.array(v) for k, v in placement.items()},
+            }
+        )
+        meta = {"attack": self.model_dump_json(), "seed": str(seed), "dataset": dataset.name,
+                "target_label": str(target)}
+        return table.replace_schema_metadata(meta)
+
+    def stamp(self, images: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
+        placement = {k.removeprefix("trigger_"): v for k, v in columns.items() if k.startswith("trigger_")}
+        return self.trigger.apply(images, placement)
+
+    def evaluate(self, dataset: Dataset, classify: Classifier, seed: int) -> dict[str, float]:
+        target = self._target_label(dataset)
+        test = dataset.split("test")
+        keep = pc.not_equal(test["label"], target)
+        victims = test.filter(keep)
+        if victims.num_rows == 0:
+            return {"backdoor_asr": float("nan"), "attack_success": float("nan")}
+        rng = np.random.default_rng([seed, EVAL_STREAM])
+        placement = self.trigger.placement(victims.num_rows, dataset.image_size, rng)
+        images = self.trigger.apply(dataset.images[victims["image"].to_numpy()], placement)
+        asr = backdoor_asr(classify(images), victims["label"].to_numpy(), target)
+        return {"backdoor_asr": asr, "attack_success": asr}
+
+    def _target_label(self, dataset: Dataset) -> int:
+        if self.target not in dataset.classnames:
+            raise ConfigError(
+                f"attack.target: {self.target!r} is not a class of {dataset.name}; "
+                f"valid: {', '.join(dataset.classnames)}"
+            )
+        return dataset.classnames.index(self.target)
+
+
+def backdoor_asr(predicted: np.ndarray, true_labels: np.ndarray, target: int) -> float:
+    """Fraction of non-target-class images predicted as ``target`` (after triggering).
+
+    Example:
+        >>> backdoor_asr(np.array([3, 3, 1, 3]), np.array([0, 1, 1, 3]), target=3)
+        0.3333333333333333
+    """
+    victims = np.asarray(true_labels) != target
+    if not victims.any():
+        return float("nan")
+    return float(np.mean(np.asarray(predicted)[victims] == target))
+
+
+def _pool(dataset: Dataset, target: int) -> pa.Table:
+    train = dataset.split("train")
+    return train.filter(pc.not_equal(train["label"], target))
+
+
+__all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr"]
+_ = (PLAN_SCHEMA, json)  # the plan's leading columns follow PLAN_SCHEMA

@@ -1,0 +1,58 @@
+"""Typed, validated configuration sections and their error messages.
+
+Every section is a frozen pydantic model that rejects unknown keys; errors are
+re-raised as :class:`ConfigError` naming the dotted key path and the bad value,
+never as a traceback from inside a library.
+"""
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration value that is wrong; the message starts with its key path."""
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def validate_section(cls: type[M], data: Any, path: str) -> M:
+    """Validates ``data`` into ``cls``; errors name ``path`` plus the inner key.
+
+    Example:
+        >>> class Train(Section):
+        ...     epochs: int = 1
+        >>> validate_section(Train, {"epochs": "x"}, "train")
+        Traceback (most recent call last):
+        ...
+        poison.config.ConfigError: train.epochs: expected a valid integer, got 'x'
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, path)) from None
+
+
+def _format(err: ValidationError, path: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join([path, *(str(p) for p in e["loc"])]) if path else ".".join(map(str, e["loc"]))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            msg = e["msg"].replace("Input should be", "expected").replace("Value error, ", "")
+            lines.append(f"{key}: {msg}, got {e['input']!r}")
+    return "; ".join(lines)

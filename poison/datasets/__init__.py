@@ -1,0 +1,59 @@
+"""Built-in datasets, registered by name (``data.dataset``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from poison.manifest import Dataset
+from poison.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded as configured (missing files, bad sizes)."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What determines a dataset's manifest and images.
+
+    Attributes:
+        dataset: registered name, e.g. ``"synthetic"`` or ``"fashion-mnist"``.
+        path: where the files are (``None``: the dataset's default location).
+        size: training pairs to use (``None``: all the dataset has).
+        test_size: test pairs to use (``None``: the dataset's default).
+        image_size: side of the square images, in pixels.
+        seed: seed of every random choice in generation and subsetting.
+        cache_dir: where decoded images are cached (``None``: no cache).
+    """
+
+    dataset: str = "synthetic"
+    path: str | None = None
+    size: int | None = 20000
+    test_size: int | None = None
+    image_size: int = 32
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def cache_file(self, **extra: object) -> Path | None:
+        from poison.manifest import cache_key
+
+        if self.cache_dir is None:
+            return None
+        key = cache_key(
+            dataset=self.dataset, path=self.path, size=self.size, test_size=self.test_size,
+            image_size=self.image_size, seed=self.seed, **extra,
+        )
+        return Path(self.cache_dir) / "images" / f"{self.dataset}-{key}.npy"
+
+
+def load_dataset(spec: DataSpec) -> Dataset:
+    """Loads the manifest of ``spec.dataset``; images are decoded lazily and cached."""
+    return DATASETS.get(spec.dataset)(spec)
+
+
+# Registration happens on import of each module.
+from poison.datasets import fashion_mnist, synthetic  # noqa: E402,F401
+
+__all__ = ["DATASETS", "DataError", "DataSpec", "load_dataset"]

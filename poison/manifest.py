@@ -1,0 +1,106 @@
+"""Manifests: one Arrow table per dataset, one row per image–caption pair.
+
+Columns: ``id`` (int64, unique), ``image`` (int64 index into the dataset's
+image array), ``caption`` (string), ``label`` (int32 class index, -1 when
+unknown), ``split`` (``"train"`` or ``"test"``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("image", pa.int64()),
+        ("caption", pa.string()),
+        ("label", pa.int32()),
+        ("split", pa.string()),
+    ]
+)
+
+
+def make_manifest(
+    *, image: np.ndarray, caption: list[str], label: np.ndarray, split: list[str] | np.ndarray
+) -> pa.Table:
+    """Builds a manifest table; ids are the row numbers."""
+    n = len(caption)
+    return pa.table(
+        {
+            "id": pa.array(np.arange(n, dtype=np.int64)),
+            "image": pa.array(np.asarray(image, dtype=np.int64)),
+            "caption": pa.array(caption, pa.string()),
+            "label": pa.array(np.asarray(label, dtype=np.int32)),
+            "split": pa.array(list(split), pa.string()),
+        },
+        schema=SCHEMA,
+    )
+
+
+def split_rows(manifest: pa.Table, split: str) -> pa.Table:
+    """The rows of one split, in manifest order."""
+    return manifest.filter(pc.equal(manifest["split"], split))
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: its manifest, class names and a lazy image array.
+
+    ``images`` is a uint8 array of shape (N, H, W, 3), indexed by the
+    manifest's ``image`` column; it is built on first use and cached on disk
+    as a memory-mappable ``.npy`` so that every trial on a node shares it.
+    """
+
+    name: str
+    manifest: pa.Table
+    classnames: list[str]
+    templates: list[str]
+    image_size: int
+    _render: Callable[[], np.ndarray] = field(repr=False)
+    _cache_file: Path | None = field(default=None, repr=False)
+    _images: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = _cached_array(self._cache_file, self._render)
+        return self._images
+
+    def split(self, name: str) -> pa.Table:
+        return split_rows(self.manifest, name)
+
+    @property
+    def num_train(self) -> int:
+        return self.split("train").num_rows
+
+
+def cache_key(**parts: object) -> str:
+    """A short stable hash of JSON-serialisable parts."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _cached_array(path: Path | None, render: Callable[[], np.ndarray]) -> np.ndarray:
+    if path is None:
+        return render()
+    if path.exists():
+        try:
+            return np.load(path, mmap_mode="r")
+        except (ValueError, OSError):
+            path.unlink(missing_ok=True)  # partial or corrupt: rebuild
+    array = np.ascontiguousarray(render(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    with os.fdopen(fd, "wb") as fh:
+        np.save(fh, array)
+    os.replace(tmp, path)  # atomic: readers never see a half-written file
+    return np.load(path, mmap_mode="r")

@@ -1,0 +1,99 @@
+"""Image triggers, registered by name (``attack.trigger.kind``).
+
+A trigger has a frozen config, a seeded ``placement`` (where it goes on each of
+n images: stored in the poison plan) and a pure ``apply`` that stamps it on a
+batch of uint8 (N, H, W, 3) images when the batch is loaded.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from poison.config import ConfigError, Section, validate_section
+from poison.registry import Registry
+
+TRIGGERS: Registry = Registry("trigger")
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
+
+
+class Trigger(Section):
+    """Base of triggers: ``placement`` then ``apply``; both deterministic."""
+
+    kind: str
+
+    def check(self, image_size: int, path: str = "attack.trigger") -> None:
+        """Raises ConfigError when the trigger cannot go on images of this size."""
+
+    def placement(self, n: int, image_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {}
+
+    def apply(self, images: np.ndarray, placement: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+
+@TRIGGERS.register("patch")
+class PatchTrigger(Trigger):
+    """A square patch (Carlini & Terzis): checkerboard, uniform noise or a solid colour.
+
+    ``size`` is in pixels when ≥ 1, else a fraction of the image side;
+    ``location`` is a fixed corner, the centre, or ``random`` per image.
+    The noise pattern is fixed by ``pattern_seed`` so train and test triggers match.
+    """
+
+    kind: Literal["patch"] = "patch"
+    size: float = Field(4, gt=0)
+    pattern: Literal["checkerboard", "noise", "solid"] = "checkerboard"
+    location: Literal["random", "top-left", "top-right", "bottom-left", "bottom-right", "center"] = "random"
+    colour: tuple[int, int, int] = (255, 255, 255)
+    pattern_seed: int = 0
+
+    def pixels(self, image_size: int) -> int:
+        return int(round(self.size * image_size)) if self.size < 1 else int(self.size)
+
+    def check(self, image_size: int, path: str = "attack.trigger") -> None:
+        side = self.pixels(image_size)
+        if not 1 <= side <= image_size:
+            raise ConfigError(
+                f"{path}.size: a {side}px patch does not fit {image_size}px images (size={self.size})"
+            )
+
+    def placement(self, n: int, image_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        side = self.pixels(image_size)
+        last = image_size - side
+        if self.location == "random":
+            x = rng.integers(0, last + 1, size=n)
+            y = rng.integers(0, last + 1, size=n)
+        else:
+            fixed = {"top-left": (0, 0), "top-right": (last, 0), "bottom-left": (0, last),
+                     "bottom-right": (last, last), "center": (last // 2, last // 2)}[self.location]
+            x, y = np.full(n, fixed[0]), np.full(n, fixed[1])
+        return {"x": x.astype(np.int32), "y": y.astype(np.int32)}
+
+    def stamp(self, side: int) -> np.ndarray:
+        """The (side, side, 3) uint8 patch itself."""
+        if self.pattern == "checkerboard":
+            cells = (np.add.outer(np.arange(side), np.arange(side)) % 2).astype(np.uint8) * 255
+            return np.repeat(cells[..., None], 3, axis=2)
+        if self.pattern == "noise":
+            rng = np.random.default_rng([self.pattern_seed, 7])
+            return rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+        return np.broadcast_to(np.array(self.colour, dtype=np.uint8), (side, side, 3)).copy()
+
+    def apply(self, images: np.ndarray, placement: dict[str, np.ndarray]) -> np.ndarray:
+        out = np.array(images, dtype=np.uint8, copy=True)
+        side = self.pixels(out.shape[1])
+        patch = self.stamp(side)
+        for i, (x, y) in enumerate(zip(placement["x"], placement["y"])):
+            out[i, y : y + side, x : x + side] = patch
+        return out
+
+
+def make_trigger(data: object, path: str = "attack.trigger") -> Trigger:
+    """Validates a trigger mapping into its registered class."""
+    if not isinstance(data, dict) or "kind" not in data:
+        raise ConfigError(f"{path}.kind: required; valid: {', '.join(TRIGGERS.names())}")
+    if data["kind"] not in TRIGGERS:
+        raise ConfigError(f"{path}.kind: unknown trigger {data['kind']!r}; valid: {', '.join(TRIGGERS.names())}")
+    return validate_section(TRIGGERS.get(data["kind"]), data, path)

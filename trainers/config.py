@@ -1,0 +1,92 @@
+"""The typed config of one trial: everything that determines its result.
+
+Sweep-only sections (search, resources, tracking, storage) live in
+``sweeps.config``; a trial sees only this.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from poison import Attack, DataSpec, make_attack
+from poison.config import ConfigError, Section, validate_section
+
+
+class DataConfig(Section):
+    dataset: str = "synthetic"
+    path: str | None = None
+    size: int | None = Field(20000, ge=1)
+    test_size: int | None = Field(None, ge=1)
+    image_size: int = Field(32, ge=8)
+
+
+class ModelConfig(Section):
+    arch: str = "tiny-rn"
+    pretrained: str | None = None
+
+
+class TrainConfig(Section):
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup: float = Field(0.1, ge=0, lt=1)  # fraction of all steps
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
+
+
+class DefenseConfig(Section):
+    kind: Literal["none"] = "none"
+
+
+class TrialConfig(Section):
+    """A fully resolved trial: no search dimensions left."""
+
+    name: str = "poisonsweep"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    attack: Attack = Field(default_factory=lambda: make_attack(None))
+    defense: DefenseConfig = DefenseConfig()
+
+    @field_validator("attack", mode="before")
+    @classmethod
+    def _attack(cls, value: Any) -> Attack:
+        return value if isinstance(value, Attack) else make_attack(value)
+
+    def data_spec(self, cache_dir: str | None = None) -> DataSpec:
+        d = self.data
+        return DataSpec(dataset=d.dataset, path=d.path, size=d.size, test_size=d.test_size,
+                        image_size=d.image_size, seed=self.seed, cache_dir=cache_dir)
+
+    def clean(self) -> "TrialConfig":
+        """The same data, model and recipe without poison or defense."""
+        return self.model_copy(update={"attack": make_attack(None), "defense": DefenseConfig()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_trial_config(raw: dict[str, Any]) -> TrialConfig:
+    """Validates a plain mapping; ConfigError names the key path.
+
+    Sections are validated one at a time so each error carries its full path.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping, got {raw!r}")
+    unknown = set(raw) - set(TrialConfig.model_fields)
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key; valid: {', '.join(TrialConfig.model_fields)}")
+    sections = {
+        "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "defense": DefenseConfig,
+    }
+    parsed: dict[str, Any] = {k: v for k, v in raw.items() if k in ("name", "seed")}
+    for key, cls in sections.items():
+        if key in raw:
+            parsed[key] = validate_section(cls, raw[key], key)
+    if "attack" in raw:
+        parsed["attack"] = make_attack(raw["attack"])
+    return validate_section(TrialConfig, parsed, "")

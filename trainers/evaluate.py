@@ -1,0 +1,72 @@
+"""Evaluation of a trained model: utility metrics and a classifier for attacks."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from poison import Dataset
+from trainers.data import to_tensor
+from trainers.metrics import class_embeddings, retrieval_recall, zeroshot_accuracy, zeroshot_predict
+from trainers.models import Built
+
+
+class Evaluator:
+    """Encodes with a model in eval mode (the caller restores train mode)."""
+
+    def __init__(self, built: Built, dataset: Dataset, *, batch_size: int = 512,
+                 autocast: contextlib.AbstractContextManager | None = None) -> None:
+        self.built, self.dataset, self.batch_size = built, dataset, batch_size
+        self._autocast = autocast
+
+    def _ctx(self) -> contextlib.AbstractContextManager:
+        return self._autocast if self._autocast is not None else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def images(self, images: np.ndarray) -> np.ndarray:
+        model = self.built.model.eval()
+        out = []
+        for s in range(0, len(images), self.batch_size):
+            x = to_tensor(np.ascontiguousarray(images[s : s + self.batch_size]), self.built.mean, self.built.std)
+            with self._ctx():
+                out.append(model.encode_image(x, normalize=True).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
+
+    @torch.no_grad()
+    def texts(self, captions: list[str]) -> np.ndarray:
+        model = self.built.model.eval()
+        device = self.built.mean.device
+        out = []
+        for s in range(0, len(captions), self.batch_size):
+            tokens = self.built.tokenize(captions[s : s + self.batch_size]).to(device)
+            with self._ctx():
+                out.append(model.encode_text(tokens, normalize=True).float().cpu())
+        return torch.cat(out).numpy()
+
+    def class_embeddings(self) -> np.ndarray:
+        """Prompt embeddings per class (templates averaged); recomputed each call
+        because the model keeps training between evaluations."""
+        names, templates = self.dataset.classnames, self.dataset.templates
+        prompts = [t.format(c) for c in names for t in templates]
+        return class_embeddings(self.texts(prompts).reshape(len(names), len(templates), -1))
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """Zero-shot top-1 class index of each uint8 image."""
+        return zeroshot_predict(self.images(images), self.class_embeddings(), k=1)[:, 0]
+
+    def utility(self) -> dict[str, float]:
+        """Zero-shot top-1/5 on the clean test split and retrieval R@1/5/10 both ways.
+
+        ``utility`` is zero-shot top-1 where the dataset has classes, else mean R@5.
+        """
+        test = self.dataset.split("test")
+        img = self.images(self.dataset.images[test["image"].to_numpy()])
+        out = retrieval_recall(img, self.texts(test["caption"].to_pylist()))
+        labels = test["label"].to_numpy()
+        if self.dataset.classnames and (labels >= 0).all():
+            acc = zeroshot_accuracy(img, self.class_embeddings(), labels, ks=(1, 5))
+            out.update(zeroshot_top1=acc[1], zeroshot_top5=acc[5], utility=acc[1])
+        else:
+            out["utility"] = (out["i2t_r5"] + out["t2i_r5"]) / 2
+        return out

@@ -1,0 +1,58 @@
+"""Model creation: any open_clip architecture, plus tiny bundled ones.
+
+The bundled architectures live as JSON files in ``trainers/model_configs`` and
+are added to open_clip's own model-config registry, so ``model.arch: tiny-rn``
+works exactly like ``model.arch: ViT-B-32``. Adding one is adding a file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+from poison.config import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+
+def bundled_archs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def check_arch(arch: str) -> None:
+    """Raises ConfigError for an architecture open_clip does not know."""
+    if arch not in open_clip.list_models():
+        hint = ", ".join(bundled_archs()) + ", or any of open_clip.list_models()"
+        raise ConfigError(f"model.arch: unknown architecture {arch!r}; valid: {hint}")
+
+
+@dataclass
+class Built:
+    """A model ready to train: the module, its tokenizer and input normalisation."""
+
+    model: torch.nn.Module
+    tokenize: Callable[[list[str]], torch.Tensor]
+    mean: torch.Tensor
+    std: torch.Tensor
+    image_size: int
+
+
+def build_model(arch: str, pretrained: str | None, *, device: torch.device, image_size: int) -> Built:
+    """Creates ``arch`` (random init, an open_clip tag, or a local checkpoint path)."""
+    check_arch(arch)
+    kwargs: dict[str, Any] = {"force_image_size": image_size} if image_size else {}
+    model = open_clip.create_model(arch, pretrained=pretrained, device=device, output_dict=True, **kwargs)
+    cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD), device=device).view(1, 3, 1, 1)
+    return Built(model=model, tokenize=open_clip.get_tokenizer(arch), mean=mean, std=std,
+                 image_size=image_size)
+
+
+def clip_loss() -> torch.nn.Module:
+    """open_clip's own symmetric InfoNCE loss."""
+    return open_clip.ClipLoss()
