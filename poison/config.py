@@ -54,5 +54,10 @@ def _format(err: ValidationError, path: str) -> str:
             lines.append(f"{key}: required key is missing")
         else:
             msg = e["msg"].replace("Input should be", "expected").replace("Value error, ", "")
-            lines.append(f"{key}: {msg}, got {e['input']!r}")
+            if e["type"] == "value_error" and msg.startswith(f"{key}."):
+                lines.append(msg)  # a nested ConfigError already names its full key path
+            elif e["type"] == "value_error" and isinstance(e["input"], dict):
+                lines.append(f"{key}: {msg}")  # a check across keys: the message names the values
+            else:
+                lines.append(f"{key}: {msg}, got {e['input']!r}")
     return "; ".join(lines)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from poison import Attack, DataSpec, make_attack
 from poison.config import ConfigError, Section, validate_section
@@ -23,7 +23,15 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     arch: str = "tiny-rn"
-    pretrained: str | None = None
+    pretrained: str | None = None  # an open_clip tag, or a local checkpoint path
+
+    @model_validator(mode="after")
+    def _known(self) -> "ModelConfig":
+        from trainers.models import check_arch, check_pretrained
+
+        check_arch(self.arch)
+        check_pretrained(self.arch, self.pretrained)
+        return self
 
 
 class TrainConfig(Section):

@@ -30,6 +30,21 @@ def check_arch(arch: str) -> None:
         raise ConfigError(f"model.arch: unknown architecture {arch!r}; valid: {hint}")
 
 
+def check_pretrained(arch: str, pretrained: str | None) -> None:
+    """A local checkpoint path must exist; a tag must be one open_clip has for ``arch``."""
+    if pretrained is None:
+        return
+    looks_like_path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path:
+        if not Path(pretrained).is_file():
+            raise ConfigError(f"model.pretrained: checkpoint file {pretrained} not found")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained not in tags:
+        valid = ", ".join(tags) if tags else "none (give a local checkpoint path)"
+        raise ConfigError(f"model.pretrained: {arch} has no pretrained tag {pretrained!r}; valid: {valid}")
+
+
 @dataclass
 class Built:
     """A model ready to train: the module, its tokenizer and input normalisation."""
