@@ -56,6 +56,8 @@ class Dimension(Section):
             raise ValueError("a range needs both low and high")
         if not self.low < self.high:
             raise ValueError(f"low < high must hold, but got low={self.low}, high={self.high}")
+        if self.log and self.step is not None and not isinstance(self.low, int):
+            raise ValueError("a float range takes log or step, not both")
         if self.log and self.low <= 0:
             raise ValueError(f"a log range needs low > 0, but got low={self.low}")
         if self.default is not None and not self.low <= self.default <= self.high:

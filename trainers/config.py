@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from poison import Attack, DataSpec, make_attack
 from poison.config import ConfigError, Section, validate_section
@@ -57,7 +57,7 @@ class TrialConfig(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-    attack: Attack = Field(default_factory=lambda: make_attack(None))
+    attack: SerializeAsAny[Attack] = Field(default_factory=lambda: make_attack(None))
     defense: DefenseConfig = DefenseConfig()
 
     @field_validator("attack", mode="before")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, field_validator
+from pydantic import Field, SerializeAsAny, field_validator
 
 from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_SCHEMA, PLAN_STREAM, Attack, Classifier
 from poison.config import ConfigError
@@ -36,7 +36,7 @@ class Backdoor(Attack):
     target: str
     poison_count: int = Field(ge=0)
     mode: Literal["inject", "replace"] = "inject"
-    trigger: Trigger
+    trigger: SerializeAsAny[Trigger]
 
     @field_validator("trigger", mode="before")
     @classmethod

@@ -1,0 +1,118 @@
+"""The ``poisonsweep`` command line: run, demo, train, ui."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+from poison import ConfigError, DataError
+
+PRESETS = "sweeps.presets"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, with one clear message)."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as err:
+        print(f"poisonsweep: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poisonsweep", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a sweep through Ray Tune + Optuna into MLflow")
+    run.add_argument("config", help="sweep config YAML")
+    _common(run)
+    run.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    run.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="run the packaged demo sweep (backdoor on the synthetic set)")
+    _common(demo)
+    demo.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="run one trial without Ray (dimensions at their defaults)")
+    train.add_argument("config", help="sweep or trial config YAML")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--output", help="write the final metrics as a flat JSON object here")
+    train.set_defaults(func=_train)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI over a sweep's tracking store")
+    ui.add_argument("--config", help="sweep config, to find its store")
+    ui.add_argument("--tracking-uri", help="tracking store (default: as for run)")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=_ui)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set attack.poison_count=300")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (then $MLFLOW_TRACKING_URI, then SQLite)")
+
+
+def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
+    from sweeps.config import load_config
+    from sweeps.driver import run_sweep, summary_table
+    from sweeps.tracking import tracking_uri
+
+    sweep = load_config(config_path or args.config, args.overrides)  # all checks before Ray starts
+    uri = tracking_uri(args.tracking_uri, sweep)
+    print(f"sweep {sweep.name}: {sweep.search.num_samples} trials, {len(sweep.dimensions)} dimensions, "
+          f"tracking {uri}", flush=True)
+    outcome = run_sweep(sweep, tracking_uri=uri, address=args.address,
+                        printer=lambda line: print(line, flush=True))
+    print()
+    print(summary_table(outcome.rows, sweep))
+    failed = sum(r.status != "FINISHED" for r in outcome.rows)
+    print(f"\n{len(outcome.rows) - failed} trials finished, {failed} failed. "
+          f"Open the results with:\n  poisonsweep ui --tracking-uri {uri}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    preset = resources.files(PRESETS) / "demo.yaml"
+    with resources.as_file(preset) as path:
+        return _run(args, config_path=str(path))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sweeps.config import load_config
+    from trainers import run_trial
+
+    sweep = load_config(args.config, args.overrides)
+    config = sweep.default_trial
+    result = run_trial(config, cache_dir=sweep.storage.cache_dir(),
+                       on_epoch=lambda m: print(json.dumps({k: round(v, 4) for k, v in m.items()}), flush=True))
+    text = json.dumps(result.metrics, indent=1, sort_keys=True)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from sweeps.config import load_config
+    from sweeps.tracking import tracking_uri
+
+    sweep = load_config(args.config) if args.config else None
+    uri = tracking_uri(args.tracking_uri, sweep)
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    print(" ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

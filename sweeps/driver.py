@@ -1,0 +1,268 @@
+"""The Ray Tune driver: Optuna draws each trial's parameters, MLflow records them.
+
+``run_sweep`` validates nothing itself (the config arrives validated), starts or
+joins Ray, trains the sweep's clean model once as a Ray task beside the trials,
+and runs a ``Tuner`` whose trials call :func:`trainers.run_trial`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.parquet as pq
+import ray
+import yaml
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from sweeps.config import SweepConfig, resolve
+from sweeps.space import define_by_run, make_sampler
+from sweeps.tracking import Tracker
+from trainers import TrialConfig, clean_model, run_trial
+
+PLAN_FILE, METRICS_FILE, CONFIG_FILE = "poison_plan.parquet", "metrics.json", "trial_config.yaml"
+Printer = Callable[[str], None]
+QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+             "RAY_TRAIN_V2_ENABLED": "0"}
+
+
+@dataclass
+class TrialRow:
+    """One finished (or failed) trial, for the summary table."""
+
+    trial_id: str
+    status: str
+    values: dict[str, Any]
+    metrics: dict[str, float]
+    run_id: str | None
+    error: str = ""
+
+
+@dataclass
+class SweepOutcome:
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    rows: list[TrialRow]
+
+
+def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = None,
+              printer: Printer = print) -> SweepOutcome:
+    """Runs the sweep to the end; failed trials are recorded as failed, never fatal."""
+    # Epoch results deliberately omit the objectives: a trial that fails after some
+    # epochs must reach Optuna as FAIL, not as COMPLETE with its last epoch's values.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    for key, value in QUIET_ENV.items():  # our own progress lines replace Tune's reporter
+        os.environ.setdefault(key, value)
+    tracker = Tracker(tracking_uri, sweep)
+    parent = tracker.start_parent()
+    _start_ray(address)
+    cache_dir = sweep.storage.cache_dir()
+    threads = max(1, int(sweep.resources.cpu))
+    resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
+    logger = _TrialLogger(sweep, tracker, printer)
+    try:
+        clean = _clean_first(sweep, cache_dir)
+        logger._print(f"clean model: utility {clean['utility']:.3f} "
+                      f"({'from the cache' if clean['cached'] else 'trained'})")
+        grid = _tuner(sweep, resources, cache_dir, threads, logger).fit()
+    except BaseException:
+        tracker.finish_parent(None, status="FAILED")
+        raise
+    rows = logger.rows(grid)
+    tracker.finish_parent(summary_csv(rows, sweep))
+    return SweepOutcome(tracker.experiment_id, parent, tracking_uri, rows)
+
+
+def _start_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+
+
+def _tuner(sweep: SweepConfig, resources: dict[str, float], cache_dir: str, threads: int,
+           logger: "_TrialLogger") -> tune.Tuner:
+    objectives = sweep.search.objectives
+    seed = sweep.search.seed if sweep.search.seed is not None else sweep.default_trial.seed
+    searcher = OptunaSearch(
+        space=define_by_run(sweep.dimensions), metric=list(objectives), mode=list(objectives.values()),
+        sampler=make_sampler(sweep.search.sampler, seed),
+        points_to_evaluate=[sweep.defaults()] if sweep.dimensions else None,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
+                             threads=threads, objectives=list(objectives)),
+        resources,
+    )
+    storage = Path(sweep.storage.path).resolve()
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent),
+            num_samples=sweep.search.num_samples,
+            reuse_actors=True,  # a new actor re-imports torch and open_clip: seconds per trial
+        ),
+        run_config=tune.RunConfig(
+            name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(storage),
+            callbacks=[logger],
+            failure_config=tune.FailureConfig(max_failures=0),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=0,
+        ),
+    )
+
+
+def _trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_dir: str,
+               threads: int, objectives: list[str]) -> None:
+    """One Tune trial: resolve the config, train, report epochs, then the final metrics."""
+    config = with_threads(resolve(raw, dims, values), threads)
+    result = run_trial(config, cache_dir=cache_dir,
+                       on_epoch=lambda m: tune.report({"epoch_metrics": m}))
+    bad = [k for k in objectives if not _finite(result.metrics.get(k))]
+    if bad:  # Optuna must be told FAIL, not given a NaN
+        raise FloatingPointError(f"objective(s) {', '.join(bad)} not finite: "
+                                 f"{ {k: result.metrics.get(k) for k in bad} }")
+    with tempfile.TemporaryDirectory() as folder:
+        pq.write_table(result.plan, Path(folder) / PLAN_FILE)
+        (Path(folder) / METRICS_FILE).write_text(json.dumps(result.metrics, indent=1))
+        (Path(folder) / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        tune.report(result.metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _clean_first(sweep: SweepConfig, cache_dir: str) -> dict[str, Any]:
+    """Trains (or finds in the cache) the sweep's clean model before the trials start.
+
+    It runs as one Ray task with the CPUs of all concurrent trials (a running task
+    beside the Tuner starves Tune's placement groups), so trials only load it.
+    """
+    cpus = min(sweep.resources.cpu * sweep.search.max_concurrent, ray.cluster_resources().get("CPU", 1))
+    task = _train_clean.options(num_cpus=cpus, num_gpus=min(sweep.resources.gpu, 1) if sweep.resources.gpu else 0)
+    return ray.get(task.remote(sweep.default_trial.model_dump(mode="json"), cache_dir, max(1, int(cpus))))
+
+
+@ray.remote
+def _train_clean(config: dict[str, Any], cache_dir: str, threads: int) -> dict[str, Any]:
+    model = clean_model(with_threads(TrialConfig.model_validate(config), threads), cache_dir=cache_dir)
+    return {"utility": model.metrics["utility"], "cached": model.cached}
+
+
+def with_threads(config: TrialConfig, threads: int) -> TrialConfig:
+    if config.train.threads is not None:
+        return config
+    return config.model_copy(update={"train": config.train.model_copy(update={"threads": threads})})
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class _TrialLogger(tune.Callback):
+    """Mirrors every trial into MLflow as it runs, and prints its progress."""
+
+    def __init__(self, sweep: SweepConfig, tracker: Tracker, printer: Printer) -> None:
+        self.sweep, self.tracker, self.printer = sweep, tracker, printer
+        self.run_ids: dict[str, str] = {}
+        self.order: dict[str, int] = {}
+        self.finished: dict[str, TrialRow] = {}
+        self.start = time.monotonic()
+        self.last_epoch: dict[str, dict[str, float]] = {}
+
+    def _print(self, line: str) -> None:
+        elapsed = int(time.monotonic() - self.start)
+        self.printer(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}")
+
+    def _label(self, trial: Any) -> str:
+        return f"trial {self.order[trial.trial_id]}/{self.sweep.search.num_samples}"
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.order.setdefault(trial.trial_id, len(self.order) + 1)
+        config = self.sweep.resolve(trial.config)
+        self.run_ids[trial.trial_id] = self.tracker.start_trial(trial.trial_id, config, trial.config)
+        values = " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        self._print(f"{self._label(trial)} started: {values or 'defaults'}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        epoch = result.get("epoch_metrics")
+        if not epoch:
+            return
+        self.tracker.log_metrics(self.run_ids[trial.trial_id], epoch, step=int(epoch["epoch"]))
+        self.last_epoch[trial.trial_id] = epoch
+        total = self.sweep.resolve(trial.config).train.epochs
+        self._print(f"{self._label(trial)} epoch {int(epoch['epoch'])}/{total}: loss {epoch['loss']:.3f} "
+                     f"utility {epoch.get('utility', float('nan')):.3f} "
+                     f"attack_success {epoch.get('attack_success', float('nan')):.3f}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_ids[trial.trial_id]
+        with trial.checkpoint.as_directory() as folder:
+            metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
+            step = self.sweep.resolve(trial.config).train.epochs
+            seen = self.last_epoch.get(trial.trial_id, {})  # already logged at this step
+            new = {k: v for k, v in metrics.items() if seen.get(k) != v}
+            self.tracker.finish_trial(run_id, new, step, [Path(folder) / PLAN_FILE])
+        self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FINISHED", dict(trial.config), metrics, run_id)
+        self._print(f"{self._label(trial)} done: attack_success {metrics.get('attack_success', float('nan')):.3f} "
+                     f"utility {metrics['utility']:.3f} poison_count {metrics['poison_count']}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = _error_text(trial)
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id:
+            self.tracker.fail_trial(run_id, error)
+        last = error.strip().splitlines()[-1] if error.strip() else "error"
+        self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FAILED", dict(trial.config), {}, run_id, last)
+        self._print(f"{self._label(trial)} FAILED: {last}")
+
+    def rows(self, grid: Any) -> list[TrialRow]:
+        return [self.finished[t] for t in sorted(self.finished, key=lambda t: self.order.get(t, 0))]
+
+
+def _error_text(trial: Any) -> str:
+    path = trial.error_file
+    if path and Path(path).is_file():
+        return Path(path).read_text()
+    return str(trial.get_error() or "")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_columns(sweep: SweepConfig) -> list[str]:
+    return ["poison_count", "attack_success", "utility", "clean_utility", "clean_attack_success"]
+
+
+def summary_csv(rows: list[TrialRow], sweep: SweepConfig) -> str:
+    dims, cols = list(sweep.dimensions), summary_columns(sweep)
+    lines = [",".join(["trial_id", "status", *dims, *cols, "run_id"])]
+    for r in rows:
+        lines.append(",".join([r.trial_id, r.status, *(str(r.values.get(d, "")) for d in dims),
+                               *(str(r.metrics.get(c, "")) for c in cols), r.run_id or ""]))
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(rows: list[TrialRow], sweep: SweepConfig) -> str:
+    """The final table of trials: their drawn values and headline metrics."""
+    dims = list(sweep.dimensions)
+    head = ["trial", "status", *dims, "poison_count", "trigger", "attack_success", "utility"]
+    body = []
+    for r in rows:
+        trigger = sweep.resolve(r.values).attack.trigger_name
+        body.append([r.trial_id, r.status, *(_fmt(r.values.get(d, "")) for d in dims),
+                     _fmt(r.metrics.get("poison_count", "")), trigger,
+                     _fmt(r.metrics.get("attack_success", "")), _fmt(r.metrics.get("utility", ""))])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), *(fmt.format(*map(str, row)) for row in body)])

@@ -1,0 +1,122 @@
+"""MLflow logging from the driver: one parent run per launch, one child run per trial.
+
+Only the driver talks to MLflow, through one long-lived client and batched
+writes, so a SQLite store sees a single writer and trials pay no logging cost.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from sweeps.config import SweepConfig, flatten
+from trainers.config import TrialConfig
+
+ROLE_TAG = "poisonsweep.role"
+MAX_PARAMS_PER_BATCH = 100
+
+
+def tracking_uri(cli_uri: str | None, sweep: SweepConfig | None, storage_path: str | None = None) -> str:
+    """``--tracking-uri``, then ``MLFLOW_TRACKING_URI``, then the config's, then SQLite in storage."""
+    if cli_uri:
+        return cli_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if sweep is not None and sweep.tracking.uri:
+        return sweep.tracking.uri
+    folder = Path(storage_path or (sweep.storage.path if sweep else "poisonsweep_results")).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def trial_tags(config: TrialConfig) -> dict[str, str]:
+    """The DESIGN.md tags of a trial run."""
+    return {
+        "attack": config.attack.kind, "trigger": config.attack.trigger_name,
+        "modality": config.attack.modality, "defense": config.defense.kind,
+        "dataset": config.data.dataset, "model": config.model.arch, "seed": str(config.seed),
+    }
+
+
+class Tracker:
+    """Writes a sweep into MLflow; every call is a single batched request."""
+
+    def __init__(self, uri: str, sweep: SweepConfig) -> None:
+        self.uri, self.sweep = uri, sweep
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = self._experiment(sweep.tracking.experiment or sweep.name)
+        self.parent_id: str | None = None
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):  # keep artifacts beside the local database
+            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def start_parent(self) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep.name}-sweep",
+                                     tags={ROLE_TAG: "sweep"})
+        self.parent_id = run.info.run_id
+        search = self.sweep.search
+        params = {"search.sampler": search.sampler, "search.num_samples": search.num_samples,
+                  "search.max_concurrent": search.max_concurrent,
+                  "search.objectives": ",".join(f"{k}:{v}" for k, v in search.objectives.items()),
+                  "search.dimensions": ",".join(self.sweep.dimensions) or "none",
+                  "resources.cpu": self.sweep.resources.cpu, "resources.gpu": self.sweep.resources.gpu}
+        self._batch(self.parent_id, params=params)
+        self.client.log_text(self.parent_id, self.sweep.to_yaml(), "config.yaml")
+        return self.parent_id
+
+    def start_trial(self, trial_id: str, config: TrialConfig, values: dict[str, Any]) -> str:
+        tags = {ROLE_TAG: "trial", "trial_id": trial_id, **trial_tags(config)}
+        if self.parent_id:
+            tags["mlflow.parentRunId"] = self.parent_id
+        run = self.client.create_run(self.experiment_id, run_name=trial_id, tags=tags)
+        params = flatten(config.to_dict())
+        params.update({f"search.{k}": v for k, v in values.items()})
+        self._batch(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        if rows:
+            self.client.log_batch(run_id, metrics=rows)
+
+    def finish_trial(self, run_id: str, metrics: dict[str, Any], step: int, artifacts: list[Path]) -> None:
+        self.log_metrics(run_id, metrics, step)
+        for path in artifacts:
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def fail_trial(self, run_id: str, error: str) -> None:
+        self.client.set_tag(run_id, "error", error.strip().splitlines()[-1][:500] if error.strip() else "error")
+        if error:
+            self.client.log_text(run_id, error, "error.txt")
+        self.client.set_terminated(run_id, "FAILED")
+
+    def finish_parent(self, summary_csv: str | None, status: str = "FINISHED") -> None:
+        if self.parent_id is None:
+            return
+        if summary_csv:
+            self.client.log_text(self.parent_id, summary_csv, "trials.csv")
+        self.client.set_terminated(self.parent_id, status)
+
+    def _batch(self, run_id: str, *, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for s in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[s : s + MAX_PARAMS_PER_BATCH])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+__all__ = ["Tracker", "tracking_uri", "trial_tags", "RunTag"]
