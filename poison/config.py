@@ -6,11 +6,13 @@ never as a traceback from inside a library.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+_KEYED = re.compile(r"^[a-z_][a-z0-9_]*: ")
 
 
 class ConfigError(ValueError):
@@ -54,7 +56,9 @@ def _format(err: ValidationError, path: str) -> str:
             lines.append(f"{key}: required key is missing")
         else:
             msg = e["msg"].replace("Input should be", "expected").replace("Value error, ", "")
-            if e["type"] == "value_error" and msg.startswith(f"{key}."):
+            if e["type"] == "value_error" and not e["loc"] and _KEYED.match(msg):
+                lines.append(f"{path}.{msg}" if path else msg)  # a cross-field check naming its key
+            elif e["type"] == "value_error" and msg.startswith(f"{key}."):
                 lines.append(msg)  # a nested ConfigError already names its full key path
             elif e["type"] == "value_error" and isinstance(e["input"], dict):
                 lines.append(f"{key}: {msg}")  # a check across keys: the message names the values

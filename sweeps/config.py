@@ -93,6 +93,9 @@ class SearchConfig(Section):
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
     seed: int | None = None  # the sampler's seed; default: the config's seed
+    # Configurations to evaluate first (Optuna's enqueue_trial), each a mapping of
+    # dimension key paths to values; the all-defaults point is always first.
+    points: list[dict[str, Any]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _objectives(self) -> "SearchConfig":
@@ -151,6 +154,12 @@ class SweepConfig:
     def defaults(self) -> dict[str, Any]:
         return {path: dim.value_default() for path, dim in self.dimensions.items()}
 
+    def initial_points(self) -> list[dict[str, Any]]:
+        """The all-defaults point, then ``search.points`` (each completed with defaults)."""
+        if not self.dimensions:
+            return []
+        return [self.defaults()] + [{**self.defaults(), **p} for p in self.search.points]
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw_full, sort_keys=False)
 
@@ -206,6 +215,11 @@ def validate_config(raw: dict[str, Any], *, check_data: bool = True) -> SweepCon
     dims = find_dimensions(trial_raw)
     default = resolve(trial_raw, dims, {})
     _check_extremes(trial_raw, dims, default, check_data=check_data)
+    for i, point in enumerate(sections["search"].points):
+        try:
+            resolve(trial_raw, dims, point)
+        except ConfigError as err:
+            raise ConfigError(f"search.points[{i}]: {err}") from None
     return SweepConfig(raw=trial_raw, dimensions=dims, default_trial=default, raw_full=copy.deepcopy(raw),
                        **sections)
 

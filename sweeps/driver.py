@@ -98,7 +98,7 @@ def _tuner(sweep: SweepConfig, resources: dict[str, float], cache_dir: str, thre
     searcher = OptunaSearch(
         space=define_by_run(sweep.dimensions), metric=list(objectives), mode=list(objectives.values()),
         sampler=make_sampler(sweep.search.sampler, seed),
-        points_to_evaluate=[sweep.defaults()] if sweep.dimensions else None,
+        points_to_evaluate=sweep.initial_points() or None,
     )
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,

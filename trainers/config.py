@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
-from poison import Attack, DataSpec, make_attack
+from poison import DATASETS, Attack, DataSpec, make_attack
 from poison.config import ConfigError, Section, validate_section
 
 
@@ -19,6 +19,13 @@ class DataConfig(Section):
     size: int | None = Field(20000, ge=1)
     test_size: int | None = Field(None, ge=1)
     image_size: int = Field(32, ge=8)
+
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; valid: {', '.join(DATASETS.names())}")
+        return value
 
 
 class ModelConfig(Section):

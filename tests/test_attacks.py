@@ -1,0 +1,97 @@
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from poison import ATTACKS, ConfigError, make_attack, plan_hash
+from poison.attacks.backdoor import CAPTION_TEMPLATES, backdoor_asr
+from tests.conftest import backdoor
+
+
+def test_plan_has_exact_count_of_distinct_non_target_training_images(small_synthetic):
+    attack = make_attack(backdoor(37))
+    plan = attack.plan(small_synthetic, seed=0)
+    target = small_synthetic.classnames.index("blue circle")
+    assert plan.num_rows == 37
+    assert len(set(plan["source_id"].to_pylist())) == 37
+    train = small_synthetic.split("train")
+    labels = dict(zip(train["id"].to_pylist(), train["label"].to_pylist()))
+    assert all(sid in labels and labels[sid] != target for sid in plan["source_id"].to_pylist())
+    assert plan["source_label"].to_pylist() == [labels[s] for s in plan["source_id"].to_pylist()]
+    # provenance: injected pairs get new ids after the manifest's, captions name the target
+    assert pc.min(plan["poison_id"]).as_py() > pc.max(small_synthetic.manifest["id"]).as_py()
+    assert set(plan["op"].to_pylist()) == {"inject"}
+    assert all(c in {t.format("blue circle") for t in CAPTION_TEMPLATES} for c in plan["caption"].to_pylist())
+    assert plan.schema.metadata[b"seed"] == b"0"
+
+
+def test_same_config_and_seed_give_the_same_plan_and_other_seeds_differ(small_synthetic):
+    attack = make_attack(backdoor(25))
+    a, b = attack.plan(small_synthetic, 4), attack.plan(small_synthetic, 4)
+    assert a.equals(b) and plan_hash(a) == plan_hash(b)
+    c = attack.plan(small_synthetic, 5)
+    assert a["source_id"].to_pylist() != c["source_id"].to_pylist()
+    assert plan_hash(a) != plan_hash(c)
+
+
+def test_replace_mode_alters_existing_pairs_in_place(small_synthetic):
+    plan = make_attack({**backdoor(10), "mode": "replace"}).plan(small_synthetic, 0)
+    assert plan["poison_id"].to_pylist() == plan["source_id"].to_pylist()
+    assert set(plan["op"].to_pylist()) == {"replace"}
+
+
+def test_count_above_the_eligible_pool_is_rejected(small_synthetic):
+    target = small_synthetic.classnames.index("blue circle")
+    pool = int(np.sum(small_synthetic.split("train")["label"].to_numpy() != target))
+    make_attack(backdoor(pool)).check(small_synthetic)  # exactly the pool is fine
+    with pytest.raises(ConfigError, match=rf"attack.poison_count: {pool + 1:,} exceeds the {pool:,} non-target"):
+        make_attack(backdoor(pool + 1)).check(small_synthetic)
+
+
+def test_unknown_target_and_attack_are_rejected(small_synthetic):
+    with pytest.raises(ConfigError, match="attack.target: 'pink circle' is not a class of synthetic; valid: red circle"):
+        make_attack({**backdoor(), "target": "pink circle"}).check(small_synthetic)
+    with pytest.raises(ConfigError, match="attack.kind: unknown attack 'nope'; valid: backdoor, none"):
+        make_attack({"kind": "nope"})
+    with pytest.raises(ConfigError, match="attack.poison_count: expected greater than or equal to 0"):
+        make_attack(backdoor(-1))
+
+
+def test_stamp_applies_the_planned_trigger(small_synthetic):
+    attack = make_attack(backdoor(5, location="top-left", pattern="solid", colour=[1, 2, 3]))
+    plan = attack.plan(small_synthetic, 0)
+    images = small_synthetic.images[plan["image"].to_numpy()]
+    cols = {k: plan[k].to_numpy() for k in plan.column_names if k.startswith("trigger_")}
+    out = attack.stamp(images, cols)
+    assert (out[:, :4, :4] == np.array([1, 2, 3])).all()
+    assert (out[:, 4:, 4:] == images[:, 4:, 4:]).all()
+
+
+def test_backdoor_asr_by_hand():
+    # targets (class 2) are excluded; of the 4 others, 3 are predicted as the target
+    predicted = np.array([2, 2, 0, 2, 2])
+    true = np.array([0, 1, 1, 3, 2])
+    assert backdoor_asr(predicted, true, target=2) == pytest.approx(3 / 4)
+    assert np.isnan(backdoor_asr(np.array([2]), np.array([2]), target=2))
+
+
+def test_evaluate_triggers_only_non_target_test_images(small_synthetic):
+    attack = make_attack(backdoor(5))
+    target = small_synthetic.classnames.index("blue circle")
+    seen = []
+
+    def classify(images):
+        seen.append(len(images))
+        return np.full(len(images), target)  # a fully backdoored model
+
+    out = attack.evaluate(small_synthetic, classify, seed=0)
+    n_victims = int(np.sum(small_synthetic.split("test")["label"].to_numpy() != target))
+    assert seen == [n_victims]
+    assert out == {"backdoor_asr": 1.0, "attack_success": 1.0}
+
+
+@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if n != "none"])
+def test_every_attack_plan_is_exact_unique_and_deterministic(name, small_synthetic):
+    attack = make_attack(backdoor(12) | {"kind": name})
+    plan = attack.plan(small_synthetic, 9)
+    assert plan.num_rows == 12 and len(set(plan["poison_id"].to_pylist())) == 12
+    assert plan.equals(attack.plan(small_synthetic, 9))
