@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import optuna
 import pyarrow.parquet as pq
 import ray
 import yaml
@@ -51,6 +52,15 @@ class SweepOutcome:
     parent_run_id: str
     tracking_uri: str
     rows: list[TrialRow]
+    study_name: str
+    study_url: str
+
+
+def optuna_storage(sweep: SweepConfig) -> str:
+    """Where the sweep's Optuna study lives (one study per launch, named like the Tune run)."""
+    folder = Path(sweep.storage.path).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
 
 
 def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = None,
@@ -68,17 +78,20 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
     threads = max(1, int(sweep.resources.cpu))
     resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
     logger = _TrialLogger(sweep, tracker, printer)
+    run_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    study_url = optuna_storage(sweep)
+    tracker.client.log_param(parent, "optuna.study", f"{run_name} in {study_url}")
     try:
         clean = _clean_first(sweep, cache_dir)
         logger._print(f"clean model: utility {clean['utility']:.3f} "
                       f"({'from the cache' if clean['cached'] else 'trained'})")
-        grid = _tuner(sweep, resources, cache_dir, threads, logger).fit()
+        grid = _tuner(sweep, resources, cache_dir, threads, logger, run_name, study_url).fit()
     except BaseException:
         tracker.finish_parent(None, status="FAILED")
         raise
     rows = logger.rows(grid)
     tracker.finish_parent(summary_csv(rows, sweep))
-    return SweepOutcome(tracker.experiment_id, parent, tracking_uri, rows)
+    return SweepOutcome(tracker.experiment_id, parent, tracking_uri, rows, run_name, study_url)
 
 
 def _start_ray(address: str | None) -> None:
@@ -92,10 +105,11 @@ def _start_ray(address: str | None) -> None:
 
 
 def _tuner(sweep: SweepConfig, resources: dict[str, float], cache_dir: str, threads: int,
-           logger: "_TrialLogger") -> tune.Tuner:
+           logger: "_TrialLogger", run_name: str, study_url: str) -> tune.Tuner:
     objectives = sweep.search.objectives
     seed = sweep.search.seed if sweep.search.seed is not None else sweep.default_trial.seed
     searcher = OptunaSearch(
+        storage=optuna.storages.RDBStorage(study_url), study_name=run_name,
         space=define_by_run(sweep.dimensions), metric=list(objectives), mode=list(objectives.values()),
         sampler=make_sampler(sweep.search.sampler, seed),
         points_to_evaluate=sweep.initial_points() or None,
@@ -114,7 +128,7 @@ def _tuner(sweep: SweepConfig, resources: dict[str, float], cache_dir: str, thre
             reuse_actors=True,  # a new actor re-imports torch and open_clip: seconds per trial
         ),
         run_config=tune.RunConfig(
-            name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=run_name,
             storage_path=str(storage),
             callbacks=[logger],
             failure_config=tune.FailureConfig(max_failures=0),

@@ -1,0 +1,71 @@
+"""One real trial on CPU, without Ray."""
+import math
+
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from trainers import NonFiniteLossError, clean_model, parse_trial_config, run_trial
+from tests.conftest import backdoor
+
+SMALL = {"data": {"size": 600, "test_size": 96}, "train": {"epochs": 2, "batch_size": 64, "threads": 2}}
+DESIGN_METRICS = ["attack_success", "utility", "poison_count", "poison_rate", "clean_utility", "utility_drop",
+                  "clean_attack_success", "zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10",
+                  "t2i_r1", "t2i_r5", "t2i_r10", "backdoor_asr", "train_seconds", "samples_per_second"]
+
+
+@pytest.mark.slow
+def test_one_trial_trains_evaluates_and_reuses_the_clean_model(tmp_path):
+    config = parse_trial_config({**SMALL, "attack": backdoor(60)})
+    epochs = []
+    result = run_trial(config, cache_dir=str(tmp_path), on_epoch=epochs.append)
+    m = result.metrics
+    assert [e["epoch"] for e in epochs] == [1, 2] and epochs[1]["loss"] < epochs[0]["loss"]
+    for name in DESIGN_METRICS:
+        assert name in m and math.isfinite(m[name]), name
+    for name in DESIGN_METRICS[:1] + DESIGN_METRICS[7:-2]:
+        assert 0 <= m[name] <= 1, name
+    assert m["poison_count"] == 60 and m["poison_rate"] == pytest.approx(60 / 660)
+    assert m["utility"] == m["zeroshot_top1"] and m["attack_success"] == m["backdoor_asr"]
+    assert m["utility_drop"] == pytest.approx(m["clean_utility"] - m["utility"])
+    assert result.plan.num_rows == 60
+    # the clean model was cached on disk; asking again loads it instead of training
+    again = clean_model(config, cache_dir=str(tmp_path))
+    assert again.cached and again.metrics["utility"] == m["clean_utility"]
+    assert len(list((tmp_path / "clean").iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_a_corrupt_clean_cache_entry_is_rebuilt(tmp_path):
+    config = parse_trial_config({**SMALL, "train": {**SMALL["train"], "epochs": 1}})
+    first = clean_model(config, cache_dir=str(tmp_path))
+    weights = next((tmp_path / "clean").iterdir()) / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    rebuilt = clean_model(config, cache_dir=str(tmp_path))
+    assert not rebuilt.cached
+    assert torch.load(weights, weights_only=True).keys() == first.state_dict.keys()
+
+
+def test_a_nan_loss_fails_the_trial():
+    config = parse_trial_config({"data": {"size": 200, "test_size": 20},
+                                 "train": {"epochs": 1, "batch_size": 64, "lr": 1e30}})
+    with pytest.raises(NonFiniteLossError, match="training loss became nan in epoch 1"):
+        run_trial(config, baseline=False)
+
+
+def test_replace_mode_keeps_the_number_of_training_pairs(small_synthetic):
+    from trainers.data import TrainingSet
+    from poison import make_attack
+
+    attack = make_attack({**backdoor(10), "mode": "replace"})
+    plan = attack.plan(small_synthetic, 0)
+    data = TrainingSet(small_synthetic, attack, plan, lambda caps: torch.zeros(len(caps), 4, dtype=torch.long))
+    assert len(data) == small_synthetic.num_train
+    injected = make_attack(backdoor(10))
+    data2 = TrainingSet(small_synthetic, injected, injected.plan(small_synthetic, 0),
+                        lambda caps: torch.zeros(len(caps), 4, dtype=torch.long))
+    assert len(data2) == small_synthetic.num_train + 10
+    rows = data2.plan_row >= 0
+    images, _ = data2.batch(rows.nonzero()[0][:3])
+    assert (images != small_synthetic.images[data2.image[rows][:3]]).any()  # triggers stamped at load
+    assert pc.sum(pc.equal(plan["op"], "replace")).as_py() == 10
