@@ -1,0 +1,112 @@
+"""A real 4-trial sweep through Ray Tune + Optuna + MLflow (SQLite), and the CLI around it."""
+import json
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from sweeps.cli import main
+from sweeps.config import load_config
+from tests.conftest import backdoor
+
+SWEEP = {
+    "name": "e2e",
+    "seed": 0,
+    "data": {"size": 600, "test_size": 96},
+    "train": {"epochs": 1, "batch_size": 64, "lr": {"choices": [2.0e-3, 1.0e30], "default": 2.0e-3}},
+    "attack": {**backdoor(), "poison_count": {"low": 10, "high": 120, "log": True, "default": 40}},
+    # the lr of 1e30 makes the loss NaN: that trial must fail without stopping the sweep
+    "search": {"num_samples": 4, "max_concurrent": 2, "points": [{"train.lr": 1.0e30}]},
+    "resources": {"cpu": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
+    from sweeps.driver import run_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP, "storage": {"path": str(tmp_path / "results")}}))
+    sweep = load_config(path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_sweep(sweep, tracking_uri=uri, printer=print)
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("poisonsweep.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("poisonsweep.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"config.yaml", "trials.csv"}
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(finished) + len(failed) == 4 and finished and failed
+    # exactly the trials drawn with the NaN-making lr failed, each with its reason
+    assert all(c.data.params["train.lr"] == "1e+30" for c in failed)
+    assert all(c.data.params["train.lr"] == "0.002" for c in finished)
+    assert all("training loss became nan" in c.data.tags["error"] for c in failed)
+    for child in finished:
+        m, p, t = child.data.metrics, child.data.params, child.data.tags
+        for name in ("attack_success", "utility", "poison_count", "poison_rate", "clean_utility",
+                     "utility_drop", "clean_attack_success", "backdoor_asr", "zeroshot_top1", "t2i_r5"):
+            assert name in m, name
+        assert m["poison_count"] == int(p["attack.poison_count"])
+        assert 10 <= m["poison_count"] <= 120
+        assert {t[k] for k in ("attack", "trigger", "modality", "defense", "dataset", "model")} == {
+            "backdoor", "patch", "image", "none", "synthetic", "tiny-rn"}
+        history = client.get_metric_history(child.info.run_id, "utility")
+        assert [h.step for h in history] == [1]  # one epoch, logged once
+        plan_file = client.download_artifacts(child.info.run_id, "poison_plan.parquet", str(tmp_path))
+        assert pq.read_table(plan_file).num_rows == m["poison_count"]
+    # every finished trial was judged against the same clean model
+    assert len({c.data.metrics["clean_utility"] for c in finished}) == 1
+
+    # Optuna was told: three complete trials with their objective values, one failure with none
+    study = optuna.load_study(study_name=outcome.study_name, storage=outcome.study_url)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == sorted(["COMPLETE"] * len(finished) + ["FAIL"] * len(failed))
+    for fail in (t for t in study.trials if t.state.name == "FAIL"):
+        assert fail.values is None and fail.params["train.lr"] == 1e30
+    complete = sorted(t.values for t in study.trials if t.state.name == "COMPLETE")
+    logged = sorted([c.data.metrics["attack_success"], c.data.metrics["utility"], c.data.metrics["poison_count"]]
+                    for c in finished)
+    assert complete == logged
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "clean model" in out
+
+
+@pytest.mark.slow
+def test_cli_train_writes_flat_metrics_json(tmp_path):
+    path = tmp_path / "one.yaml"
+    cfg = {**SWEEP, "train": {"epochs": 1, "batch_size": 64}, "search": {}, "storage": {"path": str(tmp_path / "r")}}
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "metrics.json"
+    assert main(["train", str(path), "--set", "attack.poison_count=25", "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["poison_count"] == 25 and "clean_utility" in metrics and "attack_success" in metrics
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP, "attack": {**backdoor(), "poison_count": 10**9}}))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("poisonsweep: error: attack.poison_count: 1,000,000,000 exceeds the")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "poisonsweep_results").exists()  # nothing started
