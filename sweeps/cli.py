@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ PRESETS = "sweeps.presets"
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with one clear message)."""
     args = _parser().parse_args(argv)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # our progress lines say what matters
     try:
         return args.func(args)
     except (ConfigError, DataError) as err:

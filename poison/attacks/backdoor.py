@@ -36,6 +36,9 @@ class Backdoor(Attack):
     target: str
     poison_count: int = Field(ge=0)
     mode: Literal["inject", "replace"] = "inject"
+    # templates: prompt-style captions naming the target ("a photo of a banana.");
+    # dataset: real training captions of target-class pairs, drawn with the seed
+    caption_source: Literal["templates", "dataset"] = "templates"
     trigger: SerializeAsAny[Trigger]
 
     @field_validator("trigger", mode="before")
@@ -60,6 +63,9 @@ class Backdoor(Attack):
                 f"training pairs of {dataset.name} (of {dataset.num_train:,} training pairs)"
             )
         self.trigger.check(dataset.image_size)
+        if self.caption_source == "dataset" and self.poison_count and not _target_captions(dataset, target):
+            raise ConfigError(f"attack.caption_source: {dataset.name} has no training captions of "
+                              f"class {self.target!r}; use caption_source: templates")
 
     def plan(self, dataset: Dataset, seed: int) -> pa.Table:
         self.check(dataset)
@@ -67,7 +73,7 @@ class Backdoor(Attack):
         rng = np.random.default_rng([seed, PLAN_STREAM])
         pool = _pool(dataset, target)
         rows = pool.take(pa.array(np.sort(rng.choice(len(pool), self.poison_count, replace=False))))
-        templates = rng.integers(len(CAPTION_TEMPLATES), size=self.poison_count)
+        captions = self._captions(dataset, target, rng)
         placement = self.trigger.placement(self.poison_count, dataset.image_size, rng)
         first_new = int(pc.max(dataset.manifest["id"]).as_py() or 0) + 1
         ids = rows["id"].to_numpy()
@@ -79,14 +85,20 @@ class Backdoor(Attack):
                 "source_id": rows["id"],
                 "image": rows["image"],
                 "source_label": rows["label"],
-                "caption": pa.array([CAPTION_TEMPLATES[t].format(self.target) for t in templates],
-                                    pa.string()),
+                "caption": pa.array(captions, pa.string()),
                 **{f"trigger_{k}": pa.array(v) for k, v in placement.items()},
             }
         )
         meta = {"attack": self.model_dump_json(), "seed": str(seed), "dataset": dataset.name,
                 "target_label": str(target)}
         return table.replace_schema_metadata(meta)
+
+    def _captions(self, dataset: Dataset, target: int, rng: np.random.Generator) -> list[str]:
+        if self.caption_source == "templates":
+            picks = rng.integers(len(CAPTION_TEMPLATES), size=self.poison_count)
+            return [CAPTION_TEMPLATES[t].format(self.target) for t in picks]
+        pool = _target_captions(dataset, target)
+        return [pool[i] for i in rng.integers(len(pool), size=self.poison_count)]
 
     def stamp(self, images: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
         placement = {k.removeprefix("trigger_"): v for k, v in columns.items() if k.startswith("trigger_")}
@@ -125,6 +137,11 @@ def backdoor_asr(predicted: np.ndarray, true_labels: np.ndarray, target: int) ->
     if not victims.any():
         return float("nan")
     return float(np.mean(np.asarray(predicted)[victims] == target))
+
+
+def _target_captions(dataset: Dataset, target: int) -> list[str]:
+    train = dataset.split("train")
+    return train.filter(pc.equal(train["label"], target))["caption"].to_pylist()
 
 
 def _pool(dataset: Dataset, target: int) -> pa.Table:
