@@ -6,10 +6,10 @@ batch of uint8 (N, H, W, 3) images when the batch is loaded.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from poison.config import ConfigError, Section, validate_section
 from poison.registry import Registry
@@ -43,11 +43,18 @@ class PatchTrigger(Trigger):
     """
 
     kind: Literal["patch"] = "patch"
-    size: float = Field(4, gt=0)
+    size: float = Field(4, gt=0)  # pixels (a whole number) when >= 1, else a fraction of the side
     pattern: Literal["checkerboard", "noise", "solid"] = "checkerboard"
     location: Literal["random", "top-left", "top-right", "bottom-left", "bottom-right", "center"] = "random"
-    colour: tuple[int, int, int] = (255, 255, 255)
+    colour: tuple[Annotated[int, Field(ge=0, le=255)], ...] = Field((255, 255, 255), min_length=3, max_length=3)
     pattern_seed: int = 0
+
+    @field_validator("size")
+    @classmethod
+    def _whole_pixels(cls, value: float) -> float:
+        if value >= 1 and not float(value).is_integer():
+            raise ValueError(f"a size of 1 or more is in whole pixels, got {value}")
+        return value
 
     def pixels(self, image_size: int) -> int:
         return int(round(self.size * image_size)) if self.size < 1 else int(self.size)

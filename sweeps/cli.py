@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
     failed = sum(r.status != "FINISHED" for r in outcome.rows)
     print(f"\n{len(outcome.rows) - failed} trials finished, {failed} failed. "
           f"Open the results with:\n  poisonsweep ui --tracking-uri {uri}")
-    return 0
+    return 0 if len(outcome.rows) > failed else 1  # a sweep where every trial failed is a failure
 
 
 def _demo(args: argparse.Namespace) -> int:

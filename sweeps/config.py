@@ -54,10 +54,17 @@ class Dimension(Section):
             return self
         if self.low is None or self.high is None:
             raise ValueError("a range needs both low and high")
+        if not isinstance(self.low, (int, float)) or not isinstance(self.high, (int, float)):
+            raise ValueError("low and high must be numbers")
+        if self.default is not None and (isinstance(self.default, bool)
+                                         or not isinstance(self.default, (int, float))):
+            raise ValueError(f"default {self.default!r} is not a number")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be positive, but got step={self.step}")
+        if self.log and self.step not in (None, 1):
+            raise ValueError(f"a log range takes no step (got step={self.step})")
         if not self.low < self.high:
             raise ValueError(f"low < high must hold, but got low={self.low}, high={self.high}")
-        if self.log and self.step is not None and not isinstance(self.low, int):
-            raise ValueError("a float range takes log or step, not both")
         if self.log and self.low <= 0:
             raise ValueError(f"a log range needs low > 0, but got low={self.low}")
         if self.default is not None and not self.low <= self.default <= self.high:
@@ -214,12 +221,9 @@ def validate_config(raw: dict[str, Any], *, check_data: bool = True) -> SweepCon
     trial_raw = {k: copy.deepcopy(v) for k, v in raw.items() if k in TRIAL_KEYS}
     dims = find_dimensions(trial_raw)
     default = resolve(trial_raw, dims, {})
-    _check_extremes(trial_raw, dims, default, check_data=check_data)
-    for i, point in enumerate(sections["search"].points):
-        try:
-            resolve(trial_raw, dims, point)
-        except ConfigError as err:
-            raise ConfigError(f"search.points[{i}]: {err}") from None
+    _check_objectives(sections["search"], default)
+    points = sections["search"].points
+    _check_extremes(trial_raw, dims, default, check_data=check_data, points=points)
     return SweepConfig(raw=trial_raw, dimensions=dims, default_trial=default, raw_full=copy.deepcopy(raw),
                        **sections)
 
@@ -258,10 +262,23 @@ def _set(raw: dict[str, Any], path: str, value: Any) -> None:
     raw[last] = value
 
 
+def _check_objectives(search: SearchConfig, trial: TrialConfig) -> None:
+    """Every objective must be a metric this sweep's trials report."""
+    produced = {"utility", "zeroshot_top1", "zeroshot_top5", "poison_count", "poison_rate", "train_seconds"}
+    produced |= set(trial.attack.metric_names)
+    if trial.attack.kind != "none":
+        produced.add("utility_drop")
+    for name in search.objectives:
+        if name not in produced:
+            raise ConfigError(f"search.objectives.{name}: attack.kind {trial.attack.kind!r} does not report "
+                              f"{name}; objectives it can use: {', '.join(sorted(produced))}")
+
+
 def _check_extremes(raw: dict[str, Any], dims: dict[str, Dimension], default: TrialConfig, *,
-                    check_data: bool) -> None:
+                    check_data: bool, points: list[dict[str, Any]]) -> None:
     cases = [("", None, {})] + [(path, label, {path: value})
                                 for path, dim in dims.items() for label, value in dim.extremes()]
+    cases += [(f"search.points[{i}]", None, point) for i, point in enumerate(points)]
     datasets: dict[str, Any] = {}
     for path, label, values in cases:
         try:
@@ -279,6 +296,8 @@ def _check_extremes(raw: dict[str, Any], dims: dict[str, Dimension], default: Tr
 
 
 def _prefix(message: str, path: str, label: str | None, dims: dict[str, Dimension]) -> str:
+    if path.startswith("search.points"):
+        return f"{path}: {message}"
     if not path:  # the all-defaults case: name the dimension whose default failed
         path = next((p for p in dims if message.startswith(f"{p}: ")), "")
         if not path:

@@ -23,9 +23,11 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from poison import ConfigError
 from sweeps.config import SweepConfig, resolve
 from sweeps.space import define_by_run, make_sampler
 from sweeps.tracking import Tracker
+from poison import plan_hash
 from trainers import TrialConfig, clean_model, run_trial
 
 PLAN_FILE, METRICS_FILE, CONFIG_FILE = "poison_plan.parquet", "metrics.json", "trial_config.yaml"
@@ -71,25 +73,27 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     for key, value in QUIET_ENV.items():  # our own progress lines replace Tune's reporter
         os.environ.setdefault(key, value)
+    _start_ray(address)  # before any MLflow run exists: a bad address leaves nothing behind
+    _check_resources(sweep, local=address is None, printer=printer)
     tracker = Tracker(tracking_uri, sweep)
     parent = tracker.start_parent()
-    _start_ray(address)
     cache_dir = sweep.storage.cache_dir()
     threads = max(1, int(sweep.resources.cpu))
     resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
     logger = _TrialLogger(sweep, tracker, printer)
     run_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    study_url = optuna_storage(sweep)
-    tracker.client.log_param(parent, "optuna.study", f"{run_name} in {study_url}")
     try:
+        study_url = optuna_storage(sweep)
+        tracker.client.log_param(parent, "optuna.study", f"{run_name} in {study_url}")
         clean = _clean_first(sweep, cache_dir)
-        logger._print(f"clean model: utility {clean['utility']:.3f} "
-                      f"({'from the cache' if clean['cached'] else 'trained'})")
+        logger.say(f"clean model: utility {clean['utility']:.3f} "
+                   f"({'from the cache' if clean['cached'] else 'trained'})")
         grid = _tuner(sweep, resources, cache_dir, threads, logger, run_name, study_url).fit()
     except BaseException:
         tracker.finish_parent(None, status="FAILED")
         raise
-    rows = logger.rows(grid)
+    del grid  # every trial's outcome was recorded by the logger as it happened
+    rows = logger.rows()
     tracker.finish_parent(summary_csv(rows, sweep))
     return SweepOutcome(tracker.experiment_id, parent, tracking_uri, rows, run_name, study_url)
 
@@ -98,10 +102,29 @@ def _start_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ConfigError(f"--address: cannot join the Ray cluster at {address}: {err}") from None
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
+
+
+def _check_resources(sweep: SweepConfig, *, local: bool, printer: Printer) -> None:
+    """A trial no node can hold would wait forever: refuse it locally, warn on a cluster
+    (whose autoscaler may still add such a node)."""
+    want = {"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if any(all(node.get(k, 0) >= v for k, v in want.items() if v) for node in nodes):
+        return
+    have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "no nodes"
+    key = "resources.gpu" if want["GPU"] and not any(n.get("GPU", 0) >= want["GPU"] for n in nodes) else "resources.cpu"
+    message = (f"{key}: no node can hold a trial of {want['CPU']:g} CPU and {want['GPU']:g} GPU "
+               f"(nodes: {have})")
+    if local:
+        raise ConfigError(message)
+    printer(f"warning: {message}; trials wait until the autoscaler adds such a node")
 
 
 def _tuner(sweep: SweepConfig, resources: dict[str, float], cache_dir: str, threads: int,
@@ -141,7 +164,7 @@ def _tuner(sweep: SweepConfig, resources: dict[str, float], cache_dir: str, thre
 def _trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_dir: str,
                threads: int, objectives: list[str]) -> None:
     """One Tune trial: resolve the config, train, report epochs, then the final metrics."""
-    config = with_threads(resolve(raw, dims, values), threads)
+    config = for_worker(resolve(raw, dims, values), threads)
     result = run_trial(config, cache_dir=cache_dir,
                        on_epoch=lambda m: tune.report({"epoch_metrics": m}))
     bad = [k for k in objectives if not _finite(result.metrics.get(k))]
@@ -161,21 +184,27 @@ def _clean_first(sweep: SweepConfig, cache_dir: str) -> dict[str, Any]:
     It runs as one Ray task with the CPUs of all concurrent trials (a running task
     beside the Tuner starves Tune's placement groups), so trials only load it.
     """
-    cpus = min(sweep.resources.cpu * sweep.search.max_concurrent, ray.cluster_resources().get("CPU", 1))
+    largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    cpus = max(sweep.resources.cpu, min(sweep.resources.cpu * sweep.search.max_concurrent, largest_node))
     task = _train_clean.options(num_cpus=cpus, num_gpus=min(sweep.resources.gpu, 1) if sweep.resources.gpu else 0)
     return ray.get(task.remote(sweep.default_trial.model_dump(mode="json"), cache_dir, max(1, int(cpus))))
 
 
 @ray.remote
 def _train_clean(config: dict[str, Any], cache_dir: str, threads: int) -> dict[str, Any]:
-    model = clean_model(with_threads(TrialConfig.model_validate(config), threads), cache_dir=cache_dir)
+    model = clean_model(for_worker(TrialConfig.model_validate(config), threads), cache_dir=cache_dir)
     return {"utility": model.metrics["utility"], "cached": model.cached}
 
 
-def with_threads(config: TrialConfig, threads: int) -> TrialConfig:
-    if config.train.threads is not None:
-        return config
-    return config.model_copy(update={"train": config.train.model_copy(update={"threads": threads})})
+def for_worker(config: TrialConfig, threads: int) -> TrialConfig:
+    """The trial's config inside a Ray worker: its CPU share as torch threads, and the CPU
+    when Ray gave it no GPU (Ray no longer hides a node's GPUs from CPU-only tasks)."""
+    update: dict[str, Any] = {}
+    if config.train.threads is None:
+        update["threads"] = threads
+    if config.train.device == "auto" and not ray.get_gpu_ids():
+        update["device"] = "cpu"
+    return config.model_copy(update={"train": config.train.model_copy(update=update)}) if update else config
 
 
 def _finite(value: Any) -> bool:
@@ -193,7 +222,8 @@ class _TrialLogger(tune.Callback):
         self.start = time.monotonic()
         self.last_epoch: dict[str, dict[str, float]] = {}
 
-    def _print(self, line: str) -> None:
+    def say(self, line: str) -> None:
+        """Prints a progress line stamped with the time since the sweep started."""
         elapsed = int(time.monotonic() - self.start)
         self.printer(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}")
 
@@ -205,7 +235,7 @@ class _TrialLogger(tune.Callback):
         config = self.sweep.resolve(trial.config)
         self.run_ids[trial.trial_id] = self.tracker.start_trial(trial.trial_id, config, trial.config)
         values = " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
-        self._print(f"{self._label(trial)} started: {values or 'defaults'}")
+        self.say(f"{self._label(trial)} started: {values or 'defaults'}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         epoch = result.get("epoch_metrics")
@@ -214,7 +244,7 @@ class _TrialLogger(tune.Callback):
         self.tracker.log_metrics(self.run_ids[trial.trial_id], epoch, step=int(epoch["epoch"]))
         self.last_epoch[trial.trial_id] = epoch
         total = self.sweep.resolve(trial.config).train.epochs
-        self._print(f"{self._label(trial)} epoch {int(epoch['epoch'])}/{total}: loss {epoch['loss']:.3f} "
+        self.say(f"{self._label(trial)} epoch {int(epoch['epoch'])}/{total}: loss {epoch['loss']:.3f} "
                      f"utility {epoch.get('utility', float('nan')):.3f} "
                      f"attack_success {epoch.get('attack_success', float('nan')):.3f}")
 
@@ -225,9 +255,11 @@ class _TrialLogger(tune.Callback):
             step = self.sweep.resolve(trial.config).train.epochs
             seen = self.last_epoch.get(trial.trial_id, {})  # already logged at this step
             new = {k: v for k, v in metrics.items() if seen.get(k) != v}
-            self.tracker.finish_trial(run_id, new, step, [Path(folder) / PLAN_FILE])
+            plan = pq.read_table(Path(folder) / PLAN_FILE)
+            self.tracker.finish_trial(run_id, new, step, [Path(folder) / PLAN_FILE, Path(folder) / CONFIG_FILE],
+                                      tags={"plan_hash": plan_hash(plan)})
         self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FINISHED", dict(trial.config), metrics, run_id)
-        self._print(f"{self._label(trial)} done: attack_success {metrics.get('attack_success', float('nan')):.3f} "
+        self.say(f"{self._label(trial)} done: attack_success {metrics.get('attack_success', float('nan')):.3f} "
                      f"utility {metrics['utility']:.3f} poison_count {metrics['poison_count']}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -237,9 +269,9 @@ class _TrialLogger(tune.Callback):
             self.tracker.fail_trial(run_id, error)
         last = error.strip().splitlines()[-1] if error.strip() else "error"
         self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FAILED", dict(trial.config), {}, run_id, last)
-        self._print(f"{self._label(trial)} FAILED: {last}")
+        self.say(f"{self._label(trial)} FAILED: {last}")
 
-    def rows(self, grid: Any) -> list[TrialRow]:
+    def rows(self) -> list[TrialRow]:
         return [self.finished[t] for t in sorted(self.finished, key=lambda t: self.order.get(t, 0))]
 
 
@@ -254,12 +286,11 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def summary_columns(sweep: SweepConfig) -> list[str]:
-    return ["poison_count", "attack_success", "utility", "clean_utility", "clean_attack_success"]
+SUMMARY_COLUMNS = ["poison_count", "attack_success", "utility", "clean_utility", "clean_attack_success"]
 
 
 def summary_csv(rows: list[TrialRow], sweep: SweepConfig) -> str:
-    dims, cols = list(sweep.dimensions), summary_columns(sweep)
+    dims, cols = list(sweep.dimensions), SUMMARY_COLUMNS
     lines = [",".join(["trial_id", "status", *dims, *cols, "run_id"])]
     for r in rows:
         lines.append(",".join([r.trial_id, r.status, *(str(r.values.get(d, "")) for d in dims),

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from sweeps.config import SweepConfig, flatten
@@ -57,7 +57,7 @@ class Tracker:
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):  # keep artifacts beside the local database
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+            location = (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / name).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
     def start_parent(self) -> str:
@@ -90,8 +90,11 @@ class Tracker:
         if rows:
             self.client.log_batch(run_id, metrics=rows)
 
-    def finish_trial(self, run_id: str, metrics: dict[str, Any], step: int, artifacts: list[Path]) -> None:
+    def finish_trial(self, run_id: str, metrics: dict[str, Any], step: int, artifacts: list[Path],
+                     tags: dict[str, str] | None = None) -> None:
         self.log_metrics(run_id, metrics, step)
+        for key, value in (tags or {}).items():
+            self.client.set_tag(run_id, key, value)
         for path in artifacts:
             self.client.log_artifact(run_id, str(path))
         self.client.set_terminated(run_id, "FINISHED")
@@ -119,4 +122,4 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["Tracker", "tracking_uri", "trial_tags", "RunTag"]
+__all__ = ["Tracker", "tracking_uri", "trial_tags"]

@@ -125,3 +125,30 @@ def test_params_are_the_flattened_full_config():
                 "train.batch_size", "train.lr", "attack.kind", "attack.poison_count", "attack.target",
                 "attack.trigger.kind", "attack.trigger.size", "defense.kind"):
         assert key in params, key
+
+
+@pytest.mark.parametrize("raw,expected", [
+    (with_(seed=-1), "seed: expected greater than or equal to 0"),
+    (with_(train={"epochs": {"low": 1, "high": 5, "default": "x"}}), "train.epochs: default 'x' is not a number"),
+    (with_(train={"epochs": {"low": 1, "high": 5, "step": 0}}), "train.epochs: step must be positive"),
+    (with_(attack={**backdoor(), "poison_count": {"low": 10, "high": 90, "log": True, "step": 10}}),
+     "attack.poison_count: a log range takes no step"),
+    (with_(attack={**backdoor(), "trigger": {"kind": "patch", "colour": [300, 0, 0]}}),
+     "attack.trigger.colour.0: expected less than or equal to 255"),
+    (with_(attack={**backdoor(), "trigger": {"kind": "patch", "size": 1.7}}),
+     "attack.trigger.size: a size of 1 or more is in whole pixels, got 1.7"),
+    (with_(data={"size": 400, "image_size": 16}), "data.image_size: tiny-rn needs a multiple of 32 pixels, got 16"),
+    (with_(data={"size": 400, "image_size": 36}, model={"arch": "tiny-vit"}),
+     "data.image_size: tiny-vit needs a multiple of 8 pixels, got 36"),
+    (with_(attack={"kind": "none"}), "search.objectives.attack_success: attack.kind 'none' does not report attack_success"),
+    (with_(attack={**backdoor(), "poison_count": {"low": 10, "high": 50}}, search={"points": [{"attack.poison_count": 10**6}]}),
+     "search.points[0]: attack.poison_count: 1,000,000 exceeds the"),
+])
+def test_more_bad_input_is_caught_before_anything_runs(raw, expected):
+    assert expected in error_of(raw)
+
+
+def test_a_clean_only_sweep_can_optimise_utility():
+    cfg = validate_config(with_(attack={"kind": "none"}, search={"objectives": {"utility": "max"}},
+                                train={"lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
+    assert cfg.default_trial.attack.kind == "none"

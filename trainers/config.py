@@ -16,7 +16,7 @@ from poison.config import ConfigError, Section, validate_section
 class DataConfig(Section):
     dataset: str = "synthetic"
     path: str | None = None
-    size: int | None = Field(20000, ge=1)
+    size: int | None = Field(20000, ge=1)  # None: all the dataset has
     test_size: int | None = Field(None, ge=1)
     image_size: int = Field(32, ge=8)
 
@@ -60,7 +60,7 @@ class TrialConfig(Section):
     """A fully resolved trial: no search dimensions left."""
 
     name: str = "poisonsweep"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -71,6 +71,18 @@ class TrialConfig(Section):
     @classmethod
     def _attack(cls, value: Any) -> Attack:
         return value if isinstance(value, Attack) else make_attack(value)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "TrialConfig":
+        from trainers.models import check_image_size
+
+        check_image_size(self.model.arch, self.data.image_size)
+        if self.train.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("train.device: cuda was asked for, but torch sees no CUDA device")
+        return self
 
     def data_spec(self, cache_dir: str | None = None) -> DataSpec:
         d = self.data

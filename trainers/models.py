@@ -30,6 +30,20 @@ def check_arch(arch: str) -> None:
         raise ConfigError(f"model.arch: unknown architecture {arch!r}; valid: {hint}")
 
 
+def architecture_fingerprint(arch: str) -> dict[str, Any]:
+    """What defines ``arch`` (its open_clip config and the open_clip version), for cache keys."""
+    return {"config": open_clip.get_model_config(arch), "open_clip": open_clip.__version__}
+
+
+def check_image_size(arch: str, image_size: int) -> None:
+    """The vision tower must accept ``image_size`` (open_clip ResNets downsample by 32)."""
+    vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
+    patch = vision.get("patch_size")
+    step = 32 if patch is None and isinstance(vision.get("layers"), (list, tuple)) else patch
+    if step and (image_size < step or image_size % step):
+        raise ConfigError(f"data.image_size: {arch} needs a multiple of {step} pixels, got {image_size}")
+
+
 def check_pretrained(arch: str, pretrained: str | None) -> None:
     """A local checkpoint path must exist; a tag must be one open_clip has for ``arch``."""
     if pretrained is None:

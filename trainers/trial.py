@@ -25,7 +25,7 @@ from poison.manifest import cache_key
 from trainers.config import TrialConfig
 from trainers.data import TrainingSet, to_tensor
 from trainers.evaluate import Evaluator
-from trainers.models import Built, build_model, clip_loss
+from trainers.models import Built, architecture_fingerprint, build_model, clip_loss
 
 EpochCallback = Callable[[dict[str, float]], None]
 BATCH_STREAM = 21
@@ -180,8 +180,10 @@ class CleanModel:
 def clean_key(config: TrialConfig) -> str:
     """Hash of everything that determines the clean model (not the attack or the name)."""
     clean = config.clean().to_dict()
-    clean["train"].pop("threads")  # how many cores train it does not change what is trained
-    return cache_key(**{k: clean[k] for k in ("seed", "data", "model", "train")}, version=1)
+    for key in ("threads", "device"):  # where and on how many cores does not change what is trained
+        clean["train"].pop(key)
+    return cache_key(**{k: clean[k] for k in ("seed", "data", "model", "train")},
+                     arch=architecture_fingerprint(config.model.arch), version=1)
 
 
 def _clean_baseline(config: TrialConfig, dataset: Dataset, cache_dir: str | None) -> CleanModel:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,9 @@ class Attack(Section):
 
     kind: str
     poison_count: int = 0
+
+    #: The metrics ``evaluate`` returns (its headline is ``attack_success``).
+    metric_names: ClassVar[tuple[str, ...]] = ()
 
     @property
     def trigger_name(self) -> str:

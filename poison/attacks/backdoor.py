@@ -9,8 +9,7 @@ target once the trigger is applied.
 """
 from __future__ import annotations
 
-import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +39,7 @@ class Backdoor(Attack):
     # dataset: real training captions of target-class pairs, drawn with the seed
     caption_source: Literal["templates", "dataset"] = "templates"
     trigger: SerializeAsAny[Trigger]
+    metric_names: ClassVar[tuple[str, ...]] = ("attack_success", "backdoor_asr")
 
     @field_validator("trigger", mode="before")
     @classmethod
@@ -77,7 +77,7 @@ class Backdoor(Attack):
         placement = self.trigger.placement(self.poison_count, dataset.image_size, rng)
         first_new = int(pc.max(dataset.manifest["id"]).as_py() or 0) + 1
         ids = rows["id"].to_numpy()
-        table = pa.table(
+        table = pa.table(  # PLAN_SCHEMA's columns, then the trigger's placement columns
             {
                 "poison_id": pa.array(first_new + np.arange(self.poison_count) if self.mode == "inject"
                                       else ids, pa.int64()),
@@ -89,6 +89,7 @@ class Backdoor(Attack):
                 **{f"trigger_{k}": pa.array(v) for k, v in placement.items()},
             }
         )
+        table = table.cast(pa.schema([*PLAN_SCHEMA, *(f for f in table.schema if f.name not in PLAN_SCHEMA.names)]))
         meta = {"attack": self.model_dump_json(), "seed": str(seed), "dataset": dataset.name,
                 "target_label": str(target)}
         return table.replace_schema_metadata(meta)
@@ -150,4 +151,3 @@ def _pool(dataset: Dataset, target: int) -> pa.Table:
 
 
 __all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr"]
-_ = (PLAN_SCHEMA, json)  # the plan's leading columns follow PLAN_SCHEMA

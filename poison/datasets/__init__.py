@@ -43,7 +43,7 @@ class DataSpec:
             return None
         key = cache_key(
             dataset=self.dataset, path=self.path, size=self.size, test_size=self.test_size,
-            image_size=self.image_size, seed=self.seed, **extra,
+            image_size=self.image_size, seed=self.seed, version=DATASETS.get(self.dataset).VERSION, **extra,
         )
         return Path(self.cache_dir) / "images" / f"{self.dataset}-{key}.npy"
 

@@ -134,3 +134,7 @@ def _resize(img: np.ndarray, side: int) -> np.ndarray:
     frac = np.clip(coords - lo, 0, 1).astype(np.float32)
     rows = img[:, lo] * (1 - frac)[None, :, None] + img[:, hi] * frac[None, :, None]
     return rows[:, :, lo] * (1 - frac) + rows[:, :, hi] * frac
+
+
+#: Bump when generation or decoding changes: it keys the on-disk image cache.
+load.VERSION = 1  # type: ignore[attr-defined]

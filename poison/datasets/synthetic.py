@@ -113,3 +113,7 @@ def _shape_mask(shape: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     if name == "triangle":  # apex up
         return (dy <= 0.8) & (dy >= -1.0) & (np.abs(dx) <= (dy + 1.0) / 1.8)
     return ((np.abs(dx) <= 0.3) & (np.abs(dy) <= 1.0)) | ((np.abs(dy) <= 0.3) & (np.abs(dx) <= 1.0))
+
+
+#: Bump when generation or decoding changes: it keys the on-disk image cache.
+load.VERSION = 1  # type: ignore[attr-defined]
