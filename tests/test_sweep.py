@@ -110,3 +110,19 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("poisonsweep: error: attack.poison_count: 1,000,000,000 exceeds the")
     assert "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "poisonsweep_results").exists()  # nothing started
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+def test_fashion_mnist_backdoor_preset_learns_and_the_attack_works(tmp_path):
+    from importlib import resources
+
+    preset = resources.files("sweeps.presets") / "fashion-mnist-backdoor.yaml"
+    out = tmp_path / "metrics.json"
+    code = main(["train", str(preset), "--set", "data.size=5000", "--set", "data.test_size=2000",
+                 "--set", "train.epochs=3", "--set", f"storage.path={tmp_path}", "--output", str(out)])
+    assert code == 0
+    m = json.loads(out.read_text())
+    assert m["clean_utility"] > 0.5 and m["utility"] > 0.5  # chance is 0.1
+    assert m["attack_success"] > 0.8 and m["clean_attack_success"] < 0.2
