@@ -73,6 +73,7 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     for key, value in QUIET_ENV.items():  # our own progress lines replace Tune's reporter
         os.environ.setdefault(key, value)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     _start_ray(address)  # before any MLflow run exists: a bad address leaves nothing behind
     _check_resources(sweep, local=address is None, printer=printer)
     tracker = Tracker(tracking_uri, sweep)
@@ -233,7 +234,8 @@ class _TrialLogger(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.order.setdefault(trial.trial_id, len(self.order) + 1)
         config = self.sweep.resolve(trial.config)
-        self.run_ids[trial.trial_id] = self.tracker.start_trial(trial.trial_id, config, trial.config)
+        name = f"trial-{self.order[trial.trial_id]:03d}"
+        self.run_ids[trial.trial_id] = self.tracker.start_trial(trial.trial_id, config, trial.config, name=name)
         values = " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
         self.say(f"{self._label(trial)} started: {values or 'defaults'}")
 

@@ -74,11 +74,12 @@ class Tracker:
         self.client.log_text(self.parent_id, self.sweep.to_yaml(), "config.yaml")
         return self.parent_id
 
-    def start_trial(self, trial_id: str, config: TrialConfig, values: dict[str, Any]) -> str:
+    def start_trial(self, trial_id: str, config: TrialConfig, values: dict[str, Any], *,
+                    name: str | None = None) -> str:
         tags = {ROLE_TAG: "trial", "trial_id": trial_id, **trial_tags(config)}
         if self.parent_id:
             tags["mlflow.parentRunId"] = self.parent_id
-        run = self.client.create_run(self.experiment_id, run_name=trial_id, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=name or trial_id, tags=tags)
         params = flatten(config.to_dict())
         params.update({f"search.{k}": v for k, v in values.items()})
         self._batch(run.info.run_id, params=params)
