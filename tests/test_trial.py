@@ -69,3 +69,17 @@ def test_replace_mode_keeps_the_number_of_training_pairs(small_synthetic):
     images, _ = data2.batch(rows.nonzero()[0][:3])
     assert (images != small_synthetic.images[data2.image[rows][:3]]).any()  # triggers stamped at load
     assert pc.sum(pc.equal(plan["op"], "replace")).as_py() == 10
+
+
+def test_pretrained_local_checkpoint_is_loaded(tmp_path):
+    from trainers.models import build_model
+
+    first = build_model("tiny-rn", None, device=torch.device("cpu"), image_size=32)
+    path = tmp_path / "start.pt"
+    torch.save(first.model.state_dict(), path)
+    torch.manual_seed(123)  # a fresh init would differ; loading must restore the saved weights
+    loaded = build_model("tiny-rn", str(path), device=torch.device("cpu"), image_size=32)
+    for (name, a), b in zip(first.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    config = parse_trial_config({"model": {"arch": "tiny-rn", "pretrained": str(path)}})
+    assert config.model.pretrained == str(path)
