@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--output", help="write the final metrics as a flat JSON object here")
     train.set_defaults(func=_train)
 
+    pareto = sub.add_parser("pareto", help="Pareto front of a sweep's trials (tags them, logs CSV and plots)")
+    pareto.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
+    pareto.add_argument("--objectives", help="NAME:max|min,... (default attack_success:max,utility:max,"
+                                             "poison_count:min)")
+    pareto.add_argument("--group-by", help="a tag or param to compute one front per value of (e.g. defense)")
+    pareto.add_argument("--all", action="store_true", help="print every configuration, not only the front")
+    pareto.add_argument("--tracking-uri", help="tracking store (default: as for run)")
+    pareto.set_defaults(func=_pareto)
+
     ui = sub.add_parser("ui", help="open the MLflow UI over a sweep's tracking store")
     ui.add_argument("--config", help="sweep config, to find its store")
     ui.add_argument("--tracking-uri", help="tracking store (default: as for run)")
@@ -77,6 +86,8 @@ def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
                         printer=lambda line: print(line, flush=True))
     print()
     print(summary_table(outcome.rows, sweep))
+    if any(r.status == "FINISHED" for r in outcome.rows):
+        _print_front(uri, sweep.tracking.experiment or sweep.name, sweep.search.objectives, outcome.parent_run_id)
     failed = sum(r.status != "FINISHED" for r in outcome.rows)
     print(f"\n{len(outcome.rows) - failed} trials finished, {failed} failed. "
           f"Open the results with:\n  poisonsweep ui --tracking-uri {uri}")
@@ -101,6 +112,32 @@ def _train(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(text + "\n")
     print(text)
+    return 0
+
+
+def _pareto(args: argparse.Namespace) -> int:
+    from sweeps.pareto import parse_objectives
+    from sweeps.tracking import tracking_uri
+
+    objectives = parse_objectives(args.objectives)
+    uri = tracking_uri(args.tracking_uri, None)
+    return _print_front(uri, args.experiment, objectives, None, group_by=args.group_by, show_all=args.all)
+
+
+def _print_front(uri: str, experiment: str, objectives: dict[str, str], parent: str | None, *,
+                 group_by: str | None = None, show_all: bool = False) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.pareto import format_front, latest_sweep_run, load_trials, pareto_front, record
+
+    client = MlflowClient(uri)
+    experiment_id, runs = load_trials(client, experiment, parent)
+    front = pareto_front(runs, objectives, group_by)
+    record(client, parent or latest_sweep_run(client, experiment_id), front)
+    n_front = int(front.table["pareto"].sum())
+    print(f"\nPareto front ({n_front} of {len(front.table)} configurations, "
+          f"{', '.join(f'{k} {v}' for k, v in objectives.items())}):")
+    print(format_front(front, only_front=not show_all))
     return 0
 
 

@@ -8,7 +8,6 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from sweeps.cli import main
-from sweeps.config import load_config
 from tests.conftest import backdoor
 
 SWEEP = {
@@ -34,13 +33,10 @@ def ray_local():
 
 @pytest.mark.slow
 def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
-    from sweeps.driver import run_sweep
-
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({**SWEEP, "storage": {"path": str(tmp_path / "results")}}))
-    sweep = load_config(path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    outcome = run_sweep(sweep, tracking_uri=uri, printer=print)
+    assert main(["run", str(path), "--tracking-uri", uri]) == 0  # the user's path, end to end
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("e2e")
@@ -50,7 +46,7 @@ def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"config.yaml", "trials.csv"}
+    assert {"config.yaml", "trials.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
 
     finished = [c for c in children if c.info.status == "FINISHED"]
@@ -77,7 +73,8 @@ def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
     assert len({c.data.metrics["clean_utility"] for c in finished}) == 1
 
     # Optuna was told: three complete trials with their objective values, one failure with none
-    study = optuna.load_study(study_name=outcome.study_name, storage=outcome.study_url)
+    study_name, _, study_url = parent.data.params["optuna.study"].partition(" in ")
+    study = optuna.load_study(study_name=study_name, storage=study_url)
     states = sorted(t.state.name for t in study.trials)
     assert states == sorted(["COMPLETE"] * len(finished) + ["FAIL"] * len(failed))
     for fail in (t for t in study.trials if t.state.name == "FAIL"):
@@ -87,7 +84,12 @@ def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
                     for c in finished)
     assert complete == logged
     out = capsys.readouterr().out
-    assert "FAILED" in out and "clean model" in out
+    assert "FAILED" in out and "clean model" in out and "Pareto front" in out
+    assert "poisonsweep ui --tracking-uri " + uri in out
+    # the run ended with its Pareto front: every finished trial tagged, the front logged to the parent
+    assert {client.get_run(c.info.run_id).data.tags.get("pareto") for c in finished} <= {"true", "false"}
+    assert any(client.get_run(c.info.run_id).data.tags["pareto"] == "true" for c in finished)
+    assert "analysis/pareto.csv" in {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")}
 
 
 @pytest.mark.slow

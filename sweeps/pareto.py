@@ -1,0 +1,204 @@
+"""Pareto fronts of a sweep, read back from MLflow.
+
+``pareto_front`` averages replicate seeds of one configuration, then marks the
+non-dominated configurations per group (moocore's ``is_nondominated``) and
+measures each group's front by its hypervolume against one common reference
+point: the worst mean value of each objective over all groups, so groups
+compare on the same scale.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import moocore
+import numpy as np
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from poison import ConfigError
+from sweeps.tracking import ROLE_TAG
+
+DEFAULT_OBJECTIVES = {"attack_success": "max", "utility": "max", "poison_count": "min"}
+REPLICATE_PARAMS = ("seed", "search.seed")
+SEARCH_PAGE = 5000  # configurations differing only here are replicates
+
+
+@dataclass
+class Front:
+    """Every configuration with its mean objectives, ``pareto`` flag and group; hypervolume per group."""
+
+    table: pd.DataFrame
+    hypervolume: dict[str, float]
+    objectives: dict[str, str]
+
+
+def parse_objectives(text: str | None) -> dict[str, str]:
+    """``"attack_success:max,utility:max"`` → {"attack_success": "max", "utility": "max"}."""
+    if not text:
+        return dict(DEFAULT_OBJECTIVES)
+    out = {}
+    for item in text.split(","):
+        name, _, direction = item.strip().partition(":")
+        if direction not in ("max", "min") or not name:
+            raise ConfigError(f"--objectives: {item.strip()!r} is not NAME:max or NAME:min")
+        out[name] = direction
+    return out
+
+
+def load_trials(client: MlflowClient, experiment: str, parent_run_id: str | None = None) -> tuple[str, pd.DataFrame]:
+    """The experiment's finished trial runs (of one launch, with ``parent_run_id``), one row each."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise ConfigError(f"--experiment: no MLflow experiment {experiment!r}; experiments: {names}")
+    query = f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'FINISHED'"
+    if parent_run_id:
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    rows, token = [], None
+    while True:  # the client's own paging; mlflow.search_runs would use the global tracking URI
+        page = client.search_runs([found.experiment_id], filter_string=query, max_results=SEARCH_PAGE,
+                                  page_token=token)
+        rows += [_flat(run) for run in page]
+        token = page.token
+        if not token:
+            return found.experiment_id, pd.DataFrame(rows, columns=None if rows else ["run_id"])
+
+
+def _flat(run: Run) -> dict[str, object]:
+    row: dict[str, object] = {"run_id": run.info.run_id}
+    row.update({f"params.{k}": v for k, v in run.data.params.items()})
+    row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+    row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+    return row
+
+
+def pareto_front(runs: pd.DataFrame, objectives: dict[str, str], group_by: str | None = None) -> Front:
+    """Averages replicates, then finds each group's non-dominated configurations.
+
+    Example:
+        >>> runs = pd.DataFrame({"run_id": ["a", "b"], "params.x": ["1", "2"],
+        ...                      "metrics.u": [0.9, 0.5], "metrics.c": [10.0, 5.0]})
+        >>> pareto_front(runs, {"u": "max", "c": "min"}).table["pareto"].tolist()
+        [True, True]
+    """
+    missing = [o for o in objectives if f"metrics.{o}" not in runs.columns]
+    if missing or runs.empty:
+        raise ConfigError(f"--objectives: no finished trial reports {', '.join(missing) or 'anything'}")
+    configs = _average_replicates(runs, objectives, group_by)
+    values = configs[list(objectives)].to_numpy(dtype=float)
+    maximise = [d == "max" for d in objectives.values()]
+    reference = np.where(maximise, values.min(axis=0), values.max(axis=0))
+    configs["pareto"] = False
+    volumes = {}
+    for group, rows in configs.groupby("group", sort=True).groups.items():
+        pts = values[configs.index.get_indexer(rows)]
+        mask = moocore.is_nondominated(pts, maximise=maximise, keep_weakly=True)
+        configs.loc[rows[mask], "pareto"] = True
+        volumes[str(group)] = float(moocore.hypervolume(pts[mask], ref=reference, maximise=maximise))
+    return Front(configs, volumes, dict(objectives))
+
+
+def _average_replicates(runs: pd.DataFrame, objectives: dict[str, str], group_by: str | None) -> pd.DataFrame:
+    params = sorted(c for c in runs.columns if c.startswith("params.")
+                    and c.removeprefix("params.") not in REPLICATE_PARAMS)
+    frame = runs[["run_id", *params]].fillna("").copy()
+    frame["config"] = frame[params].astype(str).agg("|".join, axis=1) if params else ""
+    frame["group"] = _group_column(runs, group_by)
+    for name in objectives:
+        frame[name] = runs[f"metrics.{name}"].astype(float)
+    frame = frame.dropna(subset=list(objectives))
+    named = {name: (name, "mean") for name in objectives}
+    named.update({f"{name}_std": (name, "std") for name in objectives})
+    named["replicates"] = ("run_id", "count")
+    out = frame.groupby(["group", "config"], sort=False).agg(**named)
+    ids = frame.groupby(["group", "config"], sort=False)["run_id"].agg(lambda r: ",".join(sorted(r)))
+    out = out.join(ids).reset_index()
+    for name in objectives:  # 95% interval of the mean (normal approximation; 0 for one seed)
+        out[f"{name}_ci95"] = 1.96 * out[f"{name}_std"].fillna(0) / np.sqrt(out["replicates"])
+    return out
+
+
+def _group_column(runs: pd.DataFrame, group_by: str | None) -> pd.Series:
+    if not group_by:
+        return pd.Series("all", index=runs.index)
+    for column in (f"tags.{group_by}", f"params.{group_by}"):
+        if column in runs.columns:
+            return runs[column].fillna("none").astype(str)
+    raise ConfigError(f"--group-by: trials have no tag or param {group_by!r}")
+
+
+def format_front(front: Front, *, only_front: bool = True) -> str:
+    """A plain-text table of the front (mean ± 95% interval), with each group's hypervolume."""
+    rows = front.table[front.table["pareto"]] if only_front else front.table
+    head = ["group", *front.objectives, "replicates", "runs"] + ([] if only_front else ["pareto"])
+    body = []
+    for _, r in rows.sort_values(["group", *front.objectives]).iterrows():
+        cells = [_mean_ci(r[o], r[f"{o}_ci95"]) for o in front.objectives]
+        extra = [] if only_front else ["yes" if r["pareto"] else ""]
+        body.append([str(r["group"]), *cells, str(int(r["replicates"])), _short(r["run_id"]), *extra])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    volumes = "  ".join(f"{g}: {v:.4g}" for g, v in front.hypervolume.items())
+    return "\n".join([line.format(*head), *(line.format(*b) for b in body), f"hypervolume  {volumes}"])
+
+
+def _mean_ci(mean: float, ci: float) -> str:
+    return f"{mean:.4g}" if not ci or math.isnan(ci) else f"{mean:.4g} ± {ci:.2g}"
+
+
+def _short(run_ids: str) -> str:
+    ids = run_ids.split(",")
+    return ids[0][:8] + (f" +{len(ids) - 1}" if len(ids) > 1 else "")
+
+
+def latest_sweep_run(client: MlflowClient, experiment_id: str) -> str | None:
+    parents = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    return parents[0].info.run_id if parents else None
+
+
+def record(client: MlflowClient, parent: str | None, front: Front) -> None:
+    """Tags every trial run ``pareto=true/false``; logs the front's CSV, plots and hypervolumes to ``parent``."""
+    for _, row in front.table.iterrows():
+        for run_id in row["run_id"].split(","):
+            client.set_tag(run_id, "pareto", "true" if row["pareto"] else "false")
+    if parent is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        csv = Path(folder) / "pareto.csv"
+        front.table.to_csv(csv, index=False)
+        client.log_artifact(parent, str(csv), "analysis")
+        for png in _plots(front, Path(folder)):
+            client.log_artifact(parent, str(png), "analysis")
+    for group, volume in front.hypervolume.items():
+        client.log_metric(parent, f"hypervolume.{group}" if len(front.hypervolume) > 1 else "hypervolume", volume)
+
+
+def _plots(front: Front, folder: Path) -> list[Path]:
+    """One PNG per pair of objectives: every configuration, its group's front highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, out = list(front.objectives), []
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            fig, ax = plt.subplots(figsize=(5, 4))
+            for group, rows in front.table.groupby("group"):
+                ax.scatter(rows[x], rows[y], alpha=0.35, label=f"{group}")
+                top = rows[rows["pareto"]]
+                ax.scatter(top[x], top[y], edgecolors="black", linewidths=1.2, label=f"{group} (front)")
+            ax.set_xlabel(f"{x} ({front.objectives[x]})")
+            ax.set_ylabel(f"{y} ({front.objectives[y]})")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = folder / f"pareto_{x}_vs_{y}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            out.append(path)
+    return out

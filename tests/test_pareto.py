@@ -1,0 +1,94 @@
+"""Pareto fronts: hand-worked cases, an independent brute-force check, and the CLI over MLflow."""
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from poison import ConfigError
+from sweeps.cli import main
+from sweeps.pareto import pareto_front, parse_objectives
+
+
+def runs(rows):
+    """rows: (run_id, seed, x, defense, attack_success, utility)."""
+    return pd.DataFrame([{"run_id": r, "params.seed": str(s), "params.x": str(x), "tags.defense": d,
+                          "metrics.attack_success": a, "metrics.utility": u} for r, s, x, d, a, u in rows])
+
+
+OBJ = {"attack_success": "max", "utility": "max"}
+
+
+def test_replicates_are_averaged_before_the_front():
+    front = pareto_front(runs([
+        ("a1", 0, 1, "none", 0.9, 0.5), ("a2", 1, 1, "none", 0.7, 0.7),   # config 1: mean (0.8, 0.6)
+        ("b1", 0, 2, "none", 0.85, 0.55),                                 # config 2: (0.85, 0.55)
+        ("c1", 0, 3, "none", 0.5, 0.5),                                   # config 3: dominated by both
+    ]), OBJ).table.set_index("run_id")
+    assert front.loc["a1,a2", "attack_success"] == pytest.approx(0.8)
+    assert front.loc["a1,a2", "replicates"] == 2
+    assert front.loc["a1,a2", "attack_success_ci95"] == pytest.approx(1.96 * np.std([0.9, 0.7], ddof=1) / np.sqrt(2))
+    assert front["pareto"].to_dict() == {"a1,a2": True, "b1": True, "c1": False}
+
+
+def test_directions_and_hypervolume_by_hand():
+    table = runs([("p", 0, 1, "n", 0.9, 0.2), ("q", 0, 2, "n", 0.5, 0.6), ("r", 0, 3, "n", 0.4, 0.1)])
+    table["metrics.poison_count"] = [100.0, 10.0, 50.0]
+    front = pareto_front(table, {"attack_success": "max", "poison_count": "min"})
+    assert front.table.set_index("run_id")["pareto"].to_dict() == {"p": True, "q": True, "r": False}
+    # reference = worst of each: attack_success 0.4, poison_count 100.
+    # p adds (0.9-0.4)*(100-100)=0; q adds (0.5-0.4)*(100-10)=9 → the union is 9.0
+    assert front.hypervolume == {"all": pytest.approx(9.0)}
+
+
+def test_one_front_per_group_on_a_common_scale():
+    front = pareto_front(runs([
+        ("n1", 0, 1, "none", 0.9, 0.8), ("n2", 0, 2, "none", 0.95, 0.7),
+        ("f1", 0, 1, "filter", 0.1, 0.78), ("f2", 0, 2, "filter", 0.2, 0.6),
+    ]), OBJ, group_by="defense")
+    flags = front.table.set_index("run_id")["pareto"].to_dict()
+    assert flags == {"n1": True, "n2": True, "f1": True, "f2": True}  # within its own group, each is optimal
+    assert set(front.hypervolume) == {"none", "filter"} and front.hypervolume["none"] > front.hypervolume["filter"]
+
+
+def test_front_equals_an_independent_brute_force_computation():
+    rng = np.random.default_rng(7)
+    n = 400
+    values = np.round(rng.random((n, 3)), 2)  # ties included
+    table = pd.DataFrame({"run_id": [f"r{i}" for i in range(n)], "params.x": [str(i) for i in range(n)],
+                          "metrics.a": values[:, 0], "metrics.b": values[:, 1], "metrics.c": values[:, 2]})
+    got = pareto_front(table, {"a": "max", "b": "max", "c": "min"}).table.set_index("run_id")["pareto"]
+    signed = values * np.array([1, 1, -1])  # all to maximise
+    expected = [not any((signed[j] >= signed[i]).all() and (signed[j] > signed[i]).any() for j in range(n))
+                for i in range(n)]
+    assert got[[f"r{i}" for i in range(n)]].tolist() == expected
+
+
+def test_bad_objectives_are_clear():
+    with pytest.raises(ConfigError, match="--objectives: 'utility:up' is not NAME:max or NAME:min"):
+        parse_objectives("attack_success:max,utility:up")
+    with pytest.raises(ConfigError, match="--objectives: no finished trial reports speed"):
+        pareto_front(runs([("a", 0, 1, "n", 0.1, 0.2)]), {"speed": "max"})
+
+
+def test_cli_tags_runs_and_logs_the_front(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("swp", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"poisonsweep.role": "sweep"}).info.run_id
+    ids = {}
+    for name, (a, u, c) in {"good": (0.9, 0.8, 100), "cheap": (0.5, 0.8, 10), "bad": (0.4, 0.7, 100)}.items():
+        run = client.create_run(exp, run_name=name, tags={"poisonsweep.role": "trial", "mlflow.parentRunId": parent})
+        client.log_param(run.info.run_id, "name", name)
+        for k, v in {"attack_success": a, "utility": u, "poison_count": c}.items():
+            client.log_metric(run.info.run_id, k, v)
+        client.set_terminated(run.info.run_id)
+        ids[name] = run.info.run_id
+    assert main(["pareto", "--experiment", "swp", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front (2 of 3 configurations" in out
+    tags = {n: client.get_run(i).data.tags["pareto"] for n, i in ids.items()}
+    assert tags == {"good": "true", "cheap": "true", "bad": "false"}
+    logged = {a.path for a in client.list_artifacts(parent, "analysis")}
+    assert "analysis/pareto.csv" in logged and "analysis/pareto_attack_success_vs_utility.png" in logged
+    assert "hypervolume" in client.get_run(parent).data.metrics
+    assert main(["pareto", "--experiment", "nope", "--tracking-uri", uri]) == 2
