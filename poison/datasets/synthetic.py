@@ -21,10 +21,10 @@ COLOURS = {
     "cyan": (40, 210, 220),
 }
 SHAPES = ["circle", "square", "triangle", "cross"]
-SIZES = {"small": 0.22, "large": 0.36}  # object radius as a fraction of the image side
+SIZES = {"small": 0.28, "large": 0.38}  # object radius as a fraction of the image side
 POSITIONS = {  # centre as a fraction of the image side (x, y)
-    "top left": (0.3, 0.3), "top right": (0.7, 0.3), "center": (0.5, 0.5),
-    "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7),
+    "top left": (0.34, 0.34), "top right": (0.66, 0.34), "center": (0.5, 0.5),
+    "bottom left": (0.34, 0.66), "bottom right": (0.66, 0.66),
 }
 BACKGROUNDS = {"black": (20, 20, 20), "gray": (120, 120, 120), "white": (235, 235, 235)}
 PHRASINGS = [
@@ -116,4 +116,4 @@ def _shape_mask(shape: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
 
 
 #: Bump when generation or decoding changes: it keys the on-disk image cache.
-load.VERSION = 1  # type: ignore[attr-defined]
+load.VERSION = 2  # type: ignore[attr-defined]
