@@ -104,3 +104,94 @@ def make_trigger(data: object, path: str = "attack.trigger") -> Trigger:
     if data["kind"] not in TRIGGERS:
         raise ConfigError(f"{path}.kind: unknown trigger {data['kind']!r}; valid: {', '.join(TRIGGERS.names())}")
     return validate_section(TRIGGERS.get(data["kind"]), data, path)
+
+
+@TRIGGERS.register("blended")
+class BlendedTrigger(Trigger):
+    """A whole-image pattern mixed in with opacity ``alpha`` (Chen et al. 2017):
+    ``out = (1 - alpha) * image + alpha * pattern``. The pattern (uniform noise or a
+    checkerboard of ``cell``-pixel squares) is fixed by ``pattern_seed``."""
+
+    kind: Literal["blended"] = "blended"
+    pattern: Literal["noise", "checkerboard"] = "noise"
+    alpha: float = Field(0.2, gt=0, le=1)
+    cell: int = Field(2, ge=1)
+    pattern_seed: int = 0
+
+    def overlay(self, side: int) -> np.ndarray:
+        if self.pattern == "noise":
+            return np.random.default_rng([self.pattern_seed, 8]).integers(0, 256, (side, side, 3)).astype(np.float32)
+        cells = (np.add.outer(np.arange(side) // self.cell, np.arange(side) // self.cell) % 2) * 255.0
+        return np.repeat(cells[..., None], 3, axis=2).astype(np.float32)
+
+    def apply(self, images: np.ndarray, placement: dict[str, np.ndarray]) -> np.ndarray:
+        mixed = (1 - self.alpha) * images.astype(np.float32) + self.alpha * self.overlay(images.shape[1])
+        return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+@TRIGGERS.register("sig")
+class SigTrigger(Trigger):
+    """A horizontal sinusoidal signal added to every row (Barni et al. 2019):
+    ``out = clip(image + amplitude * sin(2 pi frequency x / width))``."""
+
+    kind: Literal["sig"] = "sig"
+    amplitude: float = Field(20, gt=0, le=255)  # in pixel values
+    frequency: float = Field(6, gt=0)           # periods across the image width
+
+    def check(self, image_size: int, path: str = "attack.trigger") -> None:
+        if self.frequency > image_size / 2:
+            raise ConfigError(f"{path}.frequency: {self.frequency} periods alias on {image_size}px images "
+                              f"(at most {image_size / 2})")
+
+    def signal(self, side: int) -> np.ndarray:
+        return self.amplitude * np.sin(2 * np.pi * self.frequency * np.arange(side) / side)
+
+    def apply(self, images: np.ndarray, placement: dict[str, np.ndarray]) -> np.ndarray:
+        wave = self.signal(images.shape[2]).astype(np.float32)[None, None, :, None]
+        return np.clip(np.rint(images.astype(np.float32) + wave), 0, 255).astype(np.uint8)
+
+
+@TRIGGERS.register("wanet")
+class WaNetTrigger(Trigger):
+    """A smooth, nearly invisible warp (Nguyen & Tran 2021): random offsets on a
+    ``grid_size`` x ``grid_size`` grid, upsampled bilinearly to the image, scaled so the
+    largest shift is ``strength`` pixels; pixels are resampled bilinearly along it.
+    The field is fixed by ``pattern_seed`` so train and test warps match."""
+
+    kind: Literal["wanet"] = "wanet"
+    grid_size: int = Field(4, ge=2)
+    strength: float = Field(1.0, gt=0)  # largest displacement, in pixels
+    pattern_seed: int = 0
+
+    def check(self, image_size: int, path: str = "attack.trigger") -> None:
+        if self.grid_size > image_size:
+            raise ConfigError(f"{path}.grid_size: {self.grid_size} exceeds the {image_size}px image side")
+
+    def field(self, side: int) -> np.ndarray:
+        """(side, side, 2) displacements (dy, dx) in pixels, max |d| = strength."""
+        coarse = np.random.default_rng([self.pattern_seed, 9]).uniform(-1, 1, (self.grid_size, self.grid_size, 2))
+        fine = _resize_bilinear(coarse, side)
+        return fine / np.abs(fine).max() * self.strength
+
+    def apply(self, images: np.ndarray, placement: dict[str, np.ndarray]) -> np.ndarray:
+        side = images.shape[1]
+        flow = self.field(side)
+        yy, xx = np.mgrid[0:side, 0:side].astype(np.float64)
+        sy, sx = np.clip(yy + flow[..., 0], 0, side - 1), np.clip(xx + flow[..., 1], 0, side - 1)
+        y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
+        y1, x1 = np.minimum(y0 + 1, side - 1), np.minimum(x0 + 1, side - 1)
+        wy, wx = (sy - y0)[..., None], (sx - x0)[..., None]
+        img = images.astype(np.float64)
+        top = img[:, y0, x0] * (1 - wx) + img[:, y0, x1] * wx
+        bottom = img[:, y1, x0] * (1 - wx) + img[:, y1, x1] * wx
+        return np.clip(np.rint(top * (1 - wy) + bottom * wy), 0, 255).astype(np.uint8)
+
+
+def _resize_bilinear(grid: np.ndarray, side: int) -> np.ndarray:
+    """(k, k, c) → (side, side, c), corners aligned."""
+    k = grid.shape[0]
+    pos = np.linspace(0, k - 1, side)
+    lo = np.minimum(np.floor(pos).astype(int), k - 2)
+    frac = (pos - lo)[:, None]
+    rows = grid[lo] * (1 - frac)[:, :, None] + grid[lo + 1] * frac[:, :, None]
+    return rows[:, lo] * (1 - frac)[None] + rows[:, lo + 1] * frac[None]

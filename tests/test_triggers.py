@@ -52,7 +52,7 @@ def test_noise_pattern_is_fixed_by_its_seed_and_solid_uses_the_colour():
 
 
 def test_bad_triggers_are_rejected_naming_the_key():
-    with pytest.raises(ConfigError, match="attack.trigger.kind: unknown trigger 'star'; valid: patch"):
+    with pytest.raises(ConfigError, match="attack.trigger.kind: unknown trigger 'star'; valid: blended, patch, sig, wanet"):
         make_trigger({"kind": "star"})
     with pytest.raises(ConfigError, match="attack.trigger.pattern"):
         make_trigger({"kind": "patch", "pattern": "plaid"})
@@ -67,3 +67,33 @@ def test_every_trigger_keeps_dtype_shape_and_range(name):
     out = trig.apply(images, trig.placement(5, 16, np.random.default_rng(0)))
     assert out.dtype == np.uint8 and out.shape == images.shape
     assert not (out == images).all()
+
+
+def test_blended_mixes_with_alpha_by_hand():
+    trig = make_trigger({"kind": "blended", "pattern": "checkerboard", "alpha": 0.25, "cell": 1})
+    out = trig.apply(np.full((1, 4, 4, 3), 100, np.uint8), {})
+    # cell (0,0) is 0 → 0.75*100 = 75; cell (0,1) is 255 → 75 + 63.75 = 138.75 → 139
+    assert out[0, 0, 0, 0] == 75 and out[0, 0, 1, 0] == 139 and out[0, 1, 0, 0] == 139
+
+
+def test_sig_adds_a_sine_along_the_width():
+    trig = make_trigger({"kind": "sig", "amplitude": 10, "frequency": 1})
+    out = trig.apply(np.full((2, 4, 4, 3), 100, np.uint8), {})
+    # x = 0, 1, 2, 3 of 4: sin(0), sin(pi/2), sin(pi), sin(3pi/2) → +0, +10, +0, -10 on every row
+    assert out[1, 3, :, 2].tolist() == [100, 110, 100, 90]
+    with pytest.raises(ConfigError, match="attack.trigger.frequency: 20.0 periods alias on 32px images"):
+        make_trigger({"kind": "sig", "frequency": 20}).check(32)
+
+
+def test_wanet_is_a_small_fixed_warp():
+    trig = make_trigger({"kind": "wanet", "grid_size": 4, "strength": 1.0, "pattern_seed": 3})
+    flow = trig.field(32)
+    assert np.abs(flow).max() == pytest.approx(1.0)  # largest shift is the strength
+    ramp = np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 8, (32, 1, 3))[None]  # value = 8 * x
+    out = trig.apply(ramp, {})
+    # on a horizontal ramp, a bilinear warp moves each pixel by its x displacement
+    inner = (slice(2, 30), slice(2, 30))
+    assert np.abs(out[0][inner][..., 0] - (ramp[0][inner][..., 0] + 8 * flow[inner][..., 1])).max() <= 1
+    assert (trig.apply(ramp, {}) == out).all()  # same seed, same warp
+    with pytest.raises(ConfigError, match="attack.trigger.grid_size: 40 exceeds the 32px image side"):
+        make_trigger({"kind": "wanet", "grid_size": 40}).check(32)
