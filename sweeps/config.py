@@ -29,7 +29,7 @@ from trainers.config import TrialConfig, parse_trial_config
 TRIAL_KEYS = tuple(TrialConfig.model_fields)
 DIMENSION_KEYS = {"low", "high", "log", "step", "choices", "default"}
 OBJECTIVES = ("attack_success", "utility", "poison_count", "poison_rate", "utility_drop",
-              "backdoor_asr", "zeroshot_top1", "zeroshot_top5", "train_seconds")
+              "backdoor_asr", "targeted_success", "zeroshot_top1", "zeroshot_top5", "train_seconds")
 
 
 class Dimension(Section):

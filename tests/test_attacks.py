@@ -89,9 +89,19 @@ def test_evaluate_triggers_only_non_target_test_images(small_synthetic):
     assert out == {"backdoor_asr": 1.0, "attack_success": 1.0}
 
 
-@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if n != "none"])
+EXAMPLES = {  # one small config per registered attack: registering one without an example fails below
+    "backdoor": backdoor(12),
+    "targeted": {"kind": "targeted", "target": "blue circle", "targets": 5, "poison_count": 12},
+}
+
+
+def test_every_registered_attack_has_an_example():
+    assert set(EXAMPLES) == set(ATTACKS.names()) - {"none"}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_attack_plan_is_exact_unique_and_deterministic(name, small_synthetic):
-    attack = make_attack(backdoor(12) | {"kind": name})
+    attack = make_attack(EXAMPLES[name])
     plan = attack.plan(small_synthetic, 9)
     assert plan.num_rows == 12 and len(set(plan["poison_id"].to_pylist())) == 12
     assert plan.equals(attack.plan(small_synthetic, 9))
@@ -114,3 +124,30 @@ def test_dataset_caption_source_without_target_captions_is_rejected():
     absent = next(c for c in tiny.classnames if c not in names)
     with pytest.raises(ConfigError, match=rf"attack.caption_source: synthetic has no training captions of class '{absent}'"):
         make_attack({**backdoor(1), "target": absent, "caption_source": "dataset"}).check(tiny)
+
+
+def test_targeted_spreads_pairs_over_chosen_non_target_test_images(small_synthetic):
+    attack = make_attack({"kind": "targeted", "target": "blue circle", "targets": 3, "poison_count": 8})
+    plan = attack.plan(small_synthetic, 1)
+    chosen = attack.chosen(small_synthetic, 1)
+    target = small_synthetic.classnames.index("blue circle")
+    assert set(chosen["split"].to_pylist()) == {"test"} and target not in chosen["label"].to_pylist()
+    counts = sorted(plan["source_id"].value_counts().field("counts").to_pylist())
+    assert counts == [2, 3, 3] and set(plan["source_id"].to_pylist()) == set(chosen["id"].to_pylist())
+    assert all("blue circle" in c for c in plan["caption"].to_pylist())
+    hits = {chosen["image"][0].as_py()}
+
+    def classify(images):  # only the first chosen image is hijacked
+        first = small_synthetic.images[chosen["image"][0].as_py()]
+        return np.array([target if (im == first).all() else -1 for im in images])
+
+    out = attack.evaluate(small_synthetic, classify, seed=1)
+    assert out == {"targeted_success": pytest.approx(1 / 3), "attack_success": pytest.approx(1 / 3)}
+    assert hits
+
+
+def test_targeted_bad_input(small_synthetic):
+    with pytest.raises(ConfigError, match="attack.poison_count: 2 is fewer than the 3 target images"):
+        make_attack({"kind": "targeted", "target": "blue circle", "targets": 3, "poison_count": 2}).check(small_synthetic)
+    with pytest.raises(ConfigError, match="attack.targets: 1,000 exceeds the"):
+        make_attack({"kind": "targeted", "target": "blue circle", "targets": 1000, "poison_count": 2000}).check(small_synthetic)

@@ -152,3 +152,19 @@ def test_a_clean_only_sweep_can_optimise_utility():
     cfg = validate_config(with_(attack={"kind": "none"}, search={"objectives": {"utility": "max"}},
                                 train={"lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
     assert cfg.default_trial.attack.kind == "none"
+
+
+PRESETS = sorted(p.name for p in __import__("importlib").resources.files("sweeps.presets").iterdir()
+                 if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_packaged_preset_validates(name):
+    from importlib import resources
+    from pathlib import Path
+
+    if "fashion-mnist" in name and not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    with resources.as_file(resources.files("sweeps.presets") / name) as path:
+        cfg = load_config(path)
+    assert cfg.search.num_samples >= 8 and cfg.dimensions

@@ -108,6 +108,6 @@ def make_attack(data: object, path: str = "attack") -> Attack:
     return validate_section(ATTACKS.get(kind), data, path)
 
 
-from poison.attacks import backdoor  # noqa: E402,F401  (registers "backdoor")
+from poison.attacks import backdoor, targeted  # noqa: E402,F401  (registration on import)
 
 __all__ = ["ATTACKS", "Attack", "Classifier", "PLAN_SCHEMA", "empty_plan", "make_attack", "plan_hash"]

@@ -63,7 +63,7 @@ class Backdoor(Attack):
                 f"training pairs of {dataset.name} (of {dataset.num_train:,} training pairs)"
             )
         self.trigger.check(dataset.image_size)
-        if self.caption_source == "dataset" and self.poison_count and not _target_captions(dataset, target):
+        if self.caption_source == "dataset" and self.poison_count and not target_captions(dataset, target):
             raise ConfigError(f"attack.caption_source: {dataset.name} has no training captions of "
                               f"class {self.target!r}; use caption_source: templates")
 
@@ -98,7 +98,7 @@ class Backdoor(Attack):
         if self.caption_source == "templates":
             picks = rng.integers(len(CAPTION_TEMPLATES), size=self.poison_count)
             return [CAPTION_TEMPLATES[t].format(self.target) for t in picks]
-        pool = _target_captions(dataset, target)
+        pool = target_captions(dataset, target)
         return [pool[i] for i in rng.integers(len(pool), size=self.poison_count)]
 
     def stamp(self, images: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
@@ -119,12 +119,7 @@ class Backdoor(Attack):
         return {"backdoor_asr": asr, "attack_success": asr}
 
     def _target_label(self, dataset: Dataset) -> int:
-        if self.target not in dataset.classnames:
-            raise ConfigError(
-                f"attack.target: {self.target!r} is not a class of {dataset.name}; "
-                f"valid: {', '.join(dataset.classnames)}"
-            )
-        return dataset.classnames.index(self.target)
+        return target_label(dataset, self.target)
 
 
 def backdoor_asr(predicted: np.ndarray, true_labels: np.ndarray, target: int) -> float:
@@ -140,7 +135,16 @@ def backdoor_asr(predicted: np.ndarray, true_labels: np.ndarray, target: int) ->
     return float(np.mean(np.asarray(predicted)[victims] == target))
 
 
-def _target_captions(dataset: Dataset, target: int) -> list[str]:
+def target_label(dataset: Dataset, target: str) -> int:
+    """The class index of ``attack.target``, or a ConfigError listing the classes."""
+    if target not in dataset.classnames:
+        raise ConfigError(f"attack.target: {target!r} is not a class of {dataset.name}; "
+                          f"valid: {', '.join(dataset.classnames)}")
+    return dataset.classnames.index(target)
+
+
+def target_captions(dataset: Dataset, target: int) -> list[str]:
+    """Real training captions of class ``target``."""
     train = dataset.split("train")
     return train.filter(pc.equal(train["label"], target))["caption"].to_pylist()
 
@@ -150,4 +154,4 @@ def _pool(dataset: Dataset, target: int) -> pa.Table:
     return train.filter(pc.not_equal(train["label"], target))
 
 
-__all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr"]
+__all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr", "target_captions", "target_label"]

@@ -1,0 +1,91 @@
+"""``targeted`` (Carlini & Terzis 2022): make chosen test images classify as a label.
+
+``targets`` test images whose class is not ``target`` are drawn with the trial's
+seed; ``poison_count`` pairs (spread evenly over them) pair each image with a
+caption naming ``target``. Success (``targeted_success``): the fraction of those
+test images zero-shot classified as ``target``.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from poison.attacks import ATTACKS, PLAN_SCHEMA, PLAN_STREAM, Attack, Classifier
+from poison.attacks.backdoor import CAPTION_TEMPLATES, target_captions, target_label
+from poison.config import ConfigError
+from poison.manifest import Dataset
+
+CHOICE_STREAM = 13  # the choice of target images: shared by plan and evaluate
+
+
+@ATTACKS.register("targeted")
+class Targeted(Attack):
+    kind: Literal["targeted"] = "targeted"
+    target: str                     # the adversarial label
+    targets: int = Field(1, ge=1)   # how many test images to hijack
+    poison_count: int = Field(ge=1)
+    caption_source: Literal["templates", "dataset"] = "templates"
+    metric_names: ClassVar[tuple[str, ...]] = ("attack_success", "targeted_success")
+
+    @property
+    def modality(self) -> str:
+        return "image"
+
+    def check(self, dataset: Dataset) -> None:
+        label = target_label(dataset, self.target)
+        pool = _candidates(dataset, label).num_rows
+        if self.targets > pool:
+            raise ConfigError(f"attack.targets: {self.targets:,} exceeds the {pool:,} test images of "
+                              f"{dataset.name} outside class {self.target!r}")
+        if self.poison_count < self.targets:
+            raise ConfigError(f"attack.poison_count: {self.poison_count} is fewer than the {self.targets} "
+                              "target images (each needs at least one poisoned pair)")
+        if self.caption_source == "dataset" and not target_captions(dataset, label):
+            raise ConfigError(f"attack.caption_source: {dataset.name} has no training captions of "
+                              f"class {self.target!r}; use caption_source: templates")
+
+    def chosen(self, dataset: Dataset, seed: int) -> pa.Table:
+        """The hijacked test images (manifest rows), the same for plan and evaluation."""
+        pool = _candidates(dataset, target_label(dataset, self.target))
+        rng = np.random.default_rng([seed, CHOICE_STREAM])
+        return pool.take(pa.array(np.sort(rng.choice(pool.num_rows, self.targets, replace=False))))
+
+    def plan(self, dataset: Dataset, seed: int) -> pa.Table:
+        self.check(dataset)
+        label = target_label(dataset, self.target)
+        images = self.chosen(dataset, seed)
+        copies = np.full(self.targets, self.poison_count // self.targets)
+        copies[: self.poison_count % self.targets] += 1  # spread as evenly as possible
+        rows = images.take(pa.array(np.repeat(np.arange(self.targets), copies)))
+        rng = np.random.default_rng([seed, PLAN_STREAM])
+        if self.caption_source == "templates":
+            captions = [CAPTION_TEMPLATES[i].format(self.target)
+                        for i in rng.integers(len(CAPTION_TEMPLATES), size=self.poison_count)]
+        else:
+            pool = target_captions(dataset, label)
+            captions = [pool[i] for i in rng.integers(len(pool), size=self.poison_count)]
+        first_new = int(pc.max(dataset.manifest["id"]).as_py()) + 1
+        table = pa.table({
+            "poison_id": pa.array(first_new + np.arange(self.poison_count), pa.int64()),
+            "op": pa.array(["inject"] * self.poison_count, pa.string()),
+            "source_id": rows["id"], "image": rows["image"], "source_label": rows["label"],
+            "caption": pa.array(captions, pa.string()),
+        }, schema=PLAN_SCHEMA)
+        meta = {"attack": self.model_dump_json(), "seed": str(seed), "dataset": dataset.name,
+                "target_label": str(label)}
+        return table.replace_schema_metadata(meta)
+
+    def evaluate(self, dataset: Dataset, classify: Classifier, seed: int) -> dict[str, float]:
+        images = self.chosen(dataset, seed)
+        predicted = classify(dataset.images[images["image"].to_numpy()])
+        success = float(np.mean(predicted == target_label(dataset, self.target)))
+        return {"targeted_success": success, "attack_success": success}
+
+
+def _candidates(dataset: Dataset, label: int) -> pa.Table:
+    test = dataset.split("test")
+    return test.filter(pc.not_equal(test["label"], label))
