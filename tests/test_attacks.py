@@ -7,6 +7,13 @@ from poison.attacks.backdoor import CAPTION_TEMPLATES, backdoor_asr
 from tests.conftest import backdoor
 
 
+class Classifies:
+    """A ModelView that only classifies, with a given function."""
+
+    def __init__(self, fn):
+        self.classify = fn
+
+
 def test_plan_has_exact_count_of_distinct_non_target_training_images(small_synthetic):
     attack = make_attack(backdoor(37))
     plan = attack.plan(small_synthetic, seed=0)
@@ -83,7 +90,7 @@ def test_evaluate_triggers_only_non_target_test_images(small_synthetic):
         seen.append(len(images))
         return np.full(len(images), target)  # a fully backdoored model
 
-    out = attack.evaluate(small_synthetic, classify, seed=0)
+    out = attack.evaluate(small_synthetic, Classifies(classify), seed=0)
     n_victims = int(np.sum(small_synthetic.split("test")["label"].to_numpy() != target))
     assert seen == [n_victims]
     assert out == {"backdoor_asr": 1.0, "attack_success": 1.0}
@@ -141,7 +148,7 @@ def test_targeted_spreads_pairs_over_chosen_non_target_test_images(small_synthet
         first = small_synthetic.images[chosen["image"][0].as_py()]
         return np.array([target if (im == first).all() else -1 for im in images])
 
-    out = attack.evaluate(small_synthetic, classify, seed=1)
+    out = attack.evaluate(small_synthetic, Classifies(classify), seed=1)
     assert out == {"targeted_success": pytest.approx(1 / 3), "attack_success": pytest.approx(1 / 3)}
     assert hits
 

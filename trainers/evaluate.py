@@ -13,7 +13,8 @@ from trainers.models import Built
 
 
 class Evaluator:
-    """Encodes with a model in eval mode (the caller restores train mode)."""
+    """Encodes with a model in eval mode (the caller restores train mode); the
+    :class:`poison.attacks.ModelView` that attacks evaluate through."""
 
     def __init__(self, built: Built, dataset: Dataset, *, batch_size: int = 512,
                  autocast: contextlib.AbstractContextManager | None = None) -> None:
@@ -43,6 +44,12 @@ class Evaluator:
             with self._ctx():
                 out.append(model.encode_text(tokens, normalize=True).float().cpu())
         return torch.cat(out).numpy()
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        return self.images(images)
+
+    def embed_texts(self, captions: list[str]) -> np.ndarray:
+        return self.texts(captions)
 
     def class_embeddings(self) -> np.ndarray:
         """Prompt embeddings per class (templates averaged); recomputed each call

@@ -118,7 +118,7 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table,
             losses.append(loss.item())
             samples += len(images)
         seconds += time.perf_counter() - start
-        metrics = {**evaluator.utility(), **config.attack.evaluate(dataset, evaluator.classify, config.seed)}
+        metrics = {**evaluator.utility(), **config.attack.evaluate(dataset, evaluator, config.seed)}
         if on_epoch is not None:
             on_epoch({"epoch": epoch, "loss": float(np.mean(losses)), **metrics})
     return built, metrics, seconds, samples
@@ -155,7 +155,7 @@ def _final_metrics(config: TrialConfig, dataset: Dataset, plan: pa.Table, last: 
     if clean is not None:
         metrics.update(clean_utility=clean.metrics["utility"],
                        utility_drop=clean.metrics["utility"] - metrics["utility"])
-        attack_on_clean = config.attack.evaluate(dataset, clean.evaluator(config, dataset).classify, config.seed)
+        attack_on_clean = config.attack.evaluate(dataset, clean.evaluator(config, dataset), config.seed)
         if "attack_success" in attack_on_clean:
             metrics["clean_attack_success"] = attack_on_clean["attack_success"]
     return metrics

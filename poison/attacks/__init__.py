@@ -8,14 +8,15 @@ An attack is a frozen config with three pure steps:
 2. ``plan(dataset, seed)``: the poison plan, an Arrow table of the pairs it adds
    or alters (which image, which caption, trigger placement) with provenance in
    the schema metadata; nothing is copied, triggers are stamped at load time;
-3. ``evaluate(dataset, classify, seed)``: its metrics on a trained model, seen
-   only through ``classify`` (uint8 images → predicted class indices).
+3. ``evaluate(dataset, model, seed)``: its metrics on a trained model, seen only
+   through the :class:`ModelView` protocol (zero-shot ``classify``, and normalised
+   ``embed_images`` / ``embed_texts`` for retrieval attacks), so poison/ needs no torch.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,20 @@ from poison.manifest import Dataset
 from poison.registry import Registry
 
 ATTACKS: Registry = Registry("attack")
-Classifier = Callable[[np.ndarray], np.ndarray]
+
+
+class ModelView(Protocol):
+    """What an attack may ask of a trained model (trainers.evaluate.Evaluator implements it)."""
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) images → zero-shot class indices (N,)."""
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) images → L2-normalised embeddings (N, D)."""
+
+    def embed_texts(self, captions: list[str]) -> np.ndarray:
+        """captions → L2-normalised embeddings (N, D)."""
+
 
 #: Streams of the trial seed, so each component has its own generator.
 PLAN_STREAM, EVAL_STREAM = 11, 12
@@ -58,7 +72,7 @@ class Attack(Section):
         """Applies the plan's image changes to the batch ``images`` of poisoned rows."""
         return images
 
-    def evaluate(self, dataset: Dataset, classify: Classifier, seed: int) -> dict[str, float]:
+    def evaluate(self, dataset: Dataset, model: ModelView, seed: int) -> dict[str, float]:
         return {}
 
 
@@ -110,4 +124,4 @@ def make_attack(data: object, path: str = "attack") -> Attack:
 
 from poison.attacks import backdoor, targeted  # noqa: E402,F401  (registration on import)
 
-__all__ = ["ATTACKS", "Attack", "Classifier", "PLAN_SCHEMA", "empty_plan", "make_attack", "plan_hash"]
+__all__ = ["ATTACKS", "Attack", "ModelView", "PLAN_SCHEMA", "empty_plan", "make_attack", "plan_hash"]

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SerializeAsAny, field_validator
 
-from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_SCHEMA, PLAN_STREAM, Attack, Classifier
+from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_SCHEMA, PLAN_STREAM, Attack, ModelView
 from poison.config import ConfigError
 from poison.manifest import Dataset
 from poison.triggers import Trigger, make_trigger
@@ -105,7 +105,7 @@ class Backdoor(Attack):
         placement = {k.removeprefix("trigger_"): v for k, v in columns.items() if k.startswith("trigger_")}
         return self.trigger.apply(images, placement)
 
-    def evaluate(self, dataset: Dataset, classify: Classifier, seed: int) -> dict[str, float]:
+    def evaluate(self, dataset: Dataset, model: ModelView, seed: int) -> dict[str, float]:
         target = self._target_label(dataset)
         test = dataset.split("test")
         keep = pc.not_equal(test["label"], target)
@@ -115,7 +115,7 @@ class Backdoor(Attack):
         rng = np.random.default_rng([seed, EVAL_STREAM])
         placement = self.trigger.placement(victims.num_rows, dataset.image_size, rng)
         images = self.trigger.apply(dataset.images[victims["image"].to_numpy()], placement)
-        asr = backdoor_asr(classify(images), victims["label"].to_numpy(), target)
+        asr = backdoor_asr(model.classify(images), victims["label"].to_numpy(), target)
         return {"backdoor_asr": asr, "attack_success": asr}
 
     def _target_label(self, dataset: Dataset) -> int:

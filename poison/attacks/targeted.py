@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from poison.attacks import ATTACKS, PLAN_SCHEMA, PLAN_STREAM, Attack, Classifier
+from poison.attacks import ATTACKS, PLAN_SCHEMA, PLAN_STREAM, Attack, ModelView
 from poison.attacks.backdoor import CAPTION_TEMPLATES, target_captions, target_label
 from poison.config import ConfigError
 from poison.manifest import Dataset
@@ -79,9 +79,9 @@ class Targeted(Attack):
                 "target_label": str(label)}
         return table.replace_schema_metadata(meta)
 
-    def evaluate(self, dataset: Dataset, classify: Classifier, seed: int) -> dict[str, float]:
+    def evaluate(self, dataset: Dataset, model: ModelView, seed: int) -> dict[str, float]:
         images = self.chosen(dataset, seed)
-        predicted = classify(dataset.images[images["image"].to_numpy()])
+        predicted = model.classify(dataset.images[images["image"].to_numpy()])
         success = float(np.mean(predicted == target_label(dataset, self.target)))
         return {"targeted_success": success, "attack_success": success}
 
