@@ -179,7 +179,8 @@ def record(client: MlflowClient, parent: str | None, front: Front) -> None:
 
 
 def _plots(front: Front, folder: Path) -> list[Path]:
-    """One PNG per pair of objectives: every configuration, its group's front highlighted."""
+    """One PNG per pair of objectives (every configuration, its group's front highlighted),
+    and an interactive HTML for three objectives."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,4 +202,19 @@ def _plots(front: Front, folder: Path) -> list[Path]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             out.append(path)
+    if len(names) == 3:
+        out.append(_html_3d(front, folder))
     return out
+
+
+def _html_3d(front: Front, folder: Path) -> Path:
+    """An interactive 3-D scatter (plotly, self-contained HTML) with the front marked."""
+    import plotly.express as px
+
+    x, y, z = front.objectives
+    table = front.table.assign(front=front.table["pareto"].map({True: "front", False: "dominated"}))
+    fig = px.scatter_3d(table, x=x, y=y, z=z, color="group", symbol="front", hover_data=["run_id", "replicates"],
+                        labels={n: f"{n} ({d})" for n, d in front.objectives.items()})
+    path = folder / "pareto_3d.html"
+    fig.write_html(path, include_plotlyjs=True)
+    return path

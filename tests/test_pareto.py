@@ -90,5 +90,7 @@ def test_cli_tags_runs_and_logs_the_front(tmp_path, capsys):
     assert tags == {"good": "true", "cheap": "true", "bad": "false"}
     logged = {a.path for a in client.list_artifacts(parent, "analysis")}
     assert "analysis/pareto.csv" in logged and "analysis/pareto_attack_success_vs_utility.png" in logged
+    html = client.download_artifacts(parent, "analysis/pareto_3d.html", str(tmp_path))
+    assert "plotly" in open(html).read()[:5000].lower()
     assert "hypervolume" in client.get_run(parent).data.metrics
     assert main(["pareto", "--experiment", "nope", "--tracking-uri", uri]) == 2
