@@ -57,7 +57,8 @@ def run_trial(config: TrialConfig, *, cache_dir: str | None = None, on_epoch: Ep
     dataset = load_dataset(config.data_spec(cache_dir))
     config.attack.check(dataset)  # reject before any training
     plan = config.attack.plan(dataset, config.seed)
-    clean = _clean_baseline(config, dataset, cache_dir) if baseline and config.attack.kind != "none" else None
+    clean = (clean_model(config, cache_dir=cache_dir)
+             if baseline and config.attack.kind != "none" else None)
     built, last, seconds, samples = _train(config, dataset, plan, on_epoch)
     metrics = _final_metrics(config, dataset, plan, last, clean)
     metrics.update(train_seconds=seconds, samples_per_second=samples / max(seconds, 1e-9))
@@ -186,11 +187,7 @@ def clean_key(config: TrialConfig) -> str:
                      arch=architecture_fingerprint(config.model.arch), version=1)
 
 
-def _clean_baseline(config: TrialConfig, dataset: Dataset, cache_dir: str | None) -> CleanModel:
-    return clean_model(config, cache_dir=cache_dir, dataset=dataset)
-
-
-def clean_model(config: TrialConfig, *, cache_dir: str | None, dataset: Dataset | None = None) -> CleanModel:
+def clean_model(config: TrialConfig, *, cache_dir: str | None) -> CleanModel:
     """Loads the clean model from the cache, or trains and stores it (once, under a lock)."""
     clean_cfg = config.clean()
     if cache_dir is None:

@@ -55,7 +55,7 @@ class Backdoor(Attack):
         return "image"
 
     def check(self, dataset: Dataset) -> None:
-        target = self._target_label(dataset)
+        target = target_label(dataset, self.target)
         pool = _pool(dataset, target)
         if self.poison_count > len(pool):
             raise ConfigError(
@@ -69,7 +69,7 @@ class Backdoor(Attack):
 
     def plan(self, dataset: Dataset, seed: int) -> pa.Table:
         self.check(dataset)
-        target = self._target_label(dataset)
+        target = target_label(dataset, self.target)
         rng = np.random.default_rng([seed, PLAN_STREAM])
         pool = _pool(dataset, target)
         rows = pool.take(pa.array(np.sort(rng.choice(len(pool), self.poison_count, replace=False))))
@@ -106,7 +106,7 @@ class Backdoor(Attack):
         return self.trigger.apply(images, placement)
 
     def evaluate(self, dataset: Dataset, model: ModelView, seed: int) -> dict[str, float]:
-        target = self._target_label(dataset)
+        target = target_label(dataset, self.target)
         test = dataset.split("test")
         keep = pc.not_equal(test["label"], target)
         victims = test.filter(keep)
@@ -117,9 +117,6 @@ class Backdoor(Attack):
         images = self.trigger.apply(dataset.images[victims["image"].to_numpy()], placement)
         asr = backdoor_asr(model.classify(images), victims["label"].to_numpy(), target)
         return {"backdoor_asr": asr, "attack_success": asr}
-
-    def _target_label(self, dataset: Dataset) -> int:
-        return target_label(dataset, self.target)
 
 
 def backdoor_asr(predicted: np.ndarray, true_labels: np.ndarray, target: int) -> float:
