@@ -89,12 +89,11 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
         clean = _clean_first(sweep, cache_dir)
         logger.say(f"clean model: utility {clean['utility']:.3f} "
                    f"({'from the cache' if clean['cached'] else 'trained'})")
-        grid = _tuner(sweep, resources, cache_dir, threads, logger, run_name, study_url).fit()
+        _tuner(sweep, resources, cache_dir, threads, logger, run_name, study_url).fit()
     except BaseException:
         tracker.finish_parent(None, status="FAILED")
         raise
-    del grid  # every trial's outcome was recorded by the logger as it happened
-    rows = logger.rows()
+    rows = logger.rows()  # the logger recorded every trial's outcome as it happened
     tracker.finish_parent(summary_csv(rows, sweep))
     return SweepOutcome(tracker.experiment_id, parent, tracking_uri, rows, run_name, study_url)
 

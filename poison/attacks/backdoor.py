@@ -73,7 +73,7 @@ class Backdoor(Attack):
         rng = np.random.default_rng([seed, PLAN_STREAM])
         pool = _pool(dataset, target)
         rows = pool.take(pa.array(np.sort(rng.choice(len(pool), self.poison_count, replace=False))))
-        captions = self._captions(dataset, target, rng)
+        captions = draw_captions(dataset, self.target, self.caption_source, self.poison_count, rng)
         placement = self.trigger.placement(self.poison_count, dataset.image_size, rng)
         first_new = int(pc.max(dataset.manifest["id"]).as_py() or 0) + 1
         ids = rows["id"].to_numpy()
@@ -93,13 +93,6 @@ class Backdoor(Attack):
         meta = {"attack": self.model_dump_json(), "seed": str(seed), "dataset": dataset.name,
                 "target_label": str(target)}
         return table.replace_schema_metadata(meta)
-
-    def _captions(self, dataset: Dataset, target: int, rng: np.random.Generator) -> list[str]:
-        if self.caption_source == "templates":
-            picks = rng.integers(len(CAPTION_TEMPLATES), size=self.poison_count)
-            return [CAPTION_TEMPLATES[t].format(self.target) for t in picks]
-        pool = target_captions(dataset, target)
-        return [pool[i] for i in rng.integers(len(pool), size=self.poison_count)]
 
     def stamp(self, images: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
         placement = {k.removeprefix("trigger_"): v for k, v in columns.items() if k.startswith("trigger_")}
@@ -140,6 +133,14 @@ def target_label(dataset: Dataset, target: str) -> int:
     return dataset.classnames.index(target)
 
 
+def draw_captions(dataset: Dataset, target: str, source: str, count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` captions naming ``target``: prompt templates, or real captions of its class."""
+    if source == "templates":
+        return [CAPTION_TEMPLATES[t].format(target) for t in rng.integers(len(CAPTION_TEMPLATES), size=count)]
+    pool = target_captions(dataset, target_label(dataset, target))
+    return [pool[i] for i in rng.integers(len(pool), size=count)]
+
+
 def target_captions(dataset: Dataset, target: int) -> list[str]:
     """Real training captions of class ``target``."""
     train = dataset.split("train")
@@ -151,4 +152,4 @@ def _pool(dataset: Dataset, target: int) -> pa.Table:
     return train.filter(pc.not_equal(train["label"], target))
 
 
-__all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr", "target_captions", "target_label"]
+__all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr", "draw_captions", "target_captions", "target_label"]

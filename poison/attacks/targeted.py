@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from poison.attacks import ATTACKS, PLAN_SCHEMA, PLAN_STREAM, Attack, ModelView
-from poison.attacks.backdoor import CAPTION_TEMPLATES, target_captions, target_label
+from poison.attacks.backdoor import draw_captions, target_captions, target_label
 from poison.config import ConfigError
 from poison.manifest import Dataset
 
@@ -62,12 +62,7 @@ class Targeted(Attack):
         copies[: self.poison_count % self.targets] += 1  # spread as evenly as possible
         rows = images.take(pa.array(np.repeat(np.arange(self.targets), copies)))
         rng = np.random.default_rng([seed, PLAN_STREAM])
-        if self.caption_source == "templates":
-            captions = [CAPTION_TEMPLATES[i].format(self.target)
-                        for i in rng.integers(len(CAPTION_TEMPLATES), size=self.poison_count)]
-        else:
-            pool = target_captions(dataset, label)
-            captions = [pool[i] for i in rng.integers(len(pool), size=self.poison_count)]
+        captions = draw_captions(dataset, self.target, self.caption_source, self.poison_count, rng)
         first_new = int(pc.max(dataset.manifest["id"]).as_py()) + 1
         table = pa.table({
             "poison_id": pa.array(first_new + np.arange(self.poison_count), pa.int64()),
