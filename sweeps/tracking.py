@@ -37,7 +37,7 @@ def trial_tags(config: TrialConfig) -> dict[str, str]:
     """The DESIGN.md tags of a trial run."""
     return {
         "attack": config.attack.kind, "trigger": config.attack.trigger_name,
-        "modality": config.attack.modality, "defense": config.defense.kind,
+        "modality": config.attack.modality_tag, "defense": config.defense.kind,
         "dataset": config.data.dataset, "model": config.model.arch, "seed": str(config.seed),
     }
 

@@ -57,7 +57,7 @@ def test_count_above_the_eligible_pool_is_rejected(small_synthetic):
 def test_unknown_target_and_attack_are_rejected(small_synthetic):
     with pytest.raises(ConfigError, match="attack.target: 'pink circle' is not a class of synthetic; valid: red circle"):
         make_attack({**backdoor(), "target": "pink circle"}).check(small_synthetic)
-    with pytest.raises(ConfigError, match="attack.kind: unknown attack 'nope'; valid: backdoor, none"):
+    with pytest.raises(ConfigError, match="attack.kind: unknown attack .nope.; valid: backdoor, dual-backdoor, mm-multi-label"):
         make_attack({"kind": "nope"})
     with pytest.raises(ConfigError, match="attack.poison_count: expected greater than or equal to 0"):
         make_attack(backdoor(-1))
@@ -99,6 +99,12 @@ def test_evaluate_triggers_only_non_target_test_images(small_synthetic):
 EXAMPLES = {  # one small config per registered attack: registering one without an example fails below
     "backdoor": backdoor(12),
     "targeted": {"kind": "targeted", "target": "blue circle", "targets": 5, "poison_count": 12},
+    "text-backdoor": {"kind": "text-backdoor", "target": "blue circle", "poison_count": 12},
+    "dual-backdoor": {**backdoor(12), "kind": "dual-backdoor", "modality": "both"},
+    "mm-single-image": {"kind": "mm-single-image", "source": "red circle", "target": "blue square", "poison_count": 12},
+    "mm-single-label": {"kind": "mm-single-label", "source": "red circle", "target": "blue square", "poison_count": 12},
+    "mm-multi-label": {"kind": "mm-multi-label", "poison_count": 12, "goals": [
+        {"source": "red circle", "target": "blue square"}, {"source": "red square", "target": "blue circle"}]},
 }
 
 

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import torch
 
 from poison import Attack, Dataset
+from poison.attacks import PLAN_SCHEMA
 
 
 class TrainingSet:
@@ -21,7 +22,7 @@ class TrainingSet:
     def __init__(self, dataset: Dataset, attack: Attack, plan: pa.Table,
                  tokenize: Callable[[list[str]], torch.Tensor]) -> None:
         train = dataset.split("train")
-        replaced = plan.filter(pc.equal(plan["op"], "replace"))["source_id"]
+        replaced = plan.filter(pc.equal(plan["op"], "replace"))["poison_id"]  # altered pairs keep their id
         clean = train.filter(pc.invert(pc.is_in(train["id"], value_set=replaced)))
         self.dataset, self.attack = dataset, attack
         self.image = np.concatenate([clean["image"].to_numpy(), plan["image"].to_numpy()])
@@ -30,7 +31,9 @@ class TrainingSet:
         unique = pc.unique(captions)
         self.caption = pc.index_in(captions, value_set=unique).to_numpy()
         self.tokens = tokenize(unique.to_pylist())
-        self.plan_columns = {c: plan[c].to_numpy() for c in plan.column_names if c.startswith("trigger_")}
+        # the plan's own columns (trigger placement, which part of a combined attack, ...) for stamp()
+        self.plan_columns = {c: plan[c].to_numpy() for c in plan.column_names
+                             if c not in PLAN_SCHEMA.names or c == "source_label"}
 
     def __len__(self) -> int:
         return len(self.image)

@@ -20,6 +20,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from poison.config import ConfigError, Section, validate_section
 from poison.manifest import Dataset
@@ -59,7 +60,7 @@ class Attack(Section):
         return "none"
 
     @property
-    def modality(self) -> str:
+    def modality_tag(self) -> str:
         return "none"
 
     def check(self, dataset: Dataset) -> None:
@@ -85,7 +86,7 @@ class NoAttack(Attack):
 
 PLAN_SCHEMA = pa.schema(
     [
-        ("poison_id", pa.int64()),   # row id in the poisoned training set
+        ("poison_id", pa.int64()),   # row id in the poisoned training set (replace: the altered pair)
         ("op", pa.string()),         # "inject" (added pair) or "replace" (altered pair)
         ("source_id", pa.int64()),   # manifest id of the pair whose image is used
         ("image", pa.int64()),       # index into the dataset's image array
@@ -97,6 +98,34 @@ PLAN_SCHEMA = pa.schema(
 
 def empty_plan() -> pa.Table:
     return PLAN_SCHEMA.empty_table()
+
+
+def next_id(dataset: Dataset) -> int:
+    """The first row id free for injected pairs (after every manifest id)."""
+    return int(pc.max(dataset.manifest["id"]).as_py() or 0) + 1
+
+
+def make_plan(*, op: str, altered: np.ndarray, images: pa.Table, captions: list[str], first_new: int,
+              extra: dict[str, object] | None = None, meta: dict[str, str]) -> pa.Table:
+    """A plan table: PLAN_SCHEMA's columns first, then ``extra`` (trigger placement, provenance).
+
+    ``images`` are the manifest rows whose images the poisoned pairs use; ``altered``
+    the ids of the pairs that ``replace`` alters (ignored for ``inject``, which numbers
+    new pairs from ``first_new``).
+    """
+    n = len(captions)
+    columns = {
+        "poison_id": pa.array(first_new + np.arange(n) if op == "inject" else np.asarray(altered), pa.int64()),
+        "op": pa.array([op] * n, pa.string()),
+        "source_id": images["id"],
+        "image": images["image"],
+        "source_label": images["label"],
+        "caption": pa.array(captions, pa.string()),
+        **{k: v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v) for k, v in (extra or {}).items()},
+    }
+    table = pa.table(columns)
+    schema = pa.schema([*PLAN_SCHEMA, *(f for f in table.schema if f.name not in PLAN_SCHEMA.names)])
+    return table.cast(schema).replace_schema_metadata(meta)
 
 
 def plan_hash(plan: pa.Table) -> str:
@@ -122,6 +151,7 @@ def make_attack(data: object, path: str = "attack") -> Attack:
     return validate_section(ATTACKS.get(kind), data, path)
 
 
-from poison.attacks import backdoor, targeted  # noqa: E402,F401  (registration on import)
+from poison.attacks import backdoor, multimodal, targeted, text_backdoor  # noqa: E402,F401  (registration on import)
 
-__all__ = ["ATTACKS", "Attack", "ModelView", "PLAN_SCHEMA", "empty_plan", "make_attack", "plan_hash"]
+__all__ = ["ATTACKS", "Attack", "ModelView", "PLAN_SCHEMA", "empty_plan", "make_attack", "make_plan", "next_id",
+           "plan_hash"]

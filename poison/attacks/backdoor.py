@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SerializeAsAny, field_validator
 
-from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_SCHEMA, PLAN_STREAM, Attack, ModelView
+from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, next_id
 from poison.config import ConfigError
 from poison.manifest import Dataset
 from poison.triggers import Trigger, make_trigger
@@ -51,12 +51,12 @@ class Backdoor(Attack):
         return self.trigger.kind
 
     @property
-    def modality(self) -> str:
+    def modality_tag(self) -> str:
         return "image"
 
     def check(self, dataset: Dataset) -> None:
         target = target_label(dataset, self.target)
-        pool = _pool(dataset, target)
+        pool = non_target_pairs(dataset, target)
         if self.poison_count > len(pool):
             raise ConfigError(
                 f"attack.poison_count: {self.poison_count:,} exceeds the {len(pool):,} non-target "
@@ -69,30 +69,23 @@ class Backdoor(Attack):
 
     def plan(self, dataset: Dataset, seed: int) -> pa.Table:
         self.check(dataset)
-        target = target_label(dataset, self.target)
         rng = np.random.default_rng([seed, PLAN_STREAM])
-        pool = _pool(dataset, target)
+        return self.plan_with(dataset, rng, first_new=next_id(dataset), meta=plan_meta(self, dataset, seed))
+
+    def plan_with(self, dataset: Dataset, rng: np.random.Generator, *, first_new: int, meta: dict[str, str],
+                  exclude: pa.Array | None = None) -> pa.Table:
+        """The plan drawn from ``rng``, numbering injected pairs from ``first_new`` and
+        leaving out the training pairs ``exclude`` (used when attacks are combined)."""
+        target = target_label(dataset, self.target)
+        pool = non_target_pairs(dataset, target)
+        if exclude is not None:
+            pool = pool.filter(pc.invert(pc.is_in(pool["id"], value_set=exclude)))
         rows = pool.take(pa.array(np.sort(rng.choice(len(pool), self.poison_count, replace=False))))
         captions = draw_captions(dataset, self.target, self.caption_source, self.poison_count, rng)
         placement = self.trigger.placement(self.poison_count, dataset.image_size, rng)
-        first_new = int(pc.max(dataset.manifest["id"]).as_py() or 0) + 1
-        ids = rows["id"].to_numpy()
-        table = pa.table(  # PLAN_SCHEMA's columns, then the trigger's placement columns
-            {
-                "poison_id": pa.array(first_new + np.arange(self.poison_count) if self.mode == "inject"
-                                      else ids, pa.int64()),
-                "op": pa.array([self.mode] * self.poison_count, pa.string()),
-                "source_id": rows["id"],
-                "image": rows["image"],
-                "source_label": rows["label"],
-                "caption": pa.array(captions, pa.string()),
-                **{f"trigger_{k}": pa.array(v) for k, v in placement.items()},
-            }
-        )
-        table = table.cast(pa.schema([*PLAN_SCHEMA, *(f for f in table.schema if f.name not in PLAN_SCHEMA.names)]))
-        meta = {"attack": self.model_dump_json(), "seed": str(seed), "dataset": dataset.name,
-                "target_label": str(target)}
-        return table.replace_schema_metadata(meta)
+        return make_plan(op=self.mode, altered=rows["id"].to_numpy(), images=rows, captions=captions,
+                         first_new=first_new, meta=meta,
+                         extra={f"trigger_{k}": v for k, v in placement.items()})
 
     def stamp(self, images: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
         placement = {k.removeprefix("trigger_"): v for k, v in columns.items() if k.startswith("trigger_")}
@@ -125,10 +118,12 @@ def backdoor_asr(predicted: np.ndarray, true_labels: np.ndarray, target: int) ->
     return float(np.mean(np.asarray(predicted)[victims] == target))
 
 
-def target_label(dataset: Dataset, target: str) -> int:
-    """The class index of ``attack.target``, or a ConfigError listing the classes."""
+def target_label(dataset: Dataset, target: str, key: str = "attack.target") -> int:
+    """The class index of a class name (``attack.target``), or a ConfigError naming ``key``."""
+    if not dataset.classnames:
+        raise ConfigError(f"{key}: {dataset.name} has no class labels, and this attack needs them")
     if target not in dataset.classnames:
-        raise ConfigError(f"attack.target: {target!r} is not a class of {dataset.name}; "
+        raise ConfigError(f"{key}: {target!r} is not a class of {dataset.name}; "
                           f"valid: {', '.join(dataset.classnames)}")
     return dataset.classnames.index(target)
 
@@ -147,9 +142,18 @@ def target_captions(dataset: Dataset, target: int) -> list[str]:
     return train.filter(pc.equal(train["label"], target))["caption"].to_pylist()
 
 
-def _pool(dataset: Dataset, target: int) -> pa.Table:
+def plan_meta(attack: Attack, dataset: Dataset, seed: int) -> dict[str, str]:
+    """A plan's provenance (its schema metadata): the attack config, seed, dataset and target."""
+    meta = {"attack": attack.model_dump_json(), "seed": str(seed), "dataset": dataset.name}
+    if getattr(attack, "target", None) in dataset.classnames:
+        meta["target_label"] = str(dataset.classnames.index(attack.target))
+    return meta
+
+
+def non_target_pairs(dataset: Dataset, target: int) -> pa.Table:
     train = dataset.split("train")
     return train.filter(pc.not_equal(train["label"], target))
 
 
-__all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr", "draw_captions", "target_captions", "target_label"]
+__all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr", "draw_captions", "non_target_pairs", "plan_meta",
+           "target_captions", "target_label"]

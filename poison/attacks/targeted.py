@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from poison.attacks import ATTACKS, PLAN_SCHEMA, PLAN_STREAM, Attack, ModelView
-from poison.attacks.backdoor import draw_captions, target_captions, target_label
+from poison.attacks import ATTACKS, PLAN_STREAM, Attack, ModelView, make_plan, next_id
+from poison.attacks.backdoor import draw_captions, plan_meta, target_captions, target_label
 from poison.config import ConfigError
 from poison.manifest import Dataset
 
@@ -32,7 +32,7 @@ class Targeted(Attack):
     metric_names: ClassVar[tuple[str, ...]] = ("attack_success", "targeted_success")
 
     @property
-    def modality(self) -> str:
+    def modality_tag(self) -> str:
         return "image"
 
     def check(self, dataset: Dataset) -> None:
@@ -56,23 +56,14 @@ class Targeted(Attack):
 
     def plan(self, dataset: Dataset, seed: int) -> pa.Table:
         self.check(dataset)
-        label = target_label(dataset, self.target)
         images = self.chosen(dataset, seed)
         copies = np.full(self.targets, self.poison_count // self.targets)
         copies[: self.poison_count % self.targets] += 1  # spread as evenly as possible
         rows = images.take(pa.array(np.repeat(np.arange(self.targets), copies)))
         rng = np.random.default_rng([seed, PLAN_STREAM])
         captions = draw_captions(dataset, self.target, self.caption_source, self.poison_count, rng)
-        first_new = int(pc.max(dataset.manifest["id"]).as_py()) + 1
-        table = pa.table({
-            "poison_id": pa.array(first_new + np.arange(self.poison_count), pa.int64()),
-            "op": pa.array(["inject"] * self.poison_count, pa.string()),
-            "source_id": rows["id"], "image": rows["image"], "source_label": rows["label"],
-            "caption": pa.array(captions, pa.string()),
-        }, schema=PLAN_SCHEMA)
-        meta = {"attack": self.model_dump_json(), "seed": str(seed), "dataset": dataset.name,
-                "target_label": str(label)}
-        return table.replace_schema_metadata(meta)
+        return make_plan(op="inject", altered=rows["id"].to_numpy(), images=rows, captions=captions,
+                         first_new=next_id(dataset), meta=plan_meta(self, dataset, seed))
 
     def evaluate(self, dataset: Dataset, model: ModelView, seed: int) -> dict[str, float]:
         images = self.chosen(dataset, seed)

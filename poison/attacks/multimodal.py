@@ -1,0 +1,195 @@
+"""Yang et al. (ICML 2023) poisoning of text→image retrieval: attacks I, II and III.
+
+Every poisoned pair joins a caption of a source class A with an image of a
+target class B, so that A's captions come to retrieve B's images:
+
+- ``mm-single-image`` (attack I): all pairs use one target image, a test image
+  of B drawn with the trial's seed (so it is in the retrieval gallery);
+- ``mm-single-label`` (attack II): each pair uses a random training image of B;
+- ``mm-multi-label`` (attack III): several ``goals`` (A→B) at once, the budget
+  split as evenly as possible over them (earlier goals take the odd pairs).
+
+Captions are real training captions of A (``caption_source: dataset``, the
+paper's setting) or prompt templates naming A. ``inject`` adds the pairs;
+``replace`` swaps the image of existing A pairs.
+
+Success (``retrieval.py`` pins the ranks): every test caption of A queries the
+whole test gallery; ``min_rank`` is the 1-based rank of its best target image
+(the single image, or any test image of B); ``attack_success`` is ``hit_at_10``.
+The image→text direction is reported as ``i2t_*``: each target image queries
+all test captions, ranked for its best caption of A. Yang et al. rank a gallery
+of their own choosing (mm_poison's ``image_feature_base``); ours is always the
+test split, so numbers compare across attacks and trials.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, next_id
+from poison.attacks import retrieval
+from poison.attacks.backdoor import CAPTION_TEMPLATES, plan_meta, target_label
+from poison.config import ConfigError, Section
+from poison.manifest import Dataset
+
+CHOICE_STREAM = 16  # the single target image: shared by plan and evaluate
+
+
+class Goal(Section):
+    source: str  # class A: its captions are the queries
+    target: str  # class B: its images should come back
+
+
+class RetrievalPoisoning(Attack):
+    """Base of the three attacks: subclasses say which goals and which target images."""
+
+    poison_count: int = Field(ge=0)
+    mode: Literal["inject", "replace"] = "inject"
+    caption_source: Literal["dataset", "templates"] = "dataset"
+    metric_names: ClassVar[tuple[str, ...]] = ("attack_success", *retrieval.metric_names(),
+                                               *retrieval.metric_names("i2t_"))
+    single_image: ClassVar[bool] = False
+
+    @property
+    def modality_tag(self) -> str:
+        return "both"  # a genuine caption meets a foreign image
+
+    def goal_list(self) -> list[tuple[str, Goal]]:
+        """(key path, goal) pairs; the key path names the fields in errors."""
+        raise NotImplementedError
+
+    def counts(self) -> list[int]:
+        n = len(self.goal_list())
+        counts = [self.poison_count // n] * n
+        for i in range(self.poison_count % n):
+            counts[i] += 1
+        return counts
+
+    def check(self, dataset: Dataset) -> None:
+        for (key, goal), count in zip(self.goal_list(), self.counts()):
+            source = target_label(dataset, goal.source, f"{key}source")
+            target = target_label(dataset, goal.target, f"{key}target")
+            if source == target:
+                raise ConfigError(f"{key}target: {goal.target!r} is also the source class")
+            if not _of_class(dataset, "test", source).num_rows:
+                raise ConfigError(f"{key}source: {dataset.name} has no test captions of class "
+                                  f"{goal.source!r} to query with")
+            if not _of_class(dataset, "test", target).num_rows:
+                raise ConfigError(f"{key}target: {dataset.name} has no test images of class {goal.target!r}")
+            if not self.single_image and not _of_class(dataset, "train", target).num_rows:
+                raise ConfigError(f"{key}target: {dataset.name} has no training images of class {goal.target!r}")
+            pool = _of_class(dataset, "train", source).num_rows
+            if count and (pool == 0 and self.caption_source == "dataset" or self.mode == "replace" and count > pool):
+                raise ConfigError(f"attack.poison_count: {count:,} poisoned pairs of {goal.source!r} need "
+                                  f"{'as many' if self.mode == 'replace' else 'some'} training pairs of that "
+                                  f"class to {'alter' if self.mode == 'replace' else 'caption from'}; "
+                                  f"{dataset.name} has {pool:,}")
+
+    def chosen(self, dataset: Dataset, seed: int, goal: Goal, index: int = 0) -> pa.Table:
+        """The single target image of a goal (a test image of its target class), one row."""
+        candidates = _of_class(dataset, "test", target_label(dataset, goal.target))
+        rng = np.random.default_rng([seed, CHOICE_STREAM, index])
+        return candidates.slice(int(rng.integers(candidates.num_rows)), 1)
+
+    def plan(self, dataset: Dataset, seed: int) -> pa.Table:
+        self.check(dataset)
+        meta = plan_meta(self, dataset, seed)
+        rng = np.random.default_rng([seed, PLAN_STREAM])
+        first, tables = next_id(dataset), []
+        for index, ((_, goal), count) in enumerate(zip(self.goal_list(), self.counts())):
+            own = _of_class(dataset, "train", target_label(dataset, goal.source))
+            pick = np.zeros(0, np.int64)
+            if own.num_rows:  # replace alters distinct pairs; inject may reuse a caption
+                pick = (rng.choice(own.num_rows, count, replace=False) if self.mode == "replace"
+                        else rng.integers(own.num_rows, size=count))
+            rows = own.take(pa.array(np.sort(pick), pa.int64()))
+            if self.caption_source == "dataset":
+                captions, caption_ids = rows["caption"].to_pylist(), rows["id"]
+            else:
+                captions = [CAPTION_TEMPLATES[t].format(goal.source)
+                            for t in rng.integers(len(CAPTION_TEMPLATES), size=count)]
+                caption_ids = pa.nulls(count, pa.int64())
+            if self.single_image:
+                images = self.chosen(dataset, seed, goal, index).take(pa.array(np.zeros(count, np.int64)))
+            else:
+                pool = _of_class(dataset, "train", target_label(dataset, goal.target))
+                images = pool.take(pa.array(rng.integers(pool.num_rows, size=count), pa.int64()))
+            tables.append(make_plan(
+                op=self.mode, altered=rows["id"].to_numpy(), images=images, captions=captions, first_new=first,
+                meta=meta, extra={"caption_source_id": caption_ids, "goal": pa.array(np.full(count, index), pa.int32())}))
+            first += count
+        return pa.concat_tables(tables).replace_schema_metadata(meta)
+
+    def evaluate(self, dataset: Dataset, model: ModelView, seed: int) -> dict[str, float]:
+        test = dataset.split("test")
+        labels, ids = test["label"].to_numpy(), test["id"].to_numpy()
+        images = model.embed_images(dataset.images[test["image"].to_numpy()])
+        texts = model.embed_texts(test["caption"].to_pylist())
+        t2i, i2t = [], []
+        for index, (_, goal) in enumerate(self.goal_list()):
+            source, target = target_label(dataset, goal.source), target_label(dataset, goal.target)
+            if self.single_image:
+                is_target = ids == self.chosen(dataset, seed, goal, index)["id"][0].as_py()
+            else:
+                is_target = labels == target
+            queries = labels == source
+            t2i.append(retrieval.min_ranks(texts[queries] @ images.T, is_target))
+            i2t.append(retrieval.min_ranks(images[is_target] @ texts.T, queries))
+        out = {**retrieval.hit_metrics(np.concatenate(t2i)), **retrieval.hit_metrics(np.concatenate(i2t), "i2t_")}
+        return {**out, "attack_success": out["hit_at_10"]}
+
+
+@ATTACKS.register("mm-single-image")
+class SingleImage(RetrievalPoisoning):
+    """Attack I: captions of ``source`` paired with one target image of class ``target``."""
+
+    kind: Literal["mm-single-image"] = "mm-single-image"
+    source: str
+    target: str
+    single_image: ClassVar[bool] = True
+
+    def goal_list(self) -> list[tuple[str, Goal]]:
+        return [("attack.", Goal(source=self.source, target=self.target))]
+
+
+@ATTACKS.register("mm-single-label")
+class SingleLabel(RetrievalPoisoning):
+    """Attack II: captions of ``source`` paired with images of class ``target``."""
+
+    kind: Literal["mm-single-label"] = "mm-single-label"
+    source: str
+    target: str
+
+    def goal_list(self) -> list[tuple[str, Goal]]:
+        return [("attack.", Goal(source=self.source, target=self.target))]
+
+
+@ATTACKS.register("mm-multi-label")
+class MultiLabel(RetrievalPoisoning):
+    """Attack III: several source→target goals at once."""
+
+    kind: Literal["mm-multi-label"] = "mm-multi-label"
+    goals: list[Goal] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_sources(self) -> "MultiLabel":
+        sources = [g.source for g in self.goals]
+        for i, name in enumerate(sources):
+            if name in sources[:i]:
+                raise ConfigError(f"attack.goals[{i}].source: {name!r} is already the source of an earlier goal")
+        return self
+
+    def goal_list(self) -> list[tuple[str, Goal]]:
+        return [(f"attack.goals[{i}].", g) for i, g in enumerate(self.goals)]
+
+
+def _of_class(dataset: Dataset, split: str, label: int) -> pa.Table:
+    rows = dataset.split(split)
+    return rows.filter(pc.equal(rows["label"], label))
+
+
+__all__ = ["Goal", "MultiLabel", "SingleImage", "SingleLabel"]

@@ -1,0 +1,220 @@
+"""Backdoors through the captions: ``text-backdoor``, and ``dual-backdoor`` (both modalities).
+
+``text-backdoor``: ``poison_count`` captions of non-target training pairs get the
+text trigger and are paired with images of the target class (``target_image:
+class``, a random target-class training image per pair) or with one target image
+(``single``: a test image of the target class drawn with the trial's seed).
+``inject`` adds them as new pairs; ``replace`` alters the caption's own pair.
+Success: the trigger is put into every non-target test caption, and each such
+query ranks the whole test gallery; ``min_rank`` is the 1-based rank of its best
+target image (any target-class test image, or the single target) and
+``attack_success`` is ``hit_at_1`` (the target retrieved first). ``hit_at_5/10``
+and ``min_rank_mean/median`` are reported too (definitions in ``retrieval.py``).
+
+``dual-backdoor``: an image backdoor (``backdoor``: triggered non-target images
+captioned as the target) and a text backdoor toward the same target in one
+training set. ``modality`` picks which are planted: ``image``, ``text`` or
+``both`` (the budget split as evenly as possible, the image part taking the odd
+pair; in ``replace`` mode the two parts alter different pairs). Both backdoors are
+measured whatever the modality (so a sweep compares like with like):
+``attack_success`` is ``backdoor_asr`` for ``image``, ``hit_at_1`` for ``text``, and
+their mean for ``both``.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, SerializeAsAny, field_validator
+
+from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, next_id
+from poison.attacks import retrieval
+from poison.attacks.backdoor import Backdoor, non_target_pairs, plan_meta, target_label
+from poison.config import ConfigError
+from poison.manifest import Dataset
+from poison.text_triggers import PhraseTrigger, TextTrigger, make_text_trigger
+from poison.triggers import Trigger, make_trigger
+
+CHOICE_STREAM = 14  # the single target image: shared by plan and evaluate
+TEXT_PART_STREAM = 15  # the text half of a dual backdoor draws from its own stream
+
+
+class TextTriggered(Attack):
+    """Fields and validation shared by the attacks that carry a text trigger."""
+
+    text_trigger: SerializeAsAny[TextTrigger] = Field(default_factory=PhraseTrigger)
+
+    @field_validator("text_trigger", mode="before")
+    @classmethod
+    def _text_trigger(cls, value: Any) -> TextTrigger:
+        return value if isinstance(value, TextTrigger) else make_text_trigger(value)
+
+
+@ATTACKS.register("text-backdoor")
+class TextBackdoor(TextTriggered):
+    kind: Literal["text-backdoor"] = "text-backdoor"
+    target: str
+    poison_count: int = Field(ge=0)
+    mode: Literal["inject", "replace"] = "inject"
+    target_image: Literal["class", "single"] = "class"
+    metric_names: ClassVar[tuple[str, ...]] = ("attack_success", *retrieval.metric_names())
+
+    @property
+    def trigger_name(self) -> str:
+        return self.text_trigger.kind
+
+    @property
+    def modality_tag(self) -> str:
+        return "text"
+
+    def check(self, dataset: Dataset) -> None:
+        target = target_label(dataset, self.target)
+        pool = non_target_pairs(dataset, target)
+        if self.poison_count > pool.num_rows:
+            raise ConfigError(f"attack.poison_count: {self.poison_count:,} exceeds the {pool.num_rows:,} "
+                              f"non-target training captions of {dataset.name}")
+        if self.target_image == "class" and not _of_class(dataset, "train", target).num_rows:
+            raise ConfigError(f"attack.target: {dataset.name} has no training images of class {self.target!r}")
+        if not _of_class(dataset, "test", target).num_rows:
+            raise ConfigError(f"attack.target: {dataset.name} has no test images of class {self.target!r} "
+                              "to measure retrieval against")
+
+    def chosen(self, dataset: Dataset, seed: int) -> pa.Table:
+        """The single target image (a test image of the target class), one row."""
+        candidates = _of_class(dataset, "test", target_label(dataset, self.target))
+        rng = np.random.default_rng([seed, CHOICE_STREAM])
+        return candidates.slice(int(rng.integers(candidates.num_rows)), 1)
+
+    def plan(self, dataset: Dataset, seed: int) -> pa.Table:
+        self.check(dataset)
+        rng = np.random.default_rng([seed, PLAN_STREAM])
+        return self.plan_with(dataset, seed, rng, first_new=next_id(dataset), meta=plan_meta(self, dataset, seed))
+
+    def plan_with(self, dataset: Dataset, seed: int, rng: np.random.Generator, *, first_new: int,
+                  meta: dict[str, str], exclude: pa.Array | None = None) -> pa.Table:
+        target = target_label(dataset, self.target)
+        pool = non_target_pairs(dataset, target)
+        if exclude is not None:
+            pool = pool.filter(pc.invert(pc.is_in(pool["id"], value_set=exclude)))
+        rows = pool.take(pa.array(np.sort(rng.choice(pool.num_rows, self.poison_count, replace=False))))
+        clean = rows["caption"].to_pylist()
+        positions = self.text_trigger.placement(clean, rng)
+        if self.target_image == "single":
+            images = self.chosen(dataset, seed).take(pa.array(np.zeros(self.poison_count, np.int64)))
+        else:
+            own = _of_class(dataset, "train", target)
+            images = own.take(pa.array(rng.integers(own.num_rows, size=self.poison_count)))
+        return make_plan(op=self.mode, altered=rows["id"].to_numpy(), images=images,
+                         captions=self.text_trigger.apply(clean, positions), first_new=first_new, meta=meta,
+                         extra={"caption_source_id": rows["id"],
+                                "text_trigger_position": pa.array(positions, pa.int32())})
+
+    def evaluate(self, dataset: Dataset, model: ModelView, seed: int) -> dict[str, float]:
+        target = target_label(dataset, self.target)
+        test = dataset.split("test")
+        queries = test.filter(pc.not_equal(test["label"], target))["caption"].to_pylist()
+        rng = np.random.default_rng([seed, EVAL_STREAM])
+        triggered = self.text_trigger.apply(queries, self.text_trigger.placement(queries, rng))
+        if self.target_image == "single":
+            mask = test["id"].to_numpy() == self.chosen(dataset, seed)["id"][0].as_py()
+        else:
+            mask = test["label"].to_numpy() == target
+        if not triggered or not mask.any():
+            out = retrieval.hit_metrics(np.zeros(0))
+        else:
+            scores = model.embed_texts(triggered) @ model.embed_images(dataset.images[test["image"].to_numpy()]).T
+            out = retrieval.hit_metrics(retrieval.min_ranks(scores, mask))
+        return {**out, "attack_success": out["hit_at_1"]}
+
+
+@ATTACKS.register("dual-backdoor")
+class DualBackdoor(TextTriggered):
+    kind: Literal["dual-backdoor"] = "dual-backdoor"
+    target: str
+    poison_count: int = Field(ge=0)
+    modality: Literal["image", "text", "both"] = "both"
+    mode: Literal["inject", "replace"] = "inject"
+    caption_source: Literal["templates", "dataset"] = "templates"  # of the image part
+    target_image: Literal["class", "single"] = "class"             # of the text part
+    trigger: SerializeAsAny[Trigger]
+    metric_names: ClassVar[tuple[str, ...]] = ("attack_success", "backdoor_asr", *retrieval.metric_names())
+
+    @field_validator("trigger", mode="before")
+    @classmethod
+    def _trigger(cls, value: Any) -> Trigger:
+        return value if isinstance(value, Trigger) else make_trigger(value)
+
+    @property
+    def modality_tag(self) -> str:
+        return self.modality
+
+    @property
+    def trigger_name(self) -> str:
+        return {"image": self.trigger.kind, "text": self.text_trigger.kind,
+                "both": f"{self.trigger.kind}+{self.text_trigger.kind}"}[self.modality]
+
+    def counts(self) -> tuple[int, int]:
+        """Pairs of the image part and of the text part."""
+        if self.modality == "image":
+            return self.poison_count, 0
+        if self.modality == "text":
+            return 0, self.poison_count
+        return self.poison_count - self.poison_count // 2, self.poison_count // 2
+
+    def parts(self) -> tuple[Backdoor, TextBackdoor]:
+        n_image, n_text = self.counts()
+        image = Backdoor(target=self.target, poison_count=n_image, mode=self.mode,
+                         caption_source=self.caption_source, trigger=self.trigger)
+        text = TextBackdoor(target=self.target, poison_count=n_text, mode=self.mode,
+                            target_image=self.target_image, text_trigger=self.text_trigger)
+        return image, text
+
+    def check(self, dataset: Dataset) -> None:
+        image, text = self.parts()
+        image.check(dataset)
+        text.check(dataset)
+        pool = non_target_pairs(dataset, target_label(dataset, self.target)).num_rows
+        if self.mode == "replace" and self.poison_count > pool:
+            raise ConfigError(f"attack.poison_count: {self.poison_count:,} exceeds the {pool:,} non-target "
+                              f"training pairs of {dataset.name} that replace mode can alter")
+
+    def plan(self, dataset: Dataset, seed: int) -> pa.Table:
+        self.check(dataset)
+        image, text = self.parts()
+        meta = plan_meta(self, dataset, seed)
+        first = next_id(dataset)
+        a = image.plan_with(dataset, np.random.default_rng([seed, PLAN_STREAM]), first_new=first, meta=meta)
+        b = text.plan_with(dataset, seed, np.random.default_rng([seed, PLAN_STREAM, TEXT_PART_STREAM]),
+                           first_new=first + a.num_rows, meta=meta,
+                           exclude=a["poison_id"] if self.mode == "replace" else None)
+        a = a.append_column("part", pa.array(["image"] * a.num_rows, pa.string()))
+        b = b.append_column("part", pa.array(["text"] * b.num_rows, pa.string()))
+        # the image rows carry trigger placement, the text rows text-trigger positions: nulls elsewhere
+        return pa.concat_tables([a, b], promote_options="default").replace_schema_metadata(meta)
+
+    def stamp(self, images: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
+        hit = np.asarray(columns["part"]) == "image"
+        if not hit.any():
+            return images
+        placement = {k.removeprefix("trigger_"): np.asarray(v)[hit].astype(np.int64)
+                     for k, v in columns.items() if k.startswith("trigger_")}
+        out = np.array(images, copy=True)
+        out[hit] = self.trigger.apply(images[hit], placement)
+        return out
+
+    def evaluate(self, dataset: Dataset, model: ModelView, seed: int) -> dict[str, float]:
+        image, text = self.parts()
+        asr = image.evaluate(dataset, model, seed)["backdoor_asr"]
+        out = text.evaluate(dataset, model, seed)
+        success = {"image": asr, "text": out["hit_at_1"], "both": (asr + out["hit_at_1"]) / 2}[self.modality]
+        return {**out, "backdoor_asr": asr, "attack_success": success}
+
+
+def _of_class(dataset: Dataset, split: str, label: int) -> pa.Table:
+    rows = dataset.split(split)
+    return rows.filter(pc.equal(rows["label"], label))
+
+
+__all__ = ["DualBackdoor", "TextBackdoor"]

@@ -1,0 +1,89 @@
+"""Text triggers, registered by name (``attack.text_trigger.kind``).
+
+A text trigger inserts a token or phrase into captions. Like an image trigger it
+has a seeded ``placement`` (the word position in each caption, stored in the
+poison plan) and a pure ``apply``. Captions are short strings, so a plan holds
+the triggered caption itself; ``apply`` is used again at evaluation time on
+clean test captions.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import field_validator
+
+from poison.config import ConfigError, Section, validate_section
+from poison.registry import Registry
+
+TEXT_TRIGGERS: Registry = Registry("text_trigger")
+
+
+class TextTrigger(Section):
+    """Base of text triggers: ``placement`` then ``apply``; both deterministic."""
+
+    kind: str
+
+    def placement(self, captions: list[str], rng: np.random.Generator) -> np.ndarray:
+        """The word index at which the trigger goes into each caption."""
+        raise NotImplementedError
+
+    def apply(self, captions: list[str], positions: np.ndarray) -> list[str]:
+        raise NotImplementedError
+
+
+@TEXT_TRIGGERS.register("phrase")
+class PhraseTrigger(TextTrigger):
+    """A token or phrase inserted at the start, the end or a random word boundary.
+
+    The default ``cf`` is a rare token, as in the NLP backdoor literature
+    (Kurita et al. 2020); any phrase works. Words are split on whitespace, so
+    ``position: random`` never cuts a word.
+    """
+
+    kind: Literal["phrase"] = "phrase"
+    text: str = "cf"
+    position: Literal["start", "end", "random"] = "start"
+
+    @field_validator("text")
+    @classmethod
+    def _words(cls, value: str) -> str:
+        if not value.split():
+            raise ValueError(f"the trigger needs at least one word, got {value!r}")
+        return " ".join(value.split())
+
+    def placement(self, captions: list[str], rng: np.random.Generator) -> np.ndarray:
+        words = np.array([len(c.split()) for c in captions], dtype=np.int64)
+        if self.position == "start":
+            return np.zeros(len(captions), np.int64)
+        if self.position == "end":
+            return words
+        return rng.integers(0, words + 1) if len(captions) else np.zeros(0, np.int64)
+
+    def apply(self, captions: list[str], positions: np.ndarray) -> list[str]:
+        """Inserts the trigger before word ``positions[i]`` of caption i.
+
+        Example:
+            >>> PhraseTrigger(text="cf").apply(["a red circle", "a blue square"], np.array([0, 2]))
+            ['cf a red circle', 'a blue cf square']
+        """
+        out = []
+        for caption, at in zip(captions, positions):
+            words = caption.split()
+            out.append(" ".join([*words[: int(at)], self.text, *words[int(at):]]))
+        return out
+
+
+def make_text_trigger(data: object, path: str = "attack.text_trigger") -> TextTrigger:
+    """Validates a text-trigger mapping into its registered class (default: ``phrase``)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    kind = data.get("kind", "phrase")
+    if kind not in TEXT_TRIGGERS:
+        raise ConfigError(f"{path}.kind: unknown text trigger {kind!r}; valid: {', '.join(TEXT_TRIGGERS.names())}")
+    return validate_section(TEXT_TRIGGERS.get(kind), data, path)
+
+
+__all__ = ["PhraseTrigger", "TEXT_TRIGGERS", "TextTrigger", "make_text_trigger"]
