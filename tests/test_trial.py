@@ -96,3 +96,67 @@ def test_targeted_attack_hijacks_its_test_images(tmp_path):
     m = run_trial(config, cache_dir=str(tmp_path)).metrics
     assert m["targeted_success"] == m["attack_success"] == 1.0
     assert m["clean_attack_success"] == 0.0  # the same images on the clean model are not hijacked
+
+
+
+# --- train.trainable: Yang et al.'s frozen-encoder ablation ---
+
+def _towers(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    image = {k: v for k, v in state.items() if k.startswith("visual.")}
+    text = {k: v for k, v in state.items() if k not in image and k not in ("logit_scale", "logit_bias")}
+    return {"image": image, "text": text}
+
+
+@pytest.mark.parametrize("arch, trainable", [("tiny-rn", "image"), ("tiny-rn", "text"), ("tiny-rn", "both"),
+                                             ("tiny-vit", "image"), ("tiny-vit", "text")])
+def test_trainable_freezes_the_other_tower(arch, trainable):
+    from trainers.models import build_model
+
+    config = parse_trial_config({"data": {"size": 256, "test_size": 64}, "model": {"arch": arch},
+                                 "train": {"epochs": 1, "batch_size": 64, "trainable": trainable}})
+    torch.manual_seed(config.seed)  # as _train does: the model the trial started from
+    initial = build_model(arch, None, device=torch.device("cpu"), image_size=32).model
+    parameters = {n for n, _ in initial.named_parameters()}
+    result = run_trial(config, baseline=False)
+    start, trained = _towers(initial.state_dict()), _towers(result.state_dict)
+    assert not torch.equal(initial.logit_scale.detach(), result.state_dict["logit_scale"])  # always trains
+    for tower in ("image", "text"):
+        if trainable in (tower, "both"):  # every parameter of a training tower moved
+            params = [k for k in start[tower] if k in parameters]
+            assert [k for k in params if not torch.equal(start[tower][k], trained[tower][k])] == params, tower
+        else:  # every tensor of a frozen tower, BatchNorm running stats included, is bit-identical
+            # (a FrozenBatchNorm2d keeps no num_batches_tracked; nothing else may go missing)
+            missing = {k.rsplit(".", 1)[-1] for k in start[tower].keys() - trained[tower].keys()}
+            assert missing <= {"num_batches_tracked"}, missing
+            assert trained[tower] and all(torch.equal(start[tower][k], v) for k, v in trained[tower].items()), tower
+    # and the state still loads into a freshly built model, as the clean-model cache does
+    build_model(arch, None, device=torch.device("cpu"), image_size=32).model.load_state_dict(result.state_dict)
+
+
+@pytest.mark.parametrize("arch", ["tiny-rn", "tiny-vit"])
+def test_frozen_parameters_are_not_handed_to_the_optimizer(arch):
+    from trainers.models import build_model
+    from trainers.trial import _optimizer, freeze_tower
+
+    for trainable, frozen_prefix in (("image", "text"), ("text", "visual.")):
+        model = build_model(arch, None, device=torch.device("cpu"), image_size=32).model
+        freeze_tower(model, trainable)
+        config = parse_trial_config({"model": {"arch": arch}, "train": {"trainable": trainable}})
+        optimizer, _ = _optimizer(model, config, total_steps=10)
+        handed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert handed == {id(p) for p in model.parameters() if p.requires_grad}
+        assert id(model.logit_scale) in handed
+        in_frozen = (lambda n: n.startswith("visual.")) if trainable == "text" else \
+            (lambda n: not n.startswith("visual.") and n != "logit_scale")
+        assert all(in_frozen(names[i]) != (i in handed) for i in names), trainable
+
+
+def test_trainable_is_validated_and_keys_the_clean_model():
+    from poison.config import ConfigError
+    from trainers.trial import clean_key
+
+    with pytest.raises(ConfigError, match="train.trainable"):
+        parse_trial_config({"train": {"trainable": "vision"}})
+    keys = {t: clean_key(parse_trial_config({"train": {"trainable": t}})) for t in ("both", "image", "text")}
+    assert len(set(keys.values())) == 3

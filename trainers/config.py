@@ -50,6 +50,9 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
+    # which CLIP towers train; the other stays at its initial (or pretrained) weights:
+    # Yang et al.'s frozen-encoder ablation (image / text encoder poisoned alone)
+    trainable: Literal["both", "image", "text"] = "both"
 
 
 class DefenseConfig(Section):

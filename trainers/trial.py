@@ -91,6 +91,7 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table,
     device = device_for(config)
     built = build_model(config.model.arch, config.model.pretrained, device=device,
                         image_size=config.data.image_size)
+    freeze_tower(built.model, config.train.trainable)
     data = TrainingSet(dataset, config.attack, plan, built.tokenize)
     steps_per_epoch = max(1, len(data) // config.train.batch_size)
     optimizer, schedule = _optimizer(built.model, config, steps_per_epoch * config.train.epochs)
@@ -125,10 +126,49 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table,
     return built, metrics, seconds, samples
 
 
+SHARED_PARAMETERS = ("logit_scale", "logit_bias")  # belong to neither tower: always train
+
+
+def freeze_tower(model: torch.nn.Module, trainable: str) -> None:
+    """Locks the tower that ``train.trainable`` leaves out, with open_clip's own LiT locking.
+
+    ``lock_image_tower(freeze_bn_stats=True)`` also swaps the tower's BatchNorm2d for
+    torchvision's FrozenBatchNorm2d (buffers only, no running-stat update), which survives
+    ``model.train()``; a frozen ModifiedResNet's state_dict then has no ``num_batches_tracked``
+    (loading it into a fresh model still works: torch fills them in).
+    """
+    if trainable == "both":
+        return
+    image_frozen = trainable == "text"
+    if image_frozen:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    else:
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+
+    def in_frozen(name: str) -> bool:  # open_clip names the image tower visual.*, the text tower the rest
+        return name.startswith("visual.") == image_frozen and name not in SHARED_PARAMETERS
+
+    # For tiny-rn and tiny-vit (open_clip 3.3) the locks already freeze every parameter of the
+    # tower (text: token_embedding, positional_embedding, transformer, ln_final, text_projection);
+    # this sweep is a guard for architectures whose lock leaves some parameter trainable.
+    for name, param in model.named_parameters():
+        if in_frozen(name):
+            param.requires_grad_(False)
+    for name, module in model.named_modules():
+        if in_frozen(name + ".") and isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            raise NotImplementedError(f"{name}: a frozen tower's BatchNorm would still update its running stats")
+
+
 def _optimizer(model: torch.nn.Module, config: TrialConfig, total_steps: int):
-    """AdamW (no decay on gains, biases, embeddings' scale) with linear warm-up then cosine."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+    """AdamW (no decay on gains, biases, embeddings' scale) with linear warm-up then cosine.
+
+    Frozen parameters (``train.trainable``) are left out. torch's AdamW skips a parameter whose
+    grad is None, weight decay included, but that rests on ``zero_grad(set_to_none=True)``; a
+    frozen parameter handed to it with a zero grad would still be decayed.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and "logit_scale" not in n]
+    rest = [p for n, p in named if not (p.ndim >= 2 and "logit_scale" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": rest, "weight_decay": 0.0}],
         lr=config.train.lr, betas=(0.9, 0.98), eps=1e-6,
