@@ -2,10 +2,16 @@
 
 Adding a unit is a new module plus one ``@REGISTRY.register("name")`` line;
 unknown names fail with the list of valid ones, duplicate names fail at import.
+
+Every registry is also known by its ``kind`` (``Registry.find("trigger")``), which
+is the config key it switches: the ``kind`` of the mapping at ``attack.trigger``
+names a class of the registry ``"trigger"``. The sweep code uses this to search
+over kinds (``attack.trigger.kind: {choices: [patch, sig]}``) without a list of
+paths of its own.
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -20,17 +26,38 @@ class UnknownNameError(KeyError):
 class Registry(Generic[T]):
     """Maps names to objects (classes or functions) of one kind.
 
+    ``kind`` is the config key whose ``kind`` value the registry resolves (the last
+    component of its path: ``"attack"``, ``"trigger"`` for ``attack.trigger``,
+    ``"text_trigger"``, ``"defense"``); one registry per kind.
+
     Example:
-        >>> TRIGGERS = Registry("trigger")
-        >>> @TRIGGERS.register("patch")
-        ... class Patch: ...
-        >>> TRIGGERS.get("patch") is Patch
+        >>> SHAPES = Registry("example_shape")
+        >>> @SHAPES.register("square")
+        ... class Square: ...
+        >>> SHAPES.get("square") is Square
+        True
+        >>> Registry.find("example_shape") is SHAPES
         True
     """
 
+    _by_kind: ClassVar[dict[str, "Registry[Any]"]] = {}
+
     def __init__(self, kind: str) -> None:
+        if kind in Registry._by_kind:
+            raise ValueError(f"a registry of kind {kind!r} exists already")
         self.kind = kind
         self._items: dict[str, T] = {}
+        Registry._by_kind[kind] = self
+
+    @classmethod
+    def find(cls, kind: str) -> "Registry[Any] | None":
+        """The registry of ``kind`` (e.g. ``"trigger"``), or None when there is none."""
+        return cls._by_kind.get(kind)
+
+    @classmethod
+    def kinds(cls) -> list[str]:
+        """The kinds of every registry created so far."""
+        return sorted(cls._by_kind)
 
     def register(self, name: str) -> Callable[[T], T]:
         def _add(obj: T) -> T:
