@@ -10,6 +10,14 @@ Validation resolves the config with every dimension at its default and again
 with each dimension at each of its extremes (``low``, ``high``, every choice),
 and checks each against the data, so ``attack.poison_count: {high: 10**9}``
 fails here, naming the key, not hours into a sweep.
+
+Kind-switched sections: a mapping at key ``K`` whose ``kind`` is a categorical
+dimension (``attack.kind: {choices: [backdoor, targeted]}``) may hold the keys of
+every choice; the registry named like ``K``'s last component
+(``Registry.find("attack")``, ``Registry.find("trigger")`` for ``attack.trigger``)
+gives each choice's class, and a trial drops the keys its drawn kind's class does
+not accept but another choice's does (so ``trigger`` disappears for ``targeted``,
+and with it every dimension under it). A key no choice accepts is still an error.
 """
 from __future__ import annotations
 
@@ -22,14 +30,37 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from poison import DataError, load_dataset
+from poison import ATTACKS, DataError, load_dataset
 from poison.config import ConfigError, Section, validate_section
+from poison.registry import Registry
 from trainers.config import TrialConfig, parse_trial_config
 
 TRIAL_KEYS = tuple(TrialConfig.model_fields)
 DIMENSION_KEYS = {"low", "high", "log", "step", "choices", "default"}
-OBJECTIVES = ("attack_success", "utility", "poison_count", "poison_rate", "utility_drop",
-              "backdoor_asr", "targeted_success", "zeroshot_top1", "zeroshot_top5", "train_seconds")
+#: Metrics every trial reports, whatever its attack (the attack adds its ``metric_names``).
+TRIAL_METRICS = ("utility", "zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10",
+                 "t2i_r1", "t2i_r5", "t2i_r10", "poison_count", "poison_rate", "train_seconds")
+#: Reported by every trial with an attack (against the sweep's clean model).
+ATTACK_TRIAL_METRICS = ("utility_drop",)
+
+
+def objective_names() -> tuple[str, ...]:
+    """The metrics a sweep may optimise: every trial's, plus each registered attack's."""
+    names = dict.fromkeys(("attack_success", *TRIAL_METRICS, *ATTACK_TRIAL_METRICS))
+    for kind in ATTACKS.names():
+        names.update(dict.fromkeys(_metric_names(ATTACKS.get(kind))))
+    return tuple(names)
+
+
+def __getattr__(name: str) -> Any:  # OBJECTIVES: computed, so attacks registered later count
+    if name == "OBJECTIVES":
+        return objective_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _metric_names(attack_cls: Any) -> tuple[str, ...]:
+    names = getattr(attack_cls, "metric_names", ())
+    return tuple(names) if isinstance(names, (tuple, list, set, frozenset)) else ()
 
 
 class Dimension(Section):
@@ -108,9 +139,10 @@ class SearchConfig(Section):
     def _objectives(self) -> "SearchConfig":
         if not self.objectives:
             raise ValueError("objectives: give at least one metric with max or min")
+        valid = objective_names()
         for name in self.objectives:
-            if name not in OBJECTIVES:
-                raise ValueError(f"objectives: unknown metric {name!r}; valid: {', '.join(OBJECTIVES)}")
+            if name not in valid:
+                raise ValueError(f"objectives: unknown metric {name!r}; valid: {', '.join(valid)}")
         return self
 
 
@@ -160,6 +192,11 @@ class SweepConfig:
 
     def defaults(self) -> dict[str, Any]:
         return {path: dim.value_default() for path, dim in self.dimensions.items()}
+
+    def active(self, values: dict[str, Any] | None = None) -> list[str]:
+        """The dimensions a trial with ``values`` (defaults elsewhere) uses: those not
+        under a key that its drawn kinds drop."""
+        return active_dimensions(self.dimensions, values or {})
 
     def initial_points(self) -> list[dict[str, Any]]:
         """The all-defaults point, then ``search.points`` (each completed with defaults)."""
@@ -221,7 +258,7 @@ def validate_config(raw: dict[str, Any], *, check_data: bool = True) -> SweepCon
     trial_raw = {k: copy.deepcopy(v) for k, v in raw.items() if k in TRIAL_KEYS}
     dims = find_dimensions(trial_raw)
     default = resolve(trial_raw, dims, {})
-    _check_objectives(sections["search"], default)
+    _check_objectives(sections["search"], default, dims)
     points = sections["search"].points
     _check_extremes(trial_raw, dims, default, check_data=check_data, points=points)
     return SweepConfig(raw=trial_raw, dimensions=dims, default_trial=default, raw_full=copy.deepcopy(raw),
@@ -246,12 +283,20 @@ def _is_dimension(value: Any) -> bool:
 
 
 def resolve(raw: dict[str, Any], dims: dict[str, Dimension], values: dict[str, Any]) -> TrialConfig:
+    """The trial config: ``values`` for the dimensions (defaults elsewhere), then in each
+    kind-switched section the keys its drawn kind does not take are dropped; values of
+    dimensions under a dropped key are ignored."""
     unknown = set(values) - set(dims)
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: not a search dimension of this config")
     resolved = copy.deepcopy(raw)
     for path, dim in dims.items():
         _set(resolved, path, values.get(path, dim.value_default()))
+    for section, switch in kind_switches(dims).items():  # outer sections first
+        node = _get(resolved, section)
+        if isinstance(node, dict):  # else dropped with its parent
+            for key in [k for k in node if switch.drops(node.get("kind"), k)]:
+                del node[key]
     return parse_trial_config(resolved)
 
 
@@ -262,22 +307,143 @@ def _set(raw: dict[str, Any], path: str, value: Any) -> None:
     raw[last] = value
 
 
-def _check_objectives(search: SearchConfig, trial: TrialConfig) -> None:
-    """Every objective must be a metric this sweep's trials report."""
-    produced = {"utility", "zeroshot_top1", "zeroshot_top5", "poison_count", "poison_rate", "train_seconds"}
-    produced |= set(trial.attack.metric_names)
-    if trial.attack.kind != "none":
-        produced.add("utility_drop")
-    for name in search.objectives:
-        if name not in produced:
-            raise ConfigError(f"search.objectives.{name}: attack.kind {trial.attack.kind!r} does not report "
-                              f"{name}; objectives it can use: {', '.join(sorted(produced))}")
+def _get(raw: dict[str, Any], path: str) -> Any:
+    node: Any = raw
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+@dataclass(frozen=True)
+class KindSwitch:
+    """A section whose ``kind`` is a categorical dimension, with the keys each choice's
+    registered class accepts (``None``: a choice its registry does not know, or whose
+    object is no config class; it drops nothing, and parsing reports the bad kind)."""
+
+    section: str
+    choices: tuple[str, ...]
+    fields: tuple[frozenset[str] | None, ...]
+
+    @property
+    def dimension(self) -> str:
+        return f"{self.section}.kind"
+
+    def accepts(self, kind: Any, key: str) -> bool:
+        if kind not in self.choices:
+            return True
+        fields = self.fields[self.choices.index(kind)]
+        return fields is None or key in fields
+
+    def drops(self, kind: Any, key: str) -> bool:
+        """Whether a trial of ``kind`` drops ``key``: some other choice takes it, ``kind`` not."""
+        return (key != "kind" and not self.accepts(kind, key)
+                and any(key in f for f in self.fields if f is not None))
+
+    def first_accepting(self, key: str) -> str | None:
+        return next((c for c, f in zip(self.choices, self.fields) if f is not None and key in f), None)
+
+
+def kind_switches(dims: dict[str, Dimension]) -> dict[str, KindSwitch]:
+    """The kind-switched sections of a config, by path, outer sections first.
+
+    A mapping at ``K`` is switched when ``K.kind`` is a categorical dimension of
+    strings and a registry of kind ``K``'s last component exists.
+    """
+    found: dict[str, KindSwitch] = {}
+    for path, dim in dims.items():
+        section, _, last = path.rpartition(".")
+        if last != "kind" or not section or dim.kind != "categorical":
+            continue
+        registry = Registry.find(section.rpartition(".")[2])
+        if registry is None or not all(isinstance(c, str) for c in dim.choices):
+            continue
+        fields = []
+        for choice in dim.choices:
+            obj = registry.get(choice) if choice in registry else None
+            model_fields = getattr(obj, "model_fields", None)
+            fields.append(frozenset(model_fields) if isinstance(model_fields, dict) else None)
+        found[section] = KindSwitch(section, tuple(dim.choices), tuple(fields))
+    return dict(sorted(found.items(), key=lambda item: item[0].count(".")))
+
+
+def dropped_by(path: str, values: dict[str, Any], dims: dict[str, Dimension],
+                switches: dict[str, KindSwitch]) -> str | None:
+    """The kind dimension that drops ``path`` (under its value in ``values``, else its
+    default), or None when ``path`` is active."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        switch = switches.get(".".join(parts[:i]))
+        if switch is not None:
+            kind = values.get(switch.dimension, dims[switch.dimension].value_default())
+            if switch.drops(kind, parts[i]):
+                return switch.dimension
+    return None
+
+
+def search_order(dims: dict[str, Dimension]) -> list[str]:
+    """Kind dimensions of switched sections first (outer before inner), then the rest."""
+    kinds = [s.dimension for s in kind_switches(dims).values()]
+    return kinds + [p for p in dims if p not in kinds]
+
+
+def active_dimensions(dims: dict[str, Dimension], values: dict[str, Any]) -> list[str]:
+    """The dimensions a trial with ``values`` (defaults elsewhere) uses, in search order."""
+    switches = kind_switches(dims)
+    return [p for p in search_order(dims) if dropped_by(p, values, dims, switches) is None]
+
+
+def _context(path: str, dims: dict[str, Dimension], switches: dict[str, KindSwitch]) -> dict[str, Any]:
+    """Values of the kind dimensions that make ``path`` active: each enclosing switched
+    section whose default kind drops the next key is set to the first choice taking it."""
+    values: dict[str, Any] = {}
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        switch = switches.get(".".join(parts[:i]))
+        if switch is None:
+            continue
+        kind = values.get(switch.dimension, dims[switch.dimension].value_default())
+        if switch.drops(kind, parts[i]):
+            values[switch.dimension] = switch.first_accepting(parts[i])
+    return values
+
+
+def _check_objectives(search: SearchConfig, trial: TrialConfig, dims: dict[str, Dimension]) -> None:
+    """Every objective must be a metric this sweep's trials report: with ``attack.kind``
+    a dimension, every choice must report it."""
+    kind_dim = dims.get("attack.kind")
+    if kind_dim is not None and kind_dim.kind == "categorical":
+        kinds, what = list(kind_dim.choices), "attack.kind choice"
+    else:
+        kinds, what = [trial.attack.kind], "attack.kind"
+    for kind in kinds:
+        if kind == trial.attack.kind:
+            names = trial.attack.metric_names
+        elif kind in ATTACKS:
+            names = _metric_names(ATTACKS.get(kind))
+        else:
+            continue  # an unknown kind is reported when its choice is checked
+        produced = set(TRIAL_METRICS) | set(names)
+        if kind != "none":
+            produced |= set(ATTACK_TRIAL_METRICS)
+        for name in search.objectives:
+            if name not in produced:
+                raise ConfigError(f"search.objectives.{name}: {what} {kind!r} does not report "
+                                  f"{name}; objectives it can use: {', '.join(sorted(produced))}")
 
 
 def _check_extremes(raw: dict[str, Any], dims: dict[str, Dimension], default: TrialConfig, *,
                     check_data: bool, points: list[dict[str, Any]]) -> None:
-    cases = [("", None, {})] + [(path, label, {path: value})
-                                for path, dim in dims.items() for label, value in dim.extremes()]
+    """Resolves and checks the all-defaults trial, each extreme of each dimension, and each
+    point. A dimension only some kinds use is checked with its sections' kinds set to
+    the first choices that use it (named in the message)."""
+    switches = kind_switches(dims)
+    cases: list[tuple[str, str | None, dict[str, Any]]] = [("", None, {})]
+    for path, dim in dims.items():
+        context = _context(path, dims, switches)
+        under = "".join(f" with {k} {v!r}" for k, v in context.items())
+        cases += [(path, label + under, {**context, path: value}) for label, value in dim.extremes()]
     cases += [(f"search.points[{i}]", None, point) for i, point in enumerate(points)]
     datasets: dict[str, Any] = {}
     for path, label, values in cases:
@@ -303,6 +469,14 @@ def _prefix(message: str, path: str, label: str | None, dims: dict[str, Dimensio
         if not path:
             return message
         label = f"default ({dims[path].value_default()})"
+    elif not message.startswith(f"{path}: ") and label and path.endswith(".kind"):
+        # a choice of a kind failed on another dimension's default (e.g. a sig trigger's
+        # frequency): name that dimension, and the choice as its context
+        other = next((p for p in dims if message.startswith(f"{p}: ") and not p.endswith(".kind")), "")
+        if other:
+            default = dims[other].value_default()
+            return f"{other}: default ({default}) with {path} {label.removeprefix('choice ')}: " \
+                   f"{message[len(other) + 2:]}"
     if message.startswith(f"{path}: "):
         return f"{path}: {label}: {message[len(path) + 2:]}"
     return f"{path}: {label}: {message}"

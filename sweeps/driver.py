@@ -291,6 +291,7 @@ SUMMARY_COLUMNS = ["poison_count", "attack_success", "utility", "clean_utility",
 
 
 def summary_csv(rows: list[TrialRow], sweep: SweepConfig) -> str:
+    """One line per trial; a dimension its drawn kinds do not use is left empty."""
     dims, cols = list(sweep.dimensions), SUMMARY_COLUMNS
     lines = [",".join(["trial_id", "status", *dims, *cols, "run_id"])]
     for r in rows:
@@ -300,13 +301,14 @@ def summary_csv(rows: list[TrialRow], sweep: SweepConfig) -> str:
 
 
 def summary_table(rows: list[TrialRow], sweep: SweepConfig) -> str:
-    """The final table of trials: their drawn values and headline metrics."""
+    """The final table of trials: their drawn values ("-": a dimension the trial's kinds
+    do not use) and headline metrics."""
     dims = list(sweep.dimensions)
     head = ["trial", "status", *dims, "poison_count", "trigger", "attack_success", "utility"]
     body = []
     for r in rows:
         trigger = sweep.resolve(r.values).attack.trigger_name
-        body.append([r.trial_id, r.status, *(_fmt(r.values.get(d, "")) for d in dims),
+        body.append([r.trial_id, r.status, *(_fmt(r.values[d]) if d in r.values else "-" for d in dims),
                      _fmt(r.metrics.get("poison_count", "")), trigger,
                      _fmt(r.metrics.get("attack_success", "")), _fmt(r.metrics.get("utility", ""))])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]

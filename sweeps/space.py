@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import optuna
 
-from sweeps.config import Dimension
+from sweeps.config import Dimension, dropped_by, kind_switches, search_order
 
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
@@ -20,7 +20,12 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 class define_by_run:  # noqa: N801  (a picklable function: Tune checkpoints the searcher)
-    """Draws every dimension on an Optuna trial, each named by its key path.
+    """Draws the dimensions a trial uses on an Optuna trial, each named by its key path.
+
+    Kind dimensions of switched sections (``attack.kind``, ``attack.trigger.kind``) are
+    drawn first, outer before inner; then only the dimensions the drawn kinds use (a
+    conditional space: ``attack.trigger.size`` is not drawn for a ``sig`` trigger, nor
+    anything under ``attack.trigger`` for a ``targeted`` attack).
 
     Example:
         >>> from optuna.trial import FixedTrial
@@ -32,8 +37,11 @@ class define_by_run:  # noqa: N801  (a picklable function: Tune checkpoints the 
         self.dims = dims
 
     def __call__(self, trial: optuna.Trial) -> None:
-        for path, dim in self.dims.items():
-            suggest(trial, path, dim)
+        switches = kind_switches(self.dims)  # microseconds; nothing derived is pickled
+        drawn: dict[str, Any] = {}
+        for path in search_order(self.dims):
+            if dropped_by(path, drawn, self.dims, switches) is None:
+                drawn[path] = suggest(trial, path, self.dims[path])
 
 
 def suggest(trial: optuna.Trial, path: str, dim: Dimension) -> Any:

@@ -69,7 +69,7 @@ def test_a_bad_choice_is_named():
     (with_(train={"lr": {"low": 0, "high": 1, "log": True}}), "train.lr: a log range needs low > 0"),
     (with_(train={"epochs": {"choices": []}}), "train.epochs.choices: empty list"),
     (with_(train={"epochs": {"low": 1, "high": 3, "default": 9}}), "train.epochs: default 9 is outside [1, 3]"),
-    (with_(attack={"kind": "nope"}), "attack.kind: unknown attack 'nope'; valid: backdoor, none"),
+    (with_(attack={"kind": "nope"}), "attack.kind: unknown attack 'nope'; valid: backdoor"),
     (with_(attack={**backdoor(), "trigger": {"kind": "star"}}), "attack.trigger.kind: unknown trigger 'star'"),
     (with_(model={"arch": "nope"}), "model.arch: unknown architecture 'nope'; valid: tiny-rn, tiny-vit"),
     (with_(model={"arch": "tiny-rn", "pretrained": "/no/such.pt"}), "model.pretrained: checkpoint file /no/such.pt not found"),
@@ -168,3 +168,241 @@ def test_every_packaged_preset_validates(name):
     with resources.as_file(resources.files("sweeps.presets") / name) as path:
         cfg = load_config(path)
     assert cfg.search.num_samples >= 8 and cfg.dimensions
+
+
+# --- kind-switched sections: searching over attack.kind / attack.trigger.kind -------------------
+
+def mixed(**attack):
+    """attack.kind and attack.trigger.kind are dimensions; each kind's keys sit side by side."""
+    return with_(attack={
+        "kind": {"choices": ["backdoor", "targeted"]},
+        "target": "blue circle",
+        "poison_count": {"low": 20, "high": 80, "log": True},
+        "mode": "inject",                                   # backdoor only
+        "targets": 4,                                       # targeted only
+        "trigger": {                                        # backdoor only
+            "kind": {"choices": ["patch", "sig"]},
+            "size": {"choices": [3, 4, 6]},                 # patch only
+            "amplitude": {"low": 10, "high": 60},           # sig only
+        },
+        **attack,
+    })
+
+
+def test_registries_are_found_by_the_key_they_switch():
+    from poison import ATTACKS, DATASETS, TRIGGERS
+    from poison.registry import Registry
+
+    assert Registry.find("attack") is ATTACKS and Registry.find("trigger") is TRIGGERS
+    assert Registry.find("dataset") is DATASETS and Registry.find("no-such-key") is None
+    assert {"attack", "trigger", "dataset"} <= set(Registry.kinds())
+    with pytest.raises(ValueError, match="a registry of kind 'trigger' exists already"):
+        Registry("trigger")
+
+
+def test_resolving_each_kind_drops_the_keys_only_other_kinds_take():
+    cfg = validate_config(mixed())
+    assert list(cfg.dimensions) == ["attack.kind", "attack.poison_count", "attack.trigger.kind",
+                                    "attack.trigger.size", "attack.trigger.amplitude"]
+    targeted = cfg.resolve({"attack.kind": "targeted", "attack.trigger.kind": "sig"})
+    assert targeted.attack.kind == "targeted" and targeted.attack.targets == 4
+    params = flatten(targeted.to_dict())
+    assert "attack.targets" in params
+    assert not any(k.startswith("attack.trigger") or k == "attack.mode" for k in params), params
+    patch = cfg.resolve({"attack.trigger.size": 6})  # defaults: backdoor with a patch
+    assert patch.attack.kind == "backdoor" and patch.attack.trigger.kind == "patch"
+    assert patch.attack.trigger.size == 6 and not hasattr(patch.attack, "targets")
+    assert "attack.trigger.amplitude" not in flatten(patch.to_dict())
+    sig = cfg.resolve({"attack.trigger.kind": "sig", "attack.trigger.amplitude": 42})
+    assert sig.attack.trigger.kind == "sig" and sig.attack.trigger.amplitude == 42
+    assert "attack.trigger.size" not in flatten(sig.to_dict())
+    assert cfg.default_trial.attack.trigger.kind == "patch"
+
+
+def test_active_dimensions_follow_the_drawn_kinds():
+    cfg = validate_config(mixed())
+    assert cfg.active() == ["attack.kind", "attack.trigger.kind", "attack.poison_count", "attack.trigger.size"]
+    assert cfg.active({"attack.kind": "targeted"}) == ["attack.kind", "attack.poison_count"]
+    assert cfg.active({"attack.trigger.kind": "sig"}) == [
+        "attack.kind", "attack.trigger.kind", "attack.poison_count", "attack.trigger.amplitude"]
+
+
+@pytest.mark.parametrize("attack,expected", [
+    ({"targetz": 3}, "attack.targetz: unknown key"),
+    ({"trigger": {"kind": {"choices": ["patch", "sig"]}, "sizes": 4}}, "attack.trigger.sizes: unknown key"),
+    # a key of an attack that is not one of the choices is no less a mistake
+    ({"kind": {"choices": ["backdoor", "none"]}}, "attack.targets: unknown key"),
+])
+def test_a_key_no_choice_takes_is_still_an_error(attack, expected):
+    assert expected in error_of(mixed(**attack))
+
+
+def test_a_fixed_kind_switches_nothing():
+    raw = with_(attack={**backdoor(), "targets": 4})  # targets: a targeted key, but kind is fixed
+    assert "attack.targets: unknown key" in error_of(raw)
+
+
+def test_bad_extremes_under_a_non_default_kind_fail_at_load_naming_the_key():
+    trigger = {"kind": {"choices": ["patch", "sig"]}, "amplitude": {"low": 10, "high": 10**9, "default": 20}}
+    msg = error_of(mixed(trigger=trigger))
+    assert msg.startswith("attack.trigger.amplitude: high (1000000000) with attack.trigger.kind 'sig': "
+                          "expected less than or equal to 255"), msg
+    # targets only exists under targeted, which is not the default kind
+    msg = error_of(mixed(targets={"low": 1, "high": 1000, "default": 2}))
+    assert msg.startswith("attack.targets: high (1000) with attack.kind 'targeted': 1,000 exceeds the"), msg
+    # nested: the default attack kind has no trigger, so both kinds are set for the check
+    msg = error_of(mixed(kind={"choices": ["targeted", "backdoor"]}, trigger=trigger))
+    assert msg.startswith("attack.trigger.amplitude: high (1000000000) with attack.kind 'backdoor' "
+                          "with attack.trigger.kind 'sig': "), msg
+
+
+def test_every_kind_choice_is_checked_with_the_defaults_it_uses():
+    # sig's fixed frequency aliases on 32 px images: caught though the default trigger is a patch
+    msg = error_of(mixed(trigger={"kind": {"choices": ["patch", "sig"]}, "frequency": 30}))
+    assert msg.startswith("attack.trigger.kind: choice 'sig': attack.trigger.frequency: 30.0 periods alias"), msg
+    # a dimension's default that fails only under a non-default kind is named as that default
+    msg = error_of(mixed(trigger={"kind": {"choices": ["patch", "sig"]}, "frequency": {"low": 2, "high": 60}}))
+    assert msg.startswith("attack.trigger.frequency: default (31) with attack.trigger.kind 'sig'"), msg
+    # targeted's own checks run too: 20 pairs cannot cover 30 target images
+    msg = error_of(mixed(targets=30, poison_count=20))
+    assert msg.startswith("attack.kind: choice 'targeted': attack.poison_count: 20 is fewer than the 30"), msg
+
+
+def test_define_by_run_suggests_only_the_dimensions_the_drawn_kinds_use():
+    import optuna
+
+    cfg = validate_config(mixed())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space, seen = define_by_run(cfg.dimensions), set()
+    for _ in range(24):
+        trial = study.ask()
+        space(trial)
+        params = trial.params
+        assert set(params) == set(cfg.active(params)), params
+        kind, trigger = params["attack.kind"], params.get("attack.trigger.kind")
+        seen.add((kind, trigger))
+        if kind == "targeted":
+            assert not any(k.startswith("attack.trigger.") for k in params), params
+        else:
+            assert ("attack.trigger.size" in params) == (trigger == "patch"), params
+            assert ("attack.trigger.amplitude" in params) == (trigger == "sig"), params
+        resolved = cfg.resolve(params)
+        assert resolved.attack.kind == kind
+        study.tell(trial, 0.0)
+    assert seen == {("targeted", None), ("backdoor", "patch"), ("backdoor", "sig")}
+
+
+def test_a_point_may_give_values_for_dimensions_its_kinds_do_not_use():
+    point = {"attack.kind": "targeted", "attack.trigger.size": 6, "attack.trigger.amplitude": 10**6}
+    cfg = validate_config({**mixed(), "search": {"points": [point]}})
+    first, second = cfg.initial_points()
+    assert first == cfg.defaults() and second["attack.kind"] == "targeted"
+    assert cfg.resolve(second).attack.kind == "targeted"
+    trial = FixedTrial(second)  # an enqueued point: the inactive values are never asked for
+    define_by_run(cfg.dimensions)(trial)
+    assert set(trial.params) == {"attack.kind", "attack.poison_count"}
+
+
+def test_summary_table_marks_dimensions_a_trial_does_not_use():
+    from sweeps.driver import TrialRow, summary_csv, summary_table
+
+    cfg = validate_config(mixed())
+    rows = [TrialRow("a", "FINISHED", {"attack.kind": "targeted", "attack.poison_count": 30}, {}, None),
+            TrialRow("b", "FINISHED", {"attack.kind": "backdoor", "attack.trigger.kind": "sig",
+                                       "attack.poison_count": 40, "attack.trigger.amplitude": 25}, {}, None)]
+    table = summary_table(rows, cfg).splitlines()
+    assert table[1].split()[:7] == ["a", "FINISHED", "targeted", "30", "-", "-", "-"]
+    assert table[2].split()[:7] == ["b", "FINISHED", "backdoor", "40", "sig", "-", "25"]
+    assert summary_csv(rows, cfg).splitlines()[1].startswith("a,FINISHED,targeted,30,,,,")
+
+
+def test_objectives_are_the_trial_metrics_plus_every_attacks_metrics(monkeypatch):
+    from typing import ClassVar, Literal
+
+    from poison import ATTACKS, Attack
+    from sweeps.config import objective_names
+
+    names = objective_names()
+    for kind in ATTACKS:
+        assert set(ATTACKS.get(kind).metric_names) <= set(names), kind
+    assert {"attack_success", "utility", "poison_count", "backdoor_asr", "targeted_success"} <= set(names)
+
+    class Probe(Attack):  # a new attack: its metrics become objectives, no edit to sweeps/
+        kind: Literal["probe"] = "probe"
+        depth: int = 1
+        metric_names: ClassVar[tuple[str, ...]] = ("attack_success", "probe_depth_hits")
+
+    monkeypatch.setitem(ATTACKS._items, "probe", Probe)
+    assert "probe_depth_hits" in objective_names()
+    cfg = validate_config(with_(attack={**backdoor(), "kind": {"choices": ["backdoor", "probe"]}, "depth": 3},
+                                search={"objectives": {"attack_success": "max"}}))
+    assert cfg.resolve({"attack.kind": "probe"}).attack.depth == 3
+    assert "trigger" not in cfg.resolve({"attack.kind": "probe"}).to_dict()["attack"]
+    assert "depth" not in cfg.default_trial.to_dict()["attack"]
+
+
+@pytest.mark.parametrize("attack,objectives,expected", [
+    # a mixed sweep: every choice must report every objective, and the message names the one that does not
+    (None, {"backdoor_asr": "max"}, "search.objectives.backdoor_asr: attack.kind choice 'targeted' does not report"),
+    (None, {"targeted_success": "max"}, "search.objectives.targeted_success: attack.kind choice 'backdoor'"),
+    ({"kind": {"choices": ["targeted", "none"]}}, {"utility_drop": "min"},
+     "search.objectives.utility_drop: attack.kind choice 'none' does not report utility_drop"),
+])
+def test_objectives_must_be_reported_by_every_attack_kind_choice(attack, objectives, expected):
+    raw = mixed(**(attack or {}))
+    if attack:  # targeted and none: no mode or trigger
+        del raw["attack"]["mode"], raw["attack"]["trigger"]
+    assert expected in error_of({**raw, "search": {"objectives": objectives}})
+
+
+def test_objectives_of_the_default_or_every_kind_are_accepted():
+    fixed = validate_config(with_(attack={**backdoor(), "kind": "backdoor"},
+                                  search={"objectives": {"backdoor_asr": "max", "utility_drop": "min"}}))
+    assert list(fixed.search.objectives) == ["backdoor_asr", "utility_drop"]
+    mixed_cfg = validate_config({**mixed(), "search": {"objectives": {"attack_success": "max", "utility": "max",
+                                                                      "poison_count": "min", "i2t_r5": "max"}}})
+    assert mixed_cfg.dimensions["attack.kind"].choices == ["backdoor", "targeted"]
+
+
+def test_a_sweep_mixing_attacks_and_triggers_validates_through_the_api():
+    raw = {
+        "name": "mixed", "seed": 1,
+        "data": {"dataset": "synthetic", "size": 400, "test_size": 40, "image_size": 32},
+        "train": {"epochs": 1, "batch_size": 64},
+        "attack": {
+            "kind": {"choices": ["backdoor", "targeted"], "default": "targeted"},
+            "target": "blue circle",
+            "poison_count": {"low": 20, "high": 200, "log": True},
+            "mode": {"choices": ["inject", "replace"]},
+            "caption_source": "templates",
+            "targets": {"low": 1, "high": 4},
+            "trigger": {"kind": {"choices": ["patch", "sig"]}, "size": {"choices": [3, 4, 6]},
+                        "location": "random", "amplitude": {"low": 10, "high": 60}, "frequency": 4},
+        },
+        "search": {"sampler": "tpe", "num_samples": 8,
+                   "points": [{"attack.kind": "backdoor", "attack.trigger.kind": "sig"}]},
+    }
+    cfg = validate_config(raw)
+    assert cfg.default_trial.attack.kind == "targeted" and cfg.default_trial.attack.targets == 2
+    assert "attack.trigger.size" not in cfg.active() and "attack.targets" in cfg.active()
+    sig = cfg.resolve(cfg.search.points[0])
+    assert sig.attack.trigger.kind == "sig" and sig.attack.trigger.frequency == 4
+    assert sig.attack.mode == "inject" and "targets" not in sig.to_dict()["attack"]
+    assert cfg.resolve({"attack.kind": "backdoor", "attack.mode": "replace"}).attack.trigger.size == 3
+
+
+def test_any_registry_switches_its_key_text_trigger_included():
+    cfg = validate_config(with_(attack={
+        "kind": {"choices": ["backdoor", "text-backdoor", "dual-backdoor"]},
+        "target": "blue circle", "poison_count": 20,
+        "trigger": {"kind": "patch", "size": {"choices": [3, 4]}},          # backdoor, dual-backdoor
+        "text_trigger": {"kind": "phrase", "position": {"choices": ["start", "end"]}},  # text-, dual-
+        "modality": "both",                                                  # dual-backdoor only
+    }))
+    assert cfg.active({"attack.kind": "backdoor"}) == ["attack.kind", "attack.trigger.size"]
+    assert cfg.active({"attack.kind": "text-backdoor"}) == ["attack.kind", "attack.text_trigger.position"]
+    assert len(cfg.active({"attack.kind": "dual-backdoor"})) == 3
+    text = cfg.resolve({"attack.kind": "text-backdoor", "attack.text_trigger.position": "end"}).to_dict()["attack"]
+    assert text["text_trigger"]["position"] == "end" and "trigger" not in text and "modality" not in text
+    assert "text_trigger" not in cfg.default_trial.to_dict()["attack"]
