@@ -6,7 +6,9 @@ from poison.attacks import ATTACKS, Attack, make_attack, plan_hash
 from poison.config import ConfigError
 from poison.datasets import DATASETS, DataError, DataSpec, load_dataset
 from poison.manifest import Dataset
+from poison.text_triggers import TEXT_TRIGGERS, make_text_trigger
 from poison.triggers import TRIGGERS, make_trigger
 
 __all__ = ["ATTACKS", "Attack", "ConfigError", "DATASETS", "DataError", "DataSpec", "Dataset",
-           "TRIGGERS", "load_dataset", "make_attack", "make_trigger", "plan_hash"]
+           "TEXT_TRIGGERS", "TRIGGERS", "load_dataset", "make_attack", "make_text_trigger", "make_trigger",
+           "plan_hash"]

@@ -92,6 +92,57 @@ def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
     assert "analysis/pareto.csv" in {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")}
 
 
+MIXED = {
+    "name": "mixed",
+    "seed": 0,
+    "data": {"size": 600, "test_size": 96},
+    "train": {"epochs": 1, "batch_size": 64},
+    "attack": {
+        "kind": {"choices": ["backdoor", "text-backdoor", "dual-backdoor"], "default": "dual-backdoor"},
+        "target": "blue circle",
+        "poison_count": {"low": 10, "high": 60, "log": True, "default": 30},
+        "modality": {"choices": ["image", "text", "both"], "default": "both"},
+        "trigger": {"kind": {"choices": ["patch", "sig"], "default": "patch"}, "size": 4},
+        "text_trigger": {"kind": "phrase", "text": "cf"},
+    },
+    # the default point (dual-backdoor, both, patch) and these three run first: every kind is covered
+    "search": {"num_samples": 4, "max_concurrent": 2, "sampler": "random", "points": [
+        {"attack.kind": "text-backdoor"}, {"attack.kind": "backdoor", "attack.trigger.kind": "sig"},
+        {"attack.kind": "dual-backdoor", "attack.modality": "image", "attack.trigger.kind": "sig"}]},
+    "resources": {"cpu": 1},
+}
+
+
+@pytest.mark.slow
+def test_a_sweep_over_attack_kind_trigger_and_modality_is_tagged_for_grouping(tmp_path, ray_local):
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump({**MIXED, "storage": {"path": str(tmp_path / "results")}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", str(path), "--tracking-uri", uri]) == 0
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("mixed")
+    trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("poisonsweep.role") == "trial"]
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+    seen = set()
+    for run in trials:
+        p, t, m = run.data.params, run.data.tags, run.data.metrics
+        kind = p["attack.kind"]
+        trigger = {"backdoor": p.get("attack.trigger.kind"), "text-backdoor": "phrase",
+                   "dual-backdoor": {"image": p.get("attack.trigger.kind"), "text": "phrase",
+                                     "both": f"{p.get('attack.trigger.kind')}+phrase"}.get(p.get("attack.modality"))}[kind]
+        modality = {"backdoor": "image", "text-backdoor": "text"}.get(kind, p.get("attack.modality"))
+        assert (t["attack"], t["trigger"], t["modality"]) == (kind, trigger, modality)
+        seen.add((t["attack"], t["trigger"], t["modality"]))
+        # each trial's params are its own kind's keys only, and its metrics its attack's
+        assert ("attack.trigger.kind" in p) == (kind != "text-backdoor")
+        assert ("attack.modality" in p) == (kind == "dual-backdoor")
+        assert ("backdoor_asr" in m) == (kind != "text-backdoor") and ("hit_at_1" in m) == (kind != "backdoor")
+        assert "clean_attack_success" in m and m["poison_count"] == int(p["attack.poison_count"])
+    assert {("dual-backdoor", "patch+phrase", "both"), ("text-backdoor", "phrase", "text"),
+            ("backdoor", "sig", "image"), ("dual-backdoor", "sig", "image")} == seen
+
+
 @pytest.mark.slow
 def test_cli_train_writes_flat_metrics_json(tmp_path):
     path = tmp_path / "one.yaml"
