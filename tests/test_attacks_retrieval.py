@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from poison import ConfigError, DataSpec, load_dataset, make_attack
-from poison.attacks.retrieval import hit_metrics, min_ranks
+from poison.attacks.retrieval import hit_metrics, min_ranks, ranks_by_embedding
 from poison.text_triggers import make_text_trigger
 from tests.conftest import backdoor
 
@@ -70,6 +70,13 @@ def test_min_rank_is_one_based_with_ties_in_the_query_s_favour():
     assert min_ranks(scores, per_query).tolist() == [1, 4, 3]
     with pytest.raises(ValueError, match="at least one target"):
         min_ranks(scores, np.zeros(4, bool))
+
+
+def test_ranks_by_embedding_in_blocks_equal_the_whole_matrix():
+    rng = np.random.default_rng(0)
+    q, g = rng.normal(size=(50, 8)), rng.normal(size=(30, 8))
+    targets = rng.random(30) < 0.2
+    assert (ranks_by_embedding(q, g, targets, block=7) == min_ranks(q @ g.T, targets)).all()
 
 
 def test_hit_at_k_counts_ranks_up_to_k():

@@ -137,8 +137,8 @@ class RetrievalPoisoning(Attack):
             else:
                 is_target = labels == target
             queries = labels == source
-            t2i.append(retrieval.min_ranks(texts[queries] @ images.T, is_target))
-            i2t.append(retrieval.min_ranks(images[is_target] @ texts.T, queries))
+            t2i.append(retrieval.ranks_by_embedding(texts[queries], images, is_target))
+            i2t.append(retrieval.ranks_by_embedding(images[is_target], texts, queries))
         out = {**retrieval.hit_metrics(np.concatenate(t2i)), **retrieval.hit_metrics(np.concatenate(i2t), "i2t_")}
         return {**out, "attack_success": out["hit_at_10"]}
 

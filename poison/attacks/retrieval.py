@@ -38,6 +38,15 @@ def min_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return 1 + (scores > best[:, None]).sum(axis=1)
 
 
+def ranks_by_embedding(queries: np.ndarray, gallery: np.ndarray, targets: np.ndarray,
+                       block: int = 1024) -> np.ndarray:
+    """:func:`min_ranks` of normalised query embeddings against a gallery (cosine
+    scores), computed ``block`` queries at a time so that 10,000 x 10,000 never
+    sits in memory at once. ``targets`` is a mask over the gallery."""
+    out = [min_ranks(queries[s : s + block] @ gallery.T, targets) for s in range(0, len(queries), block)]
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
 def hit_metrics(ranks: np.ndarray, prefix: str = "", ks: tuple[int, ...] = KS) -> dict[str, float]:
     """``{prefix}hit_at_k`` for each k, ``{prefix}min_rank_mean`` and ``_median``.
 
@@ -60,4 +69,4 @@ def metric_names(prefix: str = "", ks: tuple[int, ...] = KS) -> tuple[str, ...]:
     return (*(f"{prefix}hit_at_{k}" for k in ks), f"{prefix}min_rank_mean", f"{prefix}min_rank_median")
 
 
-__all__ = ["KS", "hit_metrics", "metric_names", "min_ranks"]
+__all__ = ["KS", "hit_metrics", "metric_names", "min_ranks", "ranks_by_embedding"]

@@ -124,8 +124,8 @@ class TextBackdoor(TextTriggered):
         if not triggered or not mask.any():
             out = retrieval.hit_metrics(np.zeros(0))
         else:
-            scores = model.embed_texts(triggered) @ model.embed_images(dataset.images[test["image"].to_numpy()]).T
-            out = retrieval.hit_metrics(retrieval.min_ranks(scores, mask))
+            gallery = model.embed_images(dataset.images[test["image"].to_numpy()])
+            out = retrieval.hit_metrics(retrieval.ranks_by_embedding(model.embed_texts(triggered), gallery, mask))
         return {**out, "attack_success": out["hit_at_1"]}
 
 
