@@ -65,3 +65,23 @@ def _format(err: ValidationError, path: str) -> str:
             else:
                 lines.append(f"{key}: {msg}, got {e['input']!r}")
     return "; ".join(lines)
+
+
+def make_registered(registry: Any, data: Any, path: str, *, default: str | None = None) -> Any:
+    """Validates a ``{kind: ..., ...}`` mapping into the class ``registry`` holds for its kind.
+
+    ``default`` is the kind when the mapping (or its ``kind``) is absent; without
+    one, ``kind`` is required. Errors name ``path`` and list the registered kinds.
+    """
+    if data is None and default is not None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    kind = data.get("kind", default)
+    valid = ", ".join(registry.names())
+    if kind is None:
+        raise ConfigError(f"{path}.kind: required; valid: {valid}")
+    if kind not in registry:
+        raise ConfigError(f"{path}.kind: unknown {registry.kind.replace('_', ' ')} {kind!r}; valid: {valid}")
+    return validate_section(registry.get(kind), data, path)
+

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from pydantic import field_validator
 
-from poison.config import ConfigError, Section, validate_section
+from poison.config import Section, make_registered
 from poison.registry import Registry
 
 TEXT_TRIGGERS: Registry = Registry("text_trigger")
@@ -76,14 +76,6 @@ class PhraseTrigger(TextTrigger):
 
 def make_text_trigger(data: object, path: str = "attack.text_trigger") -> TextTrigger:
     """Validates a text-trigger mapping into its registered class (default: ``phrase``)."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
-    kind = data.get("kind", "phrase")
-    if kind not in TEXT_TRIGGERS:
-        raise ConfigError(f"{path}.kind: unknown text trigger {kind!r}; valid: {', '.join(TEXT_TRIGGERS.names())}")
-    return validate_section(TEXT_TRIGGERS.get(kind), data, path)
-
+    return make_registered(TEXT_TRIGGERS, data, path, default="phrase")
 
 __all__ = ["PhraseTrigger", "TEXT_TRIGGERS", "TextTrigger", "make_text_trigger"]

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from poison.config import ConfigError, Section, validate_section
+from poison.config import ConfigError, Section, make_registered
 from poison.registry import Registry
 
 TRIGGERS: Registry = Registry("trigger")
@@ -98,13 +98,8 @@ class PatchTrigger(Trigger):
 
 
 def make_trigger(data: object, path: str = "attack.trigger") -> Trigger:
-    """Validates a trigger mapping into its registered class."""
-    if not isinstance(data, dict) or "kind" not in data:
-        raise ConfigError(f"{path}.kind: required; valid: {', '.join(TRIGGERS.names())}")
-    if data["kind"] not in TRIGGERS:
-        raise ConfigError(f"{path}.kind: unknown trigger {data['kind']!r}; valid: {', '.join(TRIGGERS.names())}")
-    return validate_section(TRIGGERS.get(data["kind"]), data, path)
-
+    """Validates a trigger mapping into its registered class (``kind`` required)."""
+    return make_registered(TRIGGERS, data, path)
 
 @TRIGGERS.register("blended")
 class BlendedTrigger(Trigger):

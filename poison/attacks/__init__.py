@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from poison.config import ConfigError, Section, validate_section
+from poison.config import Section, make_registered
 from poison.manifest import Dataset
 from poison.registry import Registry
 
@@ -140,16 +140,8 @@ def plan_hash(plan: pa.Table) -> str:
 
 
 def make_attack(data: object, path: str = "attack") -> Attack:
-    """Validates an attack mapping into its registered class."""
-    if data is None:
-        data = {"kind": "none"}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
-    kind = data.get("kind", "none")
-    if kind not in ATTACKS:
-        raise ConfigError(f"{path}.kind: unknown attack {kind!r}; valid: {', '.join(ATTACKS.names())}")
-    return validate_section(ATTACKS.get(kind), data, path)
-
+    """Validates an attack mapping into its registered class (absent: no attack)."""
+    return make_registered(ATTACKS, data, path, default="none")
 
 from poison.attacks import backdoor, multimodal, targeted, text_backdoor  # noqa: E402,F401  (registration on import)
 
