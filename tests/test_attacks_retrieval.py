@@ -72,6 +72,21 @@ def test_min_rank_is_one_based_with_ties_in_the_query_s_favour():
         min_ranks(scores, np.zeros(4, bool))
 
 
+def test_min_rank_maps_to_mm_poison_by_one_and_hit_at_k_agrees():
+    """mm_poison (Yang et al.) takes the 0-based position of the first target in each query's
+    descending sort and counts hit_k as rank < k; without ties ours is theirs + 1."""
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(40, 25))  # continuous: no ties
+    targets = np.zeros(25, bool)
+    targets[[2, 11, 19]] = True
+    order = np.argsort(-scores, axis=1)
+    theirs = np.array([np.flatnonzero(targets[row])[0] for row in order])
+    ours = min_ranks(scores, targets)
+    assert (ours == theirs + 1).all()
+    for k in (1, 5, 10):
+        assert hit_metrics(ours)[f"hit_at_{k}"] == np.mean(theirs < k)
+
+
 def test_ranks_by_embedding_in_blocks_equal_the_whole_matrix():
     rng = np.random.default_rng(0)
     q, g = rng.normal(size=(50, 8)), rng.normal(size=(30, 8))
