@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import ray
 import yaml
 from ray import tune
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from poison import ConfigError
@@ -68,34 +68,38 @@ def optuna_storage(sweep: SweepConfig) -> str:
 def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = None,
               printer: Printer = print) -> SweepOutcome:
     """Runs the sweep to the end; failed trials are recorded as failed, never fatal."""
-    # Epoch results deliberately omit the objectives: a trial that fails after some
-    # epochs must reach Optuna as FAIL, not as COMPLETE with its last epoch's values.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    for key, value in QUIET_ENV.items():  # our own progress lines replace Tune's reporter
-        os.environ.setdefault(key, value)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _start_ray(address)  # before any MLflow run exists: a bad address leaves nothing behind
-    _check_resources(sweep, local=address is None, printer=printer)
+    start_driver(sweep, address, printer)  # before any MLflow run exists: a bad address leaves nothing behind
     tracker = Tracker(tracking_uri, sweep)
     parent = tracker.start_parent()
-    cache_dir = sweep.storage.cache_dir()
-    threads = max(1, int(sweep.resources.cpu))
-    resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
-    logger = _TrialLogger(sweep, tracker, printer)
+    logger = TrialLogger(sweep, tracker, printer)
     run_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         study_url = optuna_storage(sweep)
         tracker.client.log_param(parent, "optuna.study", f"{run_name} in {study_url}")
-        clean = _clean_first(sweep, cache_dir)
+        clean = clean_first(sweep)[0]
         logger.say(f"clean model: utility {clean['utility']:.3f} "
                    f"({'from the cache' if clean['cached'] else 'trained'})")
-        _tuner(sweep, resources, cache_dir, threads, logger, run_name, study_url).fit()
+        tuner(sweep, _searcher(sweep, run_name, study_url), sweep.search.num_samples, logger, run_name,
+              list(sweep.search.objectives)).fit()
     except BaseException:
         tracker.finish_parent(None, status="FAILED")
         raise
     rows = logger.rows()  # the logger recorded every trial's outcome as it happened
     tracker.finish_parent(summary_csv(rows, sweep))
     return SweepOutcome(tracker.experiment_id, parent, tracking_uri, rows, run_name, study_url)
+
+
+def start_driver(sweep: SweepConfig, address: str | None, printer: Printer) -> None:
+    """What every launch does first: quiet Tune and Optuna, start or join Ray, and refuse a
+    trial no node can hold."""
+    # Epoch results deliberately omit the objectives: a trial that fails after some
+    # epochs must reach Optuna as FAIL, not as COMPLETE with its last epoch's values.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    for key, value in QUIET_ENV.items():  # our own progress lines replace Tune's reporter
+        os.environ.setdefault(key, value)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _start_ray(address)
+    _check_resources(sweep, local=address is None, printer=printer)
 
 
 def _start_ray(address: str | None) -> None:
@@ -127,8 +131,7 @@ def _check_resources(sweep: SweepConfig, *, local: bool, printer: Printer) -> No
     printer(f"warning: {message}; trials wait until the autoscaler adds such a node")
 
 
-def _tuner(sweep: SweepConfig, resources: dict[str, float], cache_dir: str, threads: int,
-           logger: "_TrialLogger", run_name: str, study_url: str) -> tune.Tuner:
+def _searcher(sweep: SweepConfig, run_name: str, study_url: str) -> ConcurrencyLimiter:
     objectives = sweep.search.objectives
     seed = sweep.search.seed if sweep.search.seed is not None else sweep.default_trial.seed
     searcher = OptunaSearch(
@@ -137,17 +140,26 @@ def _tuner(sweep: SweepConfig, resources: dict[str, float], cache_dir: str, thre
         sampler=make_sampler(sweep.search.sampler, seed),
         points_to_evaluate=sweep.initial_points() or None,
     )
+    return ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent)
+
+
+def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_samples: int, logger: "TrialLogger",
+          run_name: str, objectives: list[str], param_space: dict[str, Any] | None = None) -> tune.Tuner:
+    """The Tuner of ``num_samples`` trials drawn by ``search_alg``, each a :func:`_trainable`
+    (with the sweep's resources, its CPU share as torch threads) mirrored into MLflow by ``logger``."""
+    cache_dir, threads = sweep.storage.cache_dir(), max(1, int(sweep.resources.cpu))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
-                             threads=threads, objectives=list(objectives)),
-        resources,
+                             threads=threads, objectives=objectives),
+        {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
     )
     storage = Path(sweep.storage.path).resolve()
     return tune.Tuner(
         trainable,
+        param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent),
-            num_samples=sweep.search.num_samples,
+            search_alg=search_alg,
+            num_samples=num_samples,
             reuse_actors=True,  # a new actor re-imports torch and open_clip: seconds per trial
         ),
         run_config=tune.RunConfig(
@@ -178,16 +190,20 @@ def _trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache
         tune.report(result.metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _clean_first(sweep: SweepConfig, cache_dir: str) -> dict[str, Any]:
-    """Trains (or finds in the cache) the sweep's clean model before the trials start.
+def clean_first(sweep: SweepConfig, seeds: list[int] | None = None) -> list[dict[str, Any]]:
+    """Trains (or finds in the cache) the sweep's clean model before the trials start: the
+    default point's, or one per seed of ``seeds``.
 
-    It runs as one Ray task with the CPUs of all concurrent trials (a running task
+    Each runs as one Ray task with the CPUs of all concurrent trials (a running task
     beside the Tuner starves Tune's placement groups), so trials only load it.
     """
     largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
     cpus = max(sweep.resources.cpu, min(sweep.resources.cpu * sweep.search.max_concurrent, largest_node))
     task = _train_clean.options(num_cpus=cpus, num_gpus=min(sweep.resources.gpu, 1) if sweep.resources.gpu else 0)
-    return ray.get(task.remote(sweep.default_trial.model_dump(mode="json"), cache_dir, max(1, int(cpus))))
+    default = sweep.default_trial
+    configs = [default] if seeds is None else [default.model_copy(update={"seed": s}) for s in seeds]
+    cache_dir, threads = sweep.storage.cache_dir(), max(1, int(cpus))
+    return ray.get([task.remote(c.model_dump(mode="json"), cache_dir, threads) for c in configs])
 
 
 @ray.remote
@@ -211,11 +227,16 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-class _TrialLogger(tune.Callback):
-    """Mirrors every trial into MLflow as it runs, and prints its progress."""
+class TrialLogger(tune.Callback):
+    """Mirrors every trial into MLflow as it runs, and prints its progress.
 
-    def __init__(self, sweep: SweepConfig, tracker: Tracker, printer: Printer) -> None:
+    One logger may serve several Tuners in turn (the budget search's rounds): trials
+    are numbered on across them, out of ``total`` (default ``search.num_samples``).
+    """
+
+    def __init__(self, sweep: SweepConfig, tracker: Tracker, printer: Printer, *, total: int | None = None) -> None:
         self.sweep, self.tracker, self.printer = sweep, tracker, printer
+        self.total = total or sweep.search.num_samples
         self.run_ids: dict[str, str] = {}
         self.order: dict[str, int] = {}
         self.finished: dict[str, TrialRow] = {}
@@ -228,7 +249,7 @@ class _TrialLogger(tune.Callback):
         self.printer(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}")
 
     def _label(self, trial: Any) -> str:
-        return f"trial {self.order[trial.trial_id]}/{self.sweep.search.num_samples}"
+        return f"trial {self.order[trial.trial_id]}/{self.total}"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.order.setdefault(trial.trial_id, len(self.order) + 1)

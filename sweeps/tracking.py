@@ -60,19 +60,23 @@ class Tracker:
             location = (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / name).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
-    def start_parent(self) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep.name}-sweep",
-                                     tags={ROLE_TAG: "sweep"})
+    def start_parent(self, *, role: str = "sweep", params: dict[str, Any] | None = None) -> str:
+        """The launch's parent run, named ``<name>-<role>``: its config YAML and ``params``
+        (default: the search settings)."""
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep.name}-{role}",
+                                     tags={ROLE_TAG: role})
         self.parent_id = run.info.run_id
-        search = self.sweep.search
-        params = {"search.sampler": search.sampler, "search.num_samples": search.num_samples,
-                  "search.max_concurrent": search.max_concurrent,
-                  "search.objectives": ",".join(f"{k}:{v}" for k, v in search.objectives.items()),
-                  "search.dimensions": ",".join(self.sweep.dimensions) or "none",
-                  "resources.cpu": self.sweep.resources.cpu, "resources.gpu": self.sweep.resources.gpu}
-        self._batch(self.parent_id, params=params)
+        self._batch(self.parent_id, params=self._search_params() if params is None else params)
         self.client.log_text(self.parent_id, self.sweep.to_yaml(), "config.yaml")
         return self.parent_id
+
+    def _search_params(self) -> dict[str, Any]:
+        search = self.sweep.search
+        return {"search.sampler": search.sampler, "search.num_samples": search.num_samples,
+                "search.max_concurrent": search.max_concurrent,
+                "search.objectives": ",".join(f"{k}:{v}" for k, v in search.objectives.items()),
+                "search.dimensions": ",".join(self.sweep.dimensions) or "none",
+                "resources.cpu": self.sweep.resources.cpu, "resources.gpu": self.sweep.resources.gpu}
 
     def start_trial(self, trial_id: str, config: TrialConfig, values: dict[str, Any], *,
                     name: str | None = None) -> str:

@@ -15,6 +15,29 @@ def small_synthetic():
     return load_dataset(DataSpec(dataset="synthetic", size=400, test_size=40, seed=3))
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """Local Ray with two CPUs for the real sweeps of one test module (shut down after it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def launch_runs(uri: str, experiment: str, role: str) -> tuple:
+    """The MLflow client, the one parent run of ``role`` in ``experiment`` and its trial runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("poisonsweep.role") == role]
+    assert len(parents) == 1, [r.data.tags.get("poisonsweep.role") for r in runs]
+    children = [r for r in runs if r.data.tags.get("poisonsweep.role") == "trial"]
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    return client, parents[0], children
+
+
 def backdoor(count: int = 20, **trigger) -> dict:
     return {"kind": "backdoor", "target": "blue circle", "poison_count": count,
             "trigger": {"kind": "patch", "size": 4, **trigger}}

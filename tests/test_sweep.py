@@ -8,7 +8,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from sweeps.cli import main
-from tests.conftest import backdoor
+from tests.conftest import backdoor, launch_runs
 
 SWEEP = {
     "name": "e2e",
@@ -22,15 +22,6 @@ SWEEP = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
     path = tmp_path / "sweep.yaml"
@@ -38,16 +29,9 @@ def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["run", str(path), "--tracking-uri", uri]) == 0  # the user's path, end to end
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("e2e")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("poisonsweep.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("poisonsweep.role") == "trial"]
-    assert len(parents) == 1 and len(children) == 4
-    parent = parents[0]
-    assert parent.info.status == "FINISHED"
+    client, parent, children = launch_runs(uri, "e2e", "sweep")
+    assert len(children) == 4 and parent.info.status == "FINISHED"
     assert {"config.yaml", "trials.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
 
     finished = [c for c in children if c.info.status == "FINISHED"]
     failed = [c for c in children if c.info.status == "FAILED"]
