@@ -1,4 +1,4 @@
-"""The ``poisonsweep`` command line: run, demo, train, ui."""
+"""The ``poisonsweep`` command line: run, demo, train, pareto, budget, ui."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,21 @@ def _parser() -> argparse.ArgumentParser:
     pareto.add_argument("--all", action="store_true", help="print every configuration, not only the front")
     pareto.add_argument("--tracking-uri", help="tracking store (default: as for run)")
     pareto.set_defaults(func=_pareto)
+
+    budget = sub.add_parser("budget", help="minimal poison_count reaching an attack_success threshold, "
+                                           "with a confidence interval (a sequential search of real trials)")
+    budget.add_argument("config", help="sweep config YAML: its default point's attack, data and recipe")
+    _common(budget)
+    budget.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    budget.add_argument("--threshold", type=float, required=True, help="attack_success to reach, in (0, 1)")
+    budget.add_argument("--confidence", type=float, default=0.95, help="confidence of the interval (0.95)")
+    budget.add_argument("--max-trials", type=int, default=60, help="trial budget of the search (60)")
+    budget.add_argument("--replicates", type=int, default=3, help="seeds per count: seed, seed+1, ... (3)")
+    budget.add_argument("--rel-width", type=float, default=0.5,
+                        help="stop when (high - low) / estimate of the interval is at most this (0.5)")
+    budget.add_argument("--low", type=int, help="lowest count (default: attack.poison_count's low)")
+    budget.add_argument("--high", type=int, help="highest count (default: attack.poison_count's high)")
+    budget.set_defaults(func=_budget)
 
     ui = sub.add_parser("ui", help="open the MLflow UI over a sweep's tracking store")
     ui.add_argument("--config", help="sweep config, to find its store")
@@ -139,6 +154,25 @@ def _print_front(uri: str, experiment: str, objectives: dict[str, str], parent: 
           f"{', '.join(f'{k} {v}' for k, v in objectives.items())}):")
     print(format_front(front, only_front=not show_all))
     return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    from sweeps.budget_driver import BudgetOptions, prepare_budget, run_budget, summary
+    from sweeps.config import load_config
+    from sweeps.tracking import tracking_uri
+
+    options = BudgetOptions(threshold=args.threshold, confidence=args.confidence, max_trials=args.max_trials,
+                            replicates=args.replicates, rel_width=args.rel_width, low=args.low, high=args.high)
+    budget, search = prepare_budget(load_config(args.config, args.overrides), options)  # before Ray starts
+    uri = tracking_uri(args.tracking_uri, budget)
+    print(f"budget {budget.name}: poison_count in [{search.low}, {search.high}] reaching attack_success "
+          f">= {search.threshold}, at most {search.max_trials} trials, tracking {uri}", flush=True)
+    outcome = run_budget(budget, search, tracking_uri=uri, address=args.address,
+                         printer=lambda line: print(line, flush=True))
+    print()
+    print(summary(outcome))
+    print(f"\nOpen the results with:\n  poisonsweep ui --tracking-uri {uri}")
+    return 0 if outcome.search.observations else 1  # every trial failed: a failure
 
 
 def _ui(args: argparse.Namespace) -> int:

@@ -1,0 +1,240 @@
+"""The minimal-budget search: its pure core on simulated dose-responses with a known
+crossing (coverage of the interval, trials against a grid, bad input), and one real
+search through Ray Tune into MLflow."""
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from poison import ConfigError
+from sweeps.budget import BudgetSearch, Point, SimulatedResponse, fit_curve, grid_estimate, run_simulated
+from sweeps.budget_driver import BudgetOptions, prepare_budget, rate_of
+from sweeps.cli import main
+from sweeps.config import validate_config
+from tests.conftest import backdoor, launch_runs
+
+LOW, HIGH = 10, 2000
+
+
+def coverage(response: SimulatedResponse, repeats: int = 200, **options) -> tuple[float, list]:
+    """The fraction of ``repeats`` searches (fixed seeds) whose interval holds the true crossing."""
+    truth = response.true_crossing(LOW, HIGH)
+    estimates = []
+    for r in range(repeats):
+        search = BudgetSearch(low=LOW, high=HIGH, threshold=response.threshold, **options)
+        estimates.append(run_simulated(search, response, np.random.default_rng([7, r])))
+    return float(np.mean([e.low <= truth <= e.high for e in estimates])), estimates
+
+
+# 200 repeats: the binomial standard error of a 95% coverage is 0.015, of an 80% one 0.028
+@pytest.mark.parametrize("crossing,slope", [(150, 5.0), (40, 2.5)])
+def test_interval_covers_the_true_crossing_at_the_stated_rate(crossing, slope):
+    response = SimulatedResponse(crossing=crossing, slope=slope, threshold=0.9)
+    rate, estimates = coverage(response, replicates=3, max_trials=90)
+    assert 0.91 <= rate <= 0.995, rate
+    assert all(e.status == "ok" for e in estimates)  # each stopped on its precision, not its budget
+    assert np.median([e.rel_width for e in estimates]) <= 0.5
+
+
+def test_a_lower_confidence_gives_a_narrower_interval_that_covers_less():
+    response = SimulatedResponse(crossing=300, slope=4.0, threshold=0.8)
+    rate, _ = coverage(response, replicates=3, max_trials=90, confidence=0.8, rel_width=0.3)
+    assert 0.72 <= rate <= 0.9, rate
+
+
+def test_coverage_holds_with_a_background_rate_and_beta_noise():
+    # a retrieval attack's chance hit rate (the clean model's success) is the curve's floor
+    response = SimulatedResponse(crossing=80, slope=3.0, threshold=0.9, floor=0.3, concentration=15)
+    rate, _ = coverage(response, replicates=3, max_trials=90, floor=0.3)
+    assert 0.91 <= rate <= 0.995, rate
+
+
+def test_a_non_monotone_wiggle_costs_some_coverage_but_does_not_break_it():
+    # a wiggle of ±0.03 on the whole curve: non-monotone on the plateau, and the first
+    # crossing of the true mean (the truth) is 7% below the logistic's own. The model is
+    # then wrong, so the nominal 95% cannot be promised: measured 0.815 here (0.865 with
+    # other seeds); it was 0.26-0.6 before saturated points were left out of the fit
+    response = SimulatedResponse(crossing=150, slope=4.0, threshold=0.9, wiggle=0.03, period=1.5)
+    truth = response.true_crossing(LOW, HIGH)
+    grid = np.geomspace(LOW, HIGH, 2000)
+    assert np.any(np.diff(response.mean(grid)) < 0) and abs(truth / 150 - 1) > 0.05
+    rate, _ = coverage(response, replicates=3, max_trials=90)
+    assert rate >= 0.78, rate
+
+
+def test_fewer_trials_than_a_grid_for_a_tighter_interval():
+    # (benchmarks/budget_search.py measures the ratio across scenarios)
+    response = SimulatedResponse(crossing=150, slope=5.0, threshold=0.9)
+    _, seq = coverage(response, repeats=100, replicates=3, max_trials=90)
+    grid = [grid_estimate(response, np.random.default_rng([8, r]), low=LOW, high=HIGH, counts=12, replicates=3,
+                          threshold=0.9) for r in range(100)]
+    assert grid[0].trials == 36
+    assert np.mean([e.trials for e in seq]) <= 0.7 * 36  # measured: 22
+    assert np.median([e.rel_width for e in seq]) <= np.median([e.rel_width for e in grid])
+
+
+def test_points_are_unique_replicated_and_within_budget():
+    search = BudgetSearch(low=LOW, high=HIGH, threshold=0.9, replicates=3, max_trials=40, rel_width=0.01)
+    response = SimulatedResponse(crossing=100, slope=3.0)
+    rng = np.random.default_rng(0)
+    seen = []
+    while not search.done:
+        batch = search.propose()
+        assert batch and all(LOW <= p.count <= HIGH for p in batch)
+        seen += batch
+        for p in batch:
+            search.observe(p, response.sample(p.count, rng))
+    assert len(seen) == len(set(seen)) == search.trials == 40  # no (count, seed) twice; budget spent exactly
+    first = seen[:12]  # round 0: four log-spaced counts, seeds 0, 1, 2 at each
+    assert sorted({p.count for p in first}) == [10, 58, 342, 2000]
+    assert {p.seed for p in first} == {0, 1, 2}
+    assert search.propose() == [] and search.estimate().status == "wide"
+
+
+def test_same_observations_same_proposals():
+    def run() -> list[Point]:
+        search = BudgetSearch(low=5, high=500, threshold=0.9, replicates=2, seed=11)
+        rng, out = np.random.default_rng(3), []
+        while not search.done:
+            batch = search.propose()
+            out += batch
+            for p in batch:
+                search.observe(p, SimulatedResponse(crossing=60, slope=3.0).sample(p.count, rng))
+        return out
+
+    first = run()
+    assert first == run() and min(p.seed for p in first) == 11
+
+
+def test_a_crossing_outside_the_bracket_is_said_so():
+    above = BudgetSearch(low=LOW, high=HIGH, threshold=0.9, replicates=2)
+    est = run_simulated(above, SimulatedResponse(crossing=20000, slope=4.0), np.random.default_rng(0))
+    assert est.status == "not-reached" and est.trials < 20
+    below = BudgetSearch(low=LOW, high=HIGH, threshold=0.9, replicates=2)
+    est = run_simulated(below, SimulatedResponse(crossing=2, slope=4.0), np.random.default_rng(0))
+    assert est.status == "below-low" and est.trials < 20
+
+
+def test_a_failed_trial_is_spent_but_not_observed():
+    search = BudgetSearch(low=LOW, high=HIGH, threshold=0.9, replicates=1, max_trials=4)
+    for point in search.propose():
+        search.observe(point, None if point.count == 58 else 0.5)
+    assert search.trials == 4 and len(search.observations) == 3 and search.done
+
+
+def test_fit_recovers_a_noise_free_curve():
+    response = SimulatedResponse(crossing=123, slope=3.0, threshold=0.9)
+    counts = np.geomspace(30, 400, 12)
+    curve = fit_curve(counts, response.mean(counts))
+    assert curve.crossing(0.9) == pytest.approx(123, rel=1e-3) and curve.b == pytest.approx(3.0, rel=1e-3)
+    assert fit_curve([10, 20, 40, 80], [0, 0, 1, 1]) is None  # separated: no slope to find
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"threshold": 1.0}, "--threshold: must lie strictly between 0 and 1, got 1.0"),
+    ({"threshold": 0.0}, "--threshold: must lie strictly between 0 and 1"),
+    ({"confidence": 1.5}, "--confidence: must lie strictly between 0 and 1"),
+    ({"low": 100, "high": 100}, "--low/--high: low < high must hold, but got low=100, high=100"),
+    ({"low": 0}, "--low/--high: whole poison counts of at least 1"),
+    ({"replicates": 0}, "--replicates: at least 1"),
+    ({"max_trials": 5}, "--max-trials: 5 is fewer than the first round's 4 counts × 3 replicates"),
+    ({"rel_width": 0}, "--rel-width: must be positive"),
+])
+def test_bad_search_options_name_the_option(options, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        BudgetSearch(**{"low": LOW, "high": HIGH, "threshold": 0.9, **options})
+
+
+TINY = {
+    "name": "budget-e2e",
+    "seed": 0,
+    "data": {"size": 600, "test_size": 96},
+    "train": {"epochs": 1, "batch_size": 64, "lr": {"choices": [2.0e-3, 1.0e-3], "default": 2.0e-3}},
+    "attack": {**backdoor(), "poison_count": {"low": 10, "high": 120, "log": True, "default": 40}},
+    "search": {"max_concurrent": 2},
+    "resources": {"cpu": 1},
+}
+
+
+def _sweep(**attack):
+    return validate_config({**TINY, "attack": {**TINY["attack"], **attack}})
+
+
+def test_budget_config_takes_the_bracket_from_the_dimension_and_fixes_the_rest():
+    budget, search = prepare_budget(_sweep(), BudgetOptions(threshold=0.9))
+    assert (search.low, search.high, search.seed, search.replicates) == (10, 120, 0, 3)
+    assert set(budget.dimensions) == {"attack.poison_count", "seed"}  # train.lr is fixed at its default
+    assert budget.resolve({"attack.poison_count": 77, "seed": 5}).train.lr == 2.0e-3
+    assert budget.resolve({"attack.poison_count": 77, "seed": 5}).seed == 5
+    _, search = prepare_budget(_sweep(), BudgetOptions(threshold=0.9, low=20))
+    assert (search.low, search.high) == (20, 120)
+
+
+@pytest.mark.parametrize("attack,options,message", [
+    ({"poison_count": 40}, {}, "attack.poison_count: nothing to search (a fixed count of 40): make it a range "
+                               "{low: ..., high: ..., log: true} or give --low and --high"),
+    ({"poison_count": 40}, {"low": 10}, "attack.poison_count: nothing to search (a fixed count of 40): "
+                                        "make it a range {low: ..., high: ..., log: true} or give --high"),
+    ({}, {"low": 200}, "--low/--high: a bracket 1 <= low < high is needed, but got low=200, high=120"),
+    ({"poison_count": 40}, {"low": 10, "high": 10**6}, "attack.poison_count: high (1000000): 1,000,000 exceeds"),
+    ({}, {"threshold": 1.5}, "--threshold: must lie strictly between 0 and 1"),
+])
+def test_bad_budget_input_names_the_key_or_option(attack, options, message):
+    with pytest.raises(ConfigError) as err:
+        prepare_budget(_sweep(**attack), BudgetOptions(**{"threshold": 0.9, **options}))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_cli_bad_budget_input_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "fixed.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "attack": backdoor(40)}))
+    assert main(["budget", str(path), "--threshold", "0.9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("poisonsweep: error: attack.poison_count: nothing to search") and len(err.splitlines()) == 1
+    assert not (tmp_path / "poisonsweep_results").exists()
+
+
+def test_rate_of_follows_the_training_set_size():
+    injected = rate_of([(10, 10 / 1010), (100, 100 / 1100)])
+    replaced = rate_of([(10, 10 / 1000), (100, 100 / 1000)])
+    assert injected(50) == pytest.approx(50 / 1050) and replaced(50) == pytest.approx(0.05)
+    assert rate_of([]) is None and injected(math.inf) == math.inf
+
+
+@pytest.mark.slow
+def test_budget_search_runs_real_trials_into_mlflow(tmp_path, ray_local, capsys):
+    path = tmp_path / "budget.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "storage": {"path": str(tmp_path / "results")}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(["budget", str(path), "--threshold", "0.5", "--max-trials", "6", "--replicates", "1",
+                 "--tracking-uri", uri])
+    assert code == 0
+    client, parent, children = launch_runs(uri, "budget-e2e", "budget")
+    assert len(children) == 6 and parent.info.status == "FINISHED"
+    assert all(c.info.status == "FINISHED" for c in children)
+    # round 0: four log-spaced counts over the dimension's bracket, seed 0; then round 1
+    counts = sorted(int(c.data.params["attack.poison_count"]) for c in children if c.data.tags["budget.round"] == "1")
+    assert counts == [10, 23, 52, 120]
+    assert {c.data.tags["budget.round"] for c in children} == {"1", "2"}
+    for child in children:
+        m, p, t = child.data.metrics, child.data.params, child.data.tags
+        assert m["poison_count"] == int(p["attack.poison_count"]) and 10 <= m["poison_count"] <= 120
+        assert p["train.lr"] == "0.002" and p["seed"] == t["seed"] == "0"
+        assert {"attack_success", "utility", "clean_attack_success", "poison_rate"} <= set(m)
+    assert {"config.yaml", "trials.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "budget")}
+    assert artifacts == {"budget/budget_points.csv", "budget/budget.json", "budget/budget_curve.png"}
+    png = client.download_artifacts(parent.info.run_id, "budget/budget_curve.png", str(tmp_path))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    csv = open(client.download_artifacts(parent.info.run_id, "budget/budget_points.csv", str(tmp_path))).read()
+    assert len(csv.strip().splitlines()) == 7 and csv.startswith("poison_count,seed,status,attack_success")
+    pm, pp = parent.data.metrics, parent.data.params
+    assert pm["budget_trials"] == 6 and pp["budget.threshold"] == "0.5" and pp["budget.replicates"] == "1"
+    assert parent.data.tags["budget.status"] in {"ok", "wide", "not-reached", "below-low"}
+    if "budget_count" in pm:
+        assert pm["budget_count_low"] <= pm["budget_count"] <= pm["budget_count_high"]
+        assert pm["budget_rate"] == pytest.approx(pm["budget_count"] / (600 + pm["budget_count"]), rel=1e-6)
+    out = capsys.readouterr().out
+    assert "Minimal poison budget for attack_success >= 0.5" in out and "round 2 done" in out
+    assert "poisonsweep ui --tracking-uri " + uri in out
