@@ -29,10 +29,11 @@ def train_preset(kind: str, store, *overrides: str) -> dict:
     return json.loads(out.read_text())
 
 
+# Two presets keep the suite inside its time budget (~90 s each on 2 cores): dual-backdoor
+# exercises both the image backdoor and the text trigger, mm-multi-label Yang et al.'s
+# retrieval poisoning (attacks II/III). The others are measured in the README.
 @pytest.mark.parametrize("kind, floor", [
-    ("text-backdoor", 0.9),     # hit@1 of a target image for triggered captions of other classes
     ("dual-backdoor", 0.9),     # mean of the image backdoor's ASR and the text backdoor's hit@1
-    ("mm-single-image", 0.6),   # hit@10 of the one target image for the source class's captions
     ("mm-multi-label", 0.5),    # hit@10 over both goals' source captions
 ])
 def test_attack_preset_works_without_costing_utility(kind, floor, store):
@@ -41,3 +42,5 @@ def test_attack_preset_works_without_costing_utility(kind, floor, store):
     assert m["attack_success"] - m["clean_attack_success"] >= 0.5
     assert m["utility_drop"] <= 0.05 and m["clean_utility"] > 0.9
     assert m["poison_count"] > 0 and 0 < m["poison_rate"] < 0.05
+    if kind == "dual-backdoor":  # both halves work, not just their mean
+        assert m["backdoor_asr"] >= 0.9 and m["hit_at_1"] >= 0.9
