@@ -135,7 +135,7 @@ def fit_curve(counts: Iterable[float], successes: Iterable[float], *, floor: flo
     Example:
         >>> curve = fit_curve([10, 10, 30, 30, 100, 100], [0.05, 0.1, 0.5, 0.4, 0.9, 0.95])
         >>> round(curve.crossing(0.5))
-        31
+        32
     """
     x = np.log(np.asarray(list(counts), dtype=float))
     y = np.clip((np.asarray(list(successes), dtype=float) - floor) / (1 - floor), 0.0, 1.0)

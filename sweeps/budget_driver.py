@@ -189,7 +189,7 @@ def rate_of(pairs: list[tuple[float, float]]) -> Callable[[float], float] | None
     counts = np.array([c for c, _ in pairs], dtype=float)
     totals = counts / np.array([r for _, r in pairs], dtype=float)
     slope, base = np.polyfit(counts, totals, 1) if len(np.unique(counts)) > 1 else (0.0, float(totals[0]))
-    return lambda c: c / (base + slope * c) if math.isfinite(c) else math.inf
+    return lambda c: float(c / (base + slope * c)) if math.isfinite(c) else math.inf
 
 
 def _params(budget: SweepConfig, search: BudgetSearch) -> dict[str, Any]:
@@ -271,7 +271,7 @@ def plot_curve(search: BudgetSearch, est: Estimate, path: Path) -> None:
     ax.set_xlabel("attack.poison_count")
     ax.set_ylabel("attack_success")
     ax.set_title(f"minimal budget: {est.status}", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
