@@ -58,6 +58,8 @@ class Dataset:
     ``images`` is a uint8 array of shape (N, H, W, 3), indexed by the
     manifest's ``image`` column; it is built on first use and cached on disk
     as a memory-mappable ``.npy`` so that every trial on a node shares it.
+    ``trusted_capacity`` is how many trusted pairs (``DataSpec.trusted``) the
+    source has beside these training pairs (``None``: as many as asked for).
     """
 
     name: str
@@ -68,6 +70,7 @@ class Dataset:
     _render: Callable[[], np.ndarray] = field(repr=False)
     _cache_file: Path | None = field(default=None, repr=False)
     _images: np.ndarray | None = field(default=None, repr=False)
+    trusted_capacity: int | None = None
 
     @property
     def images(self) -> np.ndarray:

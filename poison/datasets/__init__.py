@@ -26,6 +26,11 @@ class DataSpec:
         image_size: side of the square images, in pixels.
         seed: seed of every random choice in generation and subsetting.
         cache_dir: where decoded images are cached (``None``: no cache).
+        trusted: when set, the training split is instead this many *trusted* pairs,
+            disjoint from the ``size`` training pairs the spec gives otherwise (the clean
+            data of defenses: a filter's reference model, clean fine-tuning). Each
+            dataset says how it keeps them apart; ``Dataset.trusted_capacity`` says
+            how many it has.
     """
 
     dataset: str = "synthetic"
@@ -35,6 +40,7 @@ class DataSpec:
     image_size: int = 32
     seed: int = 0
     cache_dir: str | None = None
+    trusted: int | None = None
 
     def cache_file(self, **extra: object) -> Path | None:
         from poison.manifest import cache_key
@@ -43,7 +49,8 @@ class DataSpec:
             return None
         key = cache_key(
             dataset=self.dataset, path=self.path, size=self.size, test_size=self.test_size,
-            image_size=self.image_size, seed=self.seed, version=DATASETS.get(self.dataset).VERSION, **extra,
+            image_size=self.image_size, seed=self.seed, version=DATASETS.get(self.dataset).VERSION,
+            **({"trusted": self.trusted} if self.trusted is not None else {}), **extra,
         )
         return Path(self.cache_dir) / "images" / f"{self.dataset}-{key}.npy"
 

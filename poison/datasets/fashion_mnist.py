@@ -4,6 +4,10 @@ Default location is where Debian's ``dataset-fashion-mnist`` package puts the
 files; ``data.path`` points elsewhere. Captions come from varied templates over
 class synonyms plus words read off the image itself (brightness, width), so a
 class has many distinct captions.
+
+``data.size`` draws a seeded subset of the 60,000 training images; a trusted split
+(``DataSpec.trusted``, the clean data of defenses) is drawn from the other
+60,000 − ``data.size`` training images, so it never shares an image with the trial's pairs.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ PHRASINGS = [
     "catalogue image of a {name}", "a small black and white photo of a {name}",
 ]
 TEMPLATES = ["a photo of a {}.", "a grayscale picture of a {}.", "a {}.", "product shot of a {}."]
+TRUSTED_STREAM = 4  # the seed's stream drawing the trusted split
 INSTALL_HINT = "install it with `apt-get install dataset-fashion-mnist` or set data.path"
 
 
@@ -50,6 +55,10 @@ def load(spec: DataSpec) -> Dataset:
         "train": _subset(len(labels["train"]), spec.size, rng, "data.size"),
         "test": _subset(len(labels["test"]), spec.test_size, rng, "data.test_size"),
     }
+    capacity = len(labels["train"]) - len(pick["train"])
+    if spec.trusted is not None:
+        pick["train"] = _trusted(len(labels["train"]), pick["train"], spec.trusted,
+                                 np.random.default_rng([spec.seed, TRUSTED_STREAM]))
 
     def render() -> np.ndarray:
         raw = [read_idx(files[s][0])[pick[s]] for s in FILES]
@@ -62,7 +71,7 @@ def load(spec: DataSpec) -> Dataset:
     manifest = make_manifest(image=np.arange(len(label)), caption=captions, label=label, split=split)
     return Dataset(
         name="fashion-mnist", manifest=manifest, classnames=CLASSNAMES, templates=TEMPLATES,
-        image_size=spec.image_size, _render=render, _cache_file=spec.cache_file(),
+        image_size=spec.image_size, _render=render, _cache_file=spec.cache_file(), trusted_capacity=capacity,
     )
 
 
@@ -94,6 +103,16 @@ def _subset(total: int, size: int | None, rng: np.random.Generator, key: str) ->
     if not 1 <= size <= total:
         raise DataError(f"{key}: {size} is not between 1 and the {total:,} pairs fashion-mnist has")
     return np.sort(rng.choice(total, size=size, replace=False))
+
+
+def _trusted(total: int, used: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` training images outside the ``used`` ones, drawn with ``rng`` (a seeded
+    permutation of the rest, so a smaller trusted split is part of a larger one)."""
+    rest = np.setdiff1d(np.arange(total), used)
+    if not 1 <= count <= len(rest):
+        raise DataError(f"trusted split: {count:,} pairs do not fit in the {len(rest):,} fashion-mnist "
+                        f"training images outside the {len(used):,} of data.size")
+    return np.sort(rng.permutation(rest)[:count])
 
 
 def _stats(files: dict[str, list[Path]], pick: dict[str, np.ndarray]) -> np.ndarray:

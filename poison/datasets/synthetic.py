@@ -39,26 +39,32 @@ PHRASINGS = [
 TEMPLATES = ["a photo of a {}.", "a {}.", "an image of a {}.", "a picture of a {}."]
 CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 DEFAULT_TEST_FRACTION = 0.1
+TRUSTED_STREAM = 1  # appended to the seed's streams for the trusted split
 
 
 @DATASETS.register("synthetic")
 def load(spec: DataSpec) -> Dataset:
-    """Generates the manifest now and the images on first use (seeded by ``spec.seed``)."""
+    """Generates the manifest now and the images on first use (seeded by ``spec.seed``).
+
+    A trusted split (``spec.trusted``) is generated like the main set from other streams
+    of the seed, so its pairs are fresh draws, never the main set's pairs.
+    """
     if spec.size is None or spec.size < 1:
         raise DataError("data.size: the synthetic dataset needs a positive size")
     n_test = spec.test_size if spec.test_size is not None else max(1, round(spec.size * DEFAULT_TEST_FRACTION))
-    attrs = _attributes(spec.size + n_test, np.random.default_rng([spec.seed, 0]))
-    captions = [_caption(attrs, i) for i in range(spec.size + n_test)]
+    n_train, streams = (spec.size, ()) if spec.trusted is None else (spec.trusted, (TRUSTED_STREAM,))
+    attrs = _attributes(n_train + n_test, np.random.default_rng([spec.seed, 0, *streams]))
+    captions = [_caption(attrs, i) for i in range(n_train + n_test)]
     manifest = make_manifest(
-        image=np.arange(spec.size + n_test),
+        image=np.arange(n_train + n_test),
         caption=captions,
         label=attrs["colour"] * len(SHAPES) + attrs["shape"],
-        split=["train"] * spec.size + ["test"] * n_test,
+        split=["train"] * n_train + ["test"] * n_test,
     )
     return Dataset(
         name="synthetic", manifest=manifest, classnames=CLASSNAMES, templates=TEMPLATES,
         image_size=spec.image_size,
-        _render=lambda: render(attrs, spec.image_size, np.random.default_rng([spec.seed, 1])),
+        _render=lambda: render(attrs, spec.image_size, np.random.default_rng([spec.seed, 1, *streams])),
         _cache_file=spec.cache_file(),
     )
 
