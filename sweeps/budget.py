@@ -38,7 +38,7 @@ and the search keeps exploring instead of claiming precision. Its coverage under
 sequential design and the width-based stopping rule is checked by simulation
 (``tests/test_budget.py``).
 
-Design. Round 0 spreads ``initial_counts`` counts log-evenly over [low, high]. Until a
+Design. The first round spreads ``initial_counts`` counts log-evenly over [low, high]. Until a
 bounded interval exists, each round bisects (in log count) the gap between the largest
 count whose mean success is below τ and the smallest one at or above it ("gap" mode;
 without such a pair, it extends to the bracket's end). Once the interval is bounded,
@@ -258,6 +258,7 @@ class BudgetSearch:
         self._issued: dict[int, int] = {}  # count -> seeds issued there
         self._results: list[tuple[Point, float]] = []
         self._spent = 0
+        self._estimate: tuple[tuple[int, float, int], Estimate] | None = None
 
     @property
     def floor(self) -> float:
@@ -340,6 +341,12 @@ class BudgetSearch:
 
     def estimate(self) -> Estimate:
         """The crossing with its interval from every observation so far."""
+        key = (len(self._results), self._floor, self._spent)
+        if self._estimate is None or self._estimate[0] != key:  # done, propose and the caller all ask
+            self._estimate = (key, self._fit_estimate())
+        return self._estimate[1]
+
+    def _fit_estimate(self) -> Estimate:
         points = [p for p, _ in self._results]
         curve = fit_curve([p.count for p in points], [y for _, y in self._results], floor=self.floor) \
             if points else None
