@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from poison import ATTACKS, DataError, load_dataset
+from poison import ATTACKS, DEFENSES, DataError, load_dataset
 from poison.config import ConfigError, Section, validate_section
 from poison.registry import Registry
 from trainers.config import TrialConfig, parse_trial_config
@@ -45,10 +45,11 @@ ATTACK_TRIAL_METRICS = ("utility_drop",)
 
 
 def objective_names() -> tuple[str, ...]:
-    """The metrics a sweep may optimise: every trial's, plus each registered attack's."""
+    """The metrics a sweep may optimise: every trial's, plus each registered attack's and defense's."""
     names = dict.fromkeys(("attack_success", *TRIAL_METRICS, *ATTACK_TRIAL_METRICS))
-    for kind in ATTACKS.names():
-        names.update(dict.fromkeys(_metric_names(ATTACKS.get(kind))))
+    for registry in (ATTACKS, DEFENSES):
+        for kind in registry.names():
+            names.update(dict.fromkeys(_metric_names(registry.get(kind))))
     return tuple(names)
 
 
@@ -410,27 +411,34 @@ def _context(path: str, dims: dict[str, Dimension], switches: dict[str, KindSwit
 
 
 def _check_objectives(search: SearchConfig, trial: TrialConfig, dims: dict[str, Dimension]) -> None:
-    """Every objective must be a metric this sweep's trials report: with ``attack.kind``
-    a dimension, every choice must report it."""
-    kind_dim = dims.get("attack.kind")
-    if kind_dim is not None and kind_dim.kind == "categorical":
-        kinds, what = list(kind_dim.choices), "attack.kind choice"
-    else:
-        kinds, what = [trial.attack.kind], "attack.kind"
-    for kind in kinds:
-        if kind == trial.attack.kind:
-            names = trial.attack.metric_names
-        elif kind in ATTACKS:
-            names = _metric_names(ATTACKS.get(kind))
-        else:
-            continue  # an unknown kind is reported when its choice is checked
-        produced = set(TRIAL_METRICS) | set(names)
-        if kind != "none":
-            produced |= set(ATTACK_TRIAL_METRICS)
-        for name in search.objectives:
-            if name not in produced:
-                raise ConfigError(f"search.objectives.{name}: {what} {kind!r} does not report "
-                                  f"{name}; objectives it can use: {', '.join(sorted(produced))}")
+    """Every objective must be a metric this sweep's trials report: with ``attack.kind`` or
+    ``defense.kind`` a dimension, every combination of choices must report it (a trial
+    reports its attack's metrics and its defense's)."""
+    attacks = {k: set(TRIAL_METRICS) | set(n) | (set(ATTACK_TRIAL_METRICS) if k != "none" else set())
+               for k, n in _kind_metrics("attack", ATTACKS, trial.attack, dims).items()}
+    defenses = {k: set(n) for k, n in _kind_metrics("defense", DEFENSES, trial.defense, dims).items()}
+    what = {s: f"{s}.kind choice" if s + ".kind" in dims and dims[s + ".kind"].kind == "categorical"
+            else f"{s}.kind" for s in ("attack", "defense")}
+    for name in search.objectives:
+        attack = next((k for k, produced in attacks.items() if name not in produced), None)
+        defense = next((k for k, produced in defenses.items() if name not in produced), None)
+        if attack is None or defense is None:
+            continue  # every attack reports it, or every defense does
+        a_defense_metric = any(name in _metric_names(DEFENSES.get(k)) for k in DEFENSES.names())
+        blamed = ("defense", defense) if a_defense_metric else ("attack", attack)
+        produced = sorted(attacks[attack] | defenses[defense])
+        raise ConfigError(f"search.objectives.{name}: {what[blamed[0]]} {blamed[1]!r} does not report "
+                          f"{name}; objectives it can use: {', '.join(produced)}")
+
+
+def _kind_metrics(section: str, registry: Registry, default: Any, dims: dict[str, Dimension]
+                  ) -> dict[str, tuple[str, ...]]:
+    """The metric names of each kind a trial's ``section`` may take (unknown kinds are left to
+    the check of their choice)."""
+    dim = dims.get(f"{section}.kind")
+    kinds = list(dim.choices) if dim is not None and dim.kind == "categorical" else [default.kind]
+    return {k: default.metric_names if k == default.kind else _metric_names(registry.get(k))
+            for k in kinds if k == default.kind or k in registry}
 
 
 def _check_extremes(raw: dict[str, Any], dims: dict[str, Dimension], default: TrialConfig, *,
@@ -455,6 +463,7 @@ def _check_extremes(raw: dict[str, Any], dims: dict[str, Dimension], default: Tr
                 if key not in datasets:
                     datasets[key] = load_dataset(spec)
                 trial.attack.check(datasets[key])
+                trial.defense.check(datasets[key], pretrained=trial.model.pretrained is not None)
         except DataError as err:
             raise ConfigError(_prefix(str(err), path, label, dims)) from None
         except ConfigError as err:

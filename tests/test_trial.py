@@ -142,7 +142,7 @@ def test_frozen_parameters_are_not_handed_to_the_optimizer(arch):
         model = build_model(arch, None, device=torch.device("cpu"), image_size=32).model
         freeze_tower(model, trainable)
         config = parse_trial_config({"model": {"arch": arch}, "train": {"trainable": trainable}})
-        optimizer, _ = _optimizer(model, config, total_steps=10)
+        optimizer, _ = _optimizer(model, config.train, total_steps=10)
         handed = {id(p) for group in optimizer.param_groups for p in group["params"]}
         names = {id(p): n for n, p in model.named_parameters()}
         assert handed == {id(p) for p in model.parameters() if p.requires_grad}

@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
-from poison import DATASETS, Attack, DataSpec, make_attack
+import trainers.defenses  # noqa: F401  (registers the defenses that need the model)
+from poison import DATASETS, Attack, DataSpec, Defense, make_attack, make_defense
 from poison.config import ConfigError, Section, validate_section
 
 
@@ -55,10 +56,6 @@ class TrainConfig(Section):
     trainable: Literal["both", "image", "text"] = "both"
 
 
-class DefenseConfig(Section):
-    kind: Literal["none"] = "none"
-
-
 class TrialConfig(Section):
     """A fully resolved trial: no search dimensions left."""
 
@@ -68,12 +65,17 @@ class TrialConfig(Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     attack: SerializeAsAny[Attack] = Field(default_factory=lambda: make_attack(None))
-    defense: DefenseConfig = DefenseConfig()
+    defense: SerializeAsAny[Defense] = Field(default_factory=lambda: make_defense(None))
 
     @field_validator("attack", mode="before")
     @classmethod
     def _attack(cls, value: Any) -> Attack:
         return value if isinstance(value, Attack) else make_attack(value)
+
+    @field_validator("defense", mode="before")
+    @classmethod
+    def _defense(cls, value: Any) -> Defense:
+        return value if isinstance(value, Defense) else make_defense(value)
 
     @model_validator(mode="after")
     def _fits(self) -> "TrialConfig":
@@ -94,7 +96,7 @@ class TrialConfig(Section):
 
     def clean(self) -> "TrialConfig":
         """The same data, model and recipe without poison or defense."""
-        return self.model_copy(update={"attack": make_attack(None), "defense": DefenseConfig()})
+        return self.model_copy(update={"attack": make_attack(None), "defense": make_defense(None)})
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -110,13 +112,13 @@ def parse_trial_config(raw: dict[str, Any]) -> TrialConfig:
     unknown = set(raw) - set(TrialConfig.model_fields)
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown key; valid: {', '.join(TrialConfig.model_fields)}")
-    sections = {
-        "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "defense": DefenseConfig,
-    }
+    sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
     parsed: dict[str, Any] = {k: v for k, v in raw.items() if k in ("name", "seed")}
     for key, cls in sections.items():
         if key in raw:
             parsed[key] = validate_section(cls, raw[key], key)
     if "attack" in raw:
         parsed["attack"] = make_attack(raw["attack"])
+    if "defense" in raw:
+        parsed["defense"] = make_defense(raw["defense"])
     return validate_section(TrialConfig, parsed, "")

@@ -5,6 +5,7 @@ and the attack stamps its triggers on a batch's poisoned rows as it loads.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterator
 
 import numpy as np
@@ -29,8 +30,9 @@ class TrainingSet:
         self.plan_row = np.concatenate([np.full(clean.num_rows, -1), np.arange(plan.num_rows)])
         captions = pa.concat_arrays([clean["caption"].combine_chunks(), plan["caption"].combine_chunks()])
         unique = pc.unique(captions)
-        self.caption = pc.index_in(captions, value_set=unique).to_numpy()
-        self.tokens = tokenize(unique.to_pylist())
+        self.caption = pc.index_in(captions, value_set=unique).to_numpy()  # row → index into captions
+        self.captions = unique.to_pylist()
+        self.tokens = tokenize(self.captions)
         # the plan's own columns (trigger placement, which part of a combined attack, ...) for stamp()
         self.plan_columns = {c: plan[c].to_numpy() for c in plan.column_names
                              if c not in PLAN_SCHEMA.names or c == "source_label"}
@@ -38,15 +40,30 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.image)
 
-    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """uint8 images (B, H, W, 3) with triggers stamped, and token ids (B, L)."""
+    @property
+    def poisoned(self) -> np.ndarray:
+        """Boolean per row: the attack added or altered it (the ground truth of filters)."""
+        return self.plan_row >= 0
+
+    def subset(self, keep: np.ndarray) -> "TrainingSet":
+        """The rows where the boolean ``keep`` is true, in order (what a data-side defense leaves)."""
+        kept = copy.copy(self)
+        kept.image, kept.plan_row, kept.caption = self.image[keep], self.plan_row[keep], self.caption[keep]
+        return kept
+
+    def images(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 images (B, H, W, 3) of ``rows``, triggers stamped."""
         images = np.array(self.dataset.images[self.image[rows]])
         plan_rows = self.plan_row[rows]
         poisoned = plan_rows >= 0
         if poisoned.any():
             cols = {k: v[plan_rows[poisoned]] for k, v in self.plan_columns.items()}
             images[poisoned] = self.attack.stamp(images[poisoned], cols)
-        return images, self.tokens[self.caption[rows]]
+        return images
+
+    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """uint8 images (B, H, W, 3) with triggers stamped, and token ids (B, L)."""
+        return self.images(rows), self.tokens[self.caption[rows]]
 
     def epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Shuffled full batches (a contrastive batch needs its negatives)."""

@@ -6,7 +6,7 @@ import contextlib
 import numpy as np
 import torch
 
-from poison import Dataset
+from poison import Attack, Dataset
 from trainers.data import to_tensor
 from trainers.metrics import class_embeddings, retrieval_recall, zeroshot_accuracy, zeroshot_predict
 from trainers.models import Built
@@ -77,3 +77,8 @@ class Evaluator:
         else:
             out["utility"] = (out["i2t_r5"] + out["t2i_r5"]) / 2
         return out
+
+
+def evaluate_trial(evaluator: Evaluator, attack: Attack, dataset: Dataset, seed: int) -> dict[str, float]:
+    """A trial's evaluation after an epoch: utility, then the attack's own metrics."""
+    return {**evaluator.utility(), **attack.evaluate(dataset, evaluator, seed)}

@@ -1,38 +1,33 @@
-"""One trial, without Ray: poison the data, train CLIP, evaluate.
+"""One trial, without Ray: poison the data, defend, train CLIP, evaluate.
 
 ``run_trial(config)`` is a plain function of a validated :class:`TrialConfig`;
-the sweep driver wraps it, ``poisonsweep train`` calls it directly.
+the sweep driver wraps it, ``poisonsweep train`` calls it directly. A defense acts
+through its hooks (``poison.defenses.Defense``): a keep-mask before training, the
+trained model after it; the loop itself (``trainers.loop``) knows no defense.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
-import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
+import open_clip
 import pyarrow as pa
 import torch
 
 from poison import Dataset, load_dataset, plan_hash
-from poison.manifest import cache_key
+from poison.attacks import empty_plan
+from poison.config import ConfigError
+from poison.defenses import Defense, filter_metrics
+from trainers.cache import TrainedModel, cached, model_key
 from trainers.config import TrialConfig
-from trainers.data import TrainingSet, to_tensor
-from trainers.evaluate import Evaluator
-from trainers.models import Built, architecture_fingerprint, build_model, clip_loss
-
-EpochCallback = Callable[[dict[str, float]], None]
-BATCH_STREAM = 21
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite: the trial failed."""
+from trainers.data import TrainingSet
+from trainers.evaluate import Evaluator, evaluate_trial
+from trainers.hooks import PostTraining, ReferencePairs, trusted_dataset
+from trainers.loop import (BATCH_STREAM, EpochCallback, NonFiniteLossError, _optimizer, autocast_for,  # noqa: F401
+                           device_for, fit, freeze_tower)
+from trainers.models import build_model
 
 
 @dataclass
@@ -44,11 +39,14 @@ class TrialResult:
 
 def run_trial(config: TrialConfig, *, cache_dir: str | None = None, on_epoch: EpochCallback | None = None,
               baseline: bool = True) -> TrialResult:
-    """Trains one poisoned model and returns its final metrics (DESIGN.md names).
+    """Trains one poisoned (and maybe defended) model and returns its final metrics (DESIGN.md names).
 
     With ``baseline``, the sweep's clean model (same data, model and recipe, no
     poison) is loaded from ``cache_dir`` or trained once and cached, and
     ``clean_utility``, ``utility_drop`` and ``clean_attack_success`` are added.
+    A trial whose defense leaves training as it is (none, or one acting after
+    training) shares its poisoned model through ``cache_dir`` with every such trial
+    of the same attack; ``poisoned_cache_hit`` says whether it was loaded.
 
     Example:
         >>> cfg = parse_trial_config({"data": {"size": 512}, "train": {"epochs": 1}})
@@ -56,140 +54,145 @@ def run_trial(config: TrialConfig, *, cache_dir: str | None = None, on_epoch: Ep
     """
     dataset = load_dataset(config.data_spec(cache_dir))
     config.attack.check(dataset)  # reject before any training
+    config.defense.check(dataset, pretrained=config.model.pretrained is not None)
     plan = config.attack.plan(dataset, config.seed)
     clean = (clean_model(config, cache_dir=cache_dir)
              if baseline and config.attack.kind != "none" else None)
-    built, last, seconds, samples = _train(config, dataset, plan, on_epoch)
-    metrics = _final_metrics(config, dataset, plan, last, clean)
-    metrics.update(train_seconds=seconds, samples_per_second=samples / max(seconds, 1e-9))
-    return TrialResult(metrics=metrics, plan=plan, state_dict=built.model.state_dict())
+    model, metrics = trained_model(config, dataset, plan, cache_dir=cache_dir, on_epoch=on_epoch)
+    metrics.update(model.metrics, train_seconds=model.seconds,
+                   samples_per_second=model.samples / max(model.seconds, 1e-9))
+    state = model.state_dict
+    defended = _after_training(config, dataset, model, cache_dir=cache_dir, on_epoch=on_epoch)
+    if defended is not None:
+        state, after = defended
+        metrics.update(after)
+    return TrialResult(metrics=_final_metrics(config, dataset, plan, metrics, clean), plan=plan, state_dict=state)
 
 
-def device_for(config: TrialConfig) -> torch.device:
-    wanted = config.train.device
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(wanted)
+def trained_model(config: TrialConfig, dataset: Dataset, plan: pa.Table, *, cache_dir: str | None,
+                  on_epoch: EpochCallback | None = None) -> tuple[TrainedModel, dict[str, float]]:
+    """The trial's trained model, before any post-training defense, and the metrics of how it was got.
+
+    Trained as without a defense (``stage`` none or post), it is the same model for every
+    defense of the attack, so it goes through the cache: the clean model always, a poisoned
+    one stored when a post-training defense needs it and read whenever it is there (a
+    stored model replays its epochs to ``on_epoch``). A data-side or in-training defense
+    trains a model of its own.
+    """
+    metrics: dict[str, float] = {}  # a data-side defense's, when it trains now
+
+    def train() -> TrainedModel:
+        model, own = _train(config, dataset, plan, on_epoch, cache_dir=cache_dir)
+        metrics.update(own)
+        return model
+
+    if cache_dir is None or config.defense.stage not in ("none", "post"):
+        return train(), metrics
+    kind = "clean" if config.attack.kind == "none" else "poisoned"
+    meta = {"config": {k: v for k, v in config.to_dict().items() if k != "defense"}, "plan_hash": plan_hash(plan)}
+    model = cached(Path(cache_dir) / kind / model_key(config, plan), train, meta=meta,
+                   store=kind == "clean" or config.defense.stage == "post")
+    if model.cached and on_epoch is not None:
+        for epoch in model.history:
+            on_epoch(epoch)
+    return model, {**metrics, f"{kind}_cache_hit": float(model.cached)}
 
 
-def autocast_for(config: TrialConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    precision = config.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table,
-           on_epoch: EpochCallback | None) -> tuple[Built, dict[str, float], float, int]:
-    """Trains and evaluates after every epoch; returns the last epoch's metrics."""
+def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: EpochCallback | None = None, *,
+           cache_dir: str | None = None) -> tuple[TrainedModel, dict[str, float]]:
+    """Trains and evaluates after every epoch, on the rows the data-side defense keeps;
+    returns the model and the defense's metrics."""
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    data = TrainingSet(dataset, config.attack, plan, open_clip.get_tokenizer(config.model.arch))
+    data, defense_metrics = _keep(config, dataset, data, cache_dir)  # before seeding: it may train a reference
     torch.manual_seed(config.seed)
     device = device_for(config)
     built = build_model(config.model.arch, config.model.pretrained, device=device,
                         image_size=config.data.image_size)
     freeze_tower(built.model, config.train.trainable)
-    data = TrainingSet(dataset, config.attack, plan, built.tokenize)
-    steps_per_epoch = max(1, len(data) // config.train.batch_size)
-    optimizer, schedule = _optimizer(built.model, config, steps_per_epoch * config.train.epochs)
-    scaler = torch.amp.GradScaler(enabled=config.train.precision == "fp16" and device.type == "cuda")
-    autocast, loss_fn = autocast_for(config, device), clip_loss()
     evaluator = Evaluator(built, dataset, autocast=autocast_for(config, device))
-    rng = np.random.default_rng([config.seed, BATCH_STREAM])
-    seconds, samples = 0.0, 0
-    for epoch in range(1, config.train.epochs + 1):
-        start, losses = time.perf_counter(), []
-        built.model.train()
-        for images, tokens in data.epoch(config.train.batch_size, rng):
-            x = to_tensor(images, built.mean, built.std)
-            with autocast:
-                out = built.model(x, tokens.to(device, non_blocking=True))
-                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            with torch.no_grad():  # CLIP clamps the temperature at 100
-                built.model.logit_scale.clamp_(0, math.log(100))
-            losses.append(loss.item())
-            samples += len(images)
-        seconds += time.perf_counter() - start
-        metrics = {**evaluator.utility(), **config.attack.evaluate(dataset, evaluator, config.seed)}
-        if on_epoch is not None:
-            on_epoch({"epoch": epoch, "loss": float(np.mean(losses)), **metrics})
-    return built, metrics, seconds, samples
+    fitted = fit(built, data, config, rng=np.random.default_rng([config.seed, BATCH_STREAM]), on_epoch=on_epoch,
+                 evaluate=lambda: evaluate_trial(evaluator, config.attack, dataset, config.seed))
+    model = TrainedModel(built.model.state_dict(), fitted.last, history=fitted.history, seconds=fitted.seconds,
+                         samples=fitted.samples)
+    return model, defense_metrics
 
 
-SHARED_PARAMETERS = ("logit_scale", "logit_bias")  # belong to neither tower: always train
+def _keep(config: TrialConfig, dataset: Dataset, data: TrainingSet,
+          cache_dir: str | None) -> tuple[TrainingSet, dict[str, float]]:
+    """The rows the defense's ``keep_mask`` keeps, scored against the plan (``filter_*``)."""
+    start, reference = time.perf_counter(), _ReferenceSupplier(config, dataset, cache_dir)
+    keep = config.defense.keep_mask(ReferencePairs(data, reference), config.seed)
+    if keep is None:
+        return data, {}
+    keep = np.asarray(keep, bool)
+    if keep.shape != (len(data),):
+        raise ValueError(f"defense {config.defense.kind}: keep-mask of shape {keep.shape} for {len(data)} rows")
+    if not keep.any():
+        raise ConfigError(f"defense: {config.defense.kind} removed all {len(data):,} training pairs")
+    seconds = time.perf_counter() - start - reference.seconds  # the shared reference model is not its cost
+    return data.subset(keep), {**filter_metrics(keep, data.poisoned), **reference.metrics,
+                               "defense_seconds": seconds}
 
 
-def freeze_tower(model: torch.nn.Module, trainable: str) -> None:
-    """Locks the tower that ``train.trainable`` leaves out, with open_clip's own LiT locking.
+class _ReferenceSupplier:
+    """The filters' reference model, got on first use: ``model.pretrained`` when given, else a
+    model of the trial's recipe trained once on trusted pairs and cached (``reference/``)."""
 
-    ``lock_image_tower(freeze_bn_stats=True)`` also swaps the tower's BatchNorm2d for
-    torchvision's FrozenBatchNorm2d (buffers only, no running-stat update), which survives
-    ``model.train()``; a frozen ModifiedResNet's state_dict then has no ``num_batches_tracked``
-    (loading it into a fresh model still works: torch fills them in).
-    """
-    if trainable == "both":
-        return
-    image_frozen = trainable == "text"
-    if image_frozen:
-        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
-    else:
-        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    def __init__(self, config: TrialConfig, dataset: Dataset, cache_dir: str | None) -> None:
+        self.config, self.dataset, self.cache_dir = config, dataset, cache_dir
+        self.seconds, self.metrics = 0.0, {}
 
-    def in_frozen(name: str) -> bool:  # open_clip names the image tower visual.*, the text tower the rest
-        return name.startswith("visual.") == image_frozen and name not in SHARED_PARAMETERS
-
-    # For tiny-rn and tiny-vit (open_clip 3.3) the locks already freeze every parameter of the
-    # tower (text: token_embedding, positional_embedding, transformer, ln_final, text_projection);
-    # this sweep is a guard for architectures whose lock leaves some parameter trainable.
-    for name, param in model.named_parameters():
-        if in_frozen(name):
-            param.requires_grad_(False)
-    for name, module in model.named_modules():
-        if in_frozen(name + ".") and isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            raise NotImplementedError(f"{name}: a frozen tower's BatchNorm would still update its running stats")
+    def __call__(self, trusted_pairs: int | None) -> Evaluator:
+        start, config = time.perf_counter(), self.config
+        autocast = autocast_for(config, device_for(config))
+        if config.model.pretrained is not None:
+            built = build_model(config.model.arch, config.model.pretrained, device=device_for(config),
+                                image_size=config.data.image_size)
+            return Evaluator(built, self.dataset, autocast=autocast)
+        model = reference_model(config, trusted_pairs or self.dataset.num_train, cache_dir=self.cache_dir)
+        self.seconds += time.perf_counter() - start
+        self.metrics = {"reference_cache_hit": float(model.cached), "reference_utility": model.metrics["utility"]}
+        return Evaluator(model.build(reference_config(config)), self.dataset, autocast=autocast)
 
 
-def _optimizer(model: torch.nn.Module, config: TrialConfig, total_steps: int):
-    """AdamW (no decay on gains, biases, embeddings' scale) with linear warm-up then cosine.
-
-    Frozen parameters (``train.trainable``) are left out. torch's AdamW skips a parameter whose
-    grad is None, weight decay included, but that rests on ``zero_grad(set_to_none=True)``; a
-    frozen parameter handed to it with a zero grad would still be decayed.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2 and "logit_scale" not in n]
-    rest = [p for n, p in named if not (p.ndim >= 2 and "logit_scale" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=config.train.lr, betas=(0.9, 0.98), eps=1e-6,
-        # fused: one kernel for all parameters; benchmarks/optimizer_step.py measured CPU
-        # steps 4-7x faster than the default loop (the 49,408-token embedding dominates)
-        fused=True,
-    )
-    warmup = max(1, int(config.train.warmup * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def reference_config(config: TrialConfig) -> TrialConfig:
+    """The offline reference model's config: the trial's data, model and recipe without poison
+    or defense, both towers trained (it has to embed images and captions alike)."""
+    clean = config.clean()
+    return clean.model_copy(update={"train": clean.train.model_copy(update={"trainable": "both"})})
 
 
-def _final_metrics(config: TrialConfig, dataset: Dataset, plan: pa.Table, last: dict[str, float],
-                   clean: "CleanModel | None") -> dict[str, float]:
-    metrics = dict(last)
+def reference_model(config: TrialConfig, trusted_pairs: int, *, cache_dir: str | None) -> TrainedModel:
+    """The reference model of ``config``, trained on ``trusted_pairs`` trusted pairs instead of the
+    training pairs (so a filter is not handed the answer); trained once, cached (``reference/``)."""
+    reference = reference_config(config)
+    trusted = trusted_dataset(config, trusted_pairs, "defense.reference_pairs", cache_dir)
+    folder = Path(cache_dir) / "reference" / model_key(reference, trusted=trusted_pairs) if cache_dir else None
+    meta = {"config": reference.to_dict(), "trusted_pairs": trusted_pairs}
+    return cached(folder, lambda: _train(reference, trusted, empty_plan())[0], meta=meta)
+
+
+def _after_training(config: TrialConfig, dataset: Dataset, model: TrainedModel, *, cache_dir: str | None,
+                    on_epoch: EpochCallback | None) -> tuple[dict[str, torch.Tensor], dict[str, float]] | None:
+    """Runs the defense's ``after_training`` hook; None when it did nothing. Else the defended
+    weights and metrics: the new evaluation, the one before as ``predefense_*``, the defense's own."""
+    if type(config.defense).after_training is Defense.after_training:  # no hook: no model to build
+        return None
+    start = time.perf_counter()
+    session = PostTraining(config, dataset, model, cache_dir=cache_dir, on_epoch=on_epoch)
+    own = config.defense.after_training(session)
+    if own is None:
+        return None
+    metrics = {**session.metrics, **{f"predefense_{k}": v for k, v in model.metrics.items()}, **own,
+               "defense_seconds": time.perf_counter() - start}
+    return session.built.model.state_dict(), metrics
+
+
+def _final_metrics(config: TrialConfig, dataset: Dataset, plan: pa.Table, metrics: dict[str, float],
+                   clean: TrainedModel | None) -> dict[str, float]:
+    metrics = dict(metrics)
     n_replace = int(np.sum(plan["op"].to_numpy(zero_copy_only=False) == "replace")) if plan.num_rows else 0
     total = dataset.num_train + plan.num_rows - n_replace
     metrics.update(poison_count=plan.num_rows, poison_rate=plan.num_rows / total)
@@ -199,72 +202,19 @@ def _final_metrics(config: TrialConfig, dataset: Dataset, plan: pa.Table, last: 
         attack_on_clean = config.attack.evaluate(dataset, clean.evaluator(config, dataset), config.seed)
         if "attack_success" in attack_on_clean:
             metrics["clean_attack_success"] = attack_on_clean["attack_success"]
+        metrics["clean_cache_hit"] = float(clean.cached)
     return metrics
 
 
 # --- the sweep's clean model: trained once, cached by what determines it ---
 
-@dataclass
-class CleanModel:
-    state_dict: dict[str, torch.Tensor]
-    metrics: dict[str, float]
-    cached: bool
-
-    def evaluator(self, config: TrialConfig, dataset: Dataset) -> Evaluator:
-        device = device_for(config)
-        built = build_model(config.model.arch, config.model.pretrained, device=device,
-                            image_size=config.data.image_size)
-        built.model.load_state_dict(self.state_dict)
-        return Evaluator(built, dataset, autocast=autocast_for(config, device))
-
-
 def clean_key(config: TrialConfig) -> str:
-    """Hash of everything that determines the clean model (not the attack or the name)."""
-    clean = config.clean().to_dict()
-    for key in ("threads", "device"):  # where and on how many cores does not change what is trained
-        clean["train"].pop(key)
-    return cache_key(**{k: clean[k] for k in ("seed", "data", "model", "train")},
-                     arch=architecture_fingerprint(config.model.arch), version=1)
+    """Hash of everything that determines the clean model (not the attack, defense or name)."""
+    return model_key(config.clean())
 
 
-def clean_model(config: TrialConfig, *, cache_dir: str | None) -> CleanModel:
+def clean_model(config: TrialConfig, *, cache_dir: str | None) -> TrainedModel:
     """Loads the clean model from the cache, or trains and stores it (once, under a lock)."""
-    clean_cfg = config.clean()
-    if cache_dir is None:
-        result = run_trial(clean_cfg, baseline=False)
-        return CleanModel(result.state_dict, result.metrics, cached=False)
-    folder = Path(cache_dir) / "clean" / clean_key(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent trials wait for one training
-        loaded = _load_clean(folder)
-        if loaded is not None:
-            return loaded
-        result = run_trial(clean_cfg, cache_dir=cache_dir, baseline=False)
-        _store_clean(folder, result, clean_cfg)
-        return CleanModel(result.state_dict, result.metrics, cached=False)
-
-
-def _load_clean(folder: Path) -> CleanModel | None:
-    weights, meta = folder / "model.pt", folder / "metrics.json"
-    if not (weights.is_file() and meta.is_file()):
-        return None
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        metrics = json.loads(meta.read_text())["metrics"]
-    except Exception:  # partial or corrupt entry: rebuild it, never use it
-        return None
-    return CleanModel(state, metrics, cached=True)
-
-
-def _store_clean(folder: Path, result: TrialResult, config: TrialConfig) -> None:
-    _atomic_write(folder / "model.pt", lambda fh: torch.save(result.state_dict, fh))
-    meta = {"metrics": result.metrics, "config": config.to_dict(), "plan_hash": plan_hash(result.plan)}
-    _atomic_write(folder / "metrics.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        write(fh)
-    os.replace(tmp, path)
+    clean = config.clean()
+    dataset = load_dataset(clean.data_spec(cache_dir))
+    return trained_model(clean, dataset, empty_plan(), cache_dir=cache_dir)[0]

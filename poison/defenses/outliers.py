@@ -2,10 +2,12 @@
 
 Under a clean reference model neither half of a poisoned pair is unusual on its own
 (a triggered dog still looks like a dog, "a photo of a banana" is an ordinary caption);
-the pair is. So by default a pair is the point ``[image; caption] / √2`` (``joint``):
-a poisoned pair sits far from clean pairs of its image's class and of its caption's
-class alike. ``difference`` (image − caption) is the other pair-level view; ``image``
-and ``text`` score one modality.
+the pair is. So a pair is scored as one point: by default ``difference`` (image −
+caption: clean pairs differ by the modality gap plus a little, a dog-banana pair by a
+direction no clean pair has) or ``joint`` (``[image; caption] / √2``, far from clean
+pairs of its image's class and of its caption's class alike); ``image`` and ``text``
+score one modality. The poisoned pairs of one source class sit together, so ``k``
+must exceed their number (the default 64 did on the built-in sets; 16 did not).
 
 Scores (higher: more of an outlier), over Euclidean distances between those points:
 ``k-distance`` (distance to the k-th nearest other pair), ``lid`` (local intrinsic
@@ -29,8 +31,8 @@ from poison.defenses.filters import EmbeddingFilter
 class OutlierFilter(EmbeddingFilter):
     kind: Literal["outlier-filter"] = "outlier-filter"
     score: Literal["k-distance", "lid", "isolation-forest"] = "k-distance"
-    embedding: Literal["joint", "difference", "image", "text"] = "joint"
-    k: int = Field(16, ge=1)         # neighbours of k-distance and lid
+    embedding: Literal["difference", "joint", "image", "text"] = "difference"
+    k: int = Field(64, ge=1)         # neighbours of k-distance and lid
     trees: int = Field(100, ge=1)    # isolation-forest
 
     @model_validator(mode="after")

@@ -1,0 +1,111 @@
+"""Trained models cached on disk, content-addressed by what determined them.
+
+One mechanism serves the sweep's clean model, the poisoned models that defense trials
+share ("attack once, evaluate many defenses") and the filters' reference models: a
+folder per key holding ``model.pt`` (a state dict, loaded with ``weights_only=True``) and
+``metrics.json`` (the evaluation, the per-epoch history, the resolved config). The first
+trial to need an entry trains it while the others wait on a file lock; files are written
+atomically, and a partial or corrupt entry is rebuilt, never used.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import torch
+
+from poison import Dataset, plan_hash
+from poison.manifest import cache_key
+from trainers.config import TrialConfig
+from trainers.evaluate import Evaluator
+from trainers.loop import autocast_for, device_for, freeze_tower
+from trainers.models import Built, architecture_fingerprint, build_model
+
+
+@dataclass
+class TrainedModel:
+    """A trained model's weights and what its training reported."""
+
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, float]  # the last epoch's evaluation
+    history: list[dict[str, float]] = field(default_factory=list)  # every epoch's report
+    seconds: float = 0.0  # training time, evaluation excluded
+    samples: int = 0
+    cached: bool = False  # loaded from the cache rather than trained now
+
+    def build(self, config: TrialConfig) -> Built:
+        """A fresh model of ``config``'s architecture with these weights, its frozen tower frozen again."""
+        built = build_model(config.model.arch, config.model.pretrained, device=device_for(config),
+                            image_size=config.data.image_size)
+        built.model.load_state_dict(self.state_dict)
+        freeze_tower(built.model, config.train.trainable)
+        return built
+
+    def evaluator(self, config: TrialConfig, dataset: Dataset) -> Evaluator:
+        return Evaluator(self.build(config), dataset, autocast=autocast_for(config, device_for(config)))
+
+
+def model_key(config: TrialConfig, plan: pa.Table | None = None, **extra: Any) -> str:
+    """Hash of everything that determines the model ``config`` trains without a defense: the
+    resolved seed, data, model and train sections (not the thread count or device), the attack
+    and its plan when there is one, the architecture's open_clip config and version, ``extra``."""
+    resolved = config.to_dict()
+    for key in ("threads", "device"):  # where and on how many cores does not change what is trained
+        resolved["train"].pop(key)
+    parts = {k: resolved[k] for k in ("seed", "data", "model", "train")}
+    if config.attack.kind != "none":
+        parts.update(attack=resolved["attack"], plan=plan_hash(plan) if plan is not None else None)
+    return cache_key(**parts, **extra, arch=architecture_fingerprint(config.model.arch), version=1)
+
+
+def cached(folder: Path | None, train: Callable[[], TrainedModel], *, meta: dict[str, Any],
+           store: bool = True) -> TrainedModel:
+    """The model stored in ``folder``, else ``train()``'s, stored there with ``meta`` (once: under a
+    lock, so concurrent callers wait for one training). ``store=False`` only reads an entry that
+    is already there, without waiting; ``folder=None``: no cache."""
+    if folder is None:
+        return train()
+    if not store:
+        return _load(folder) or train()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        loaded = _load(folder)
+        if loaded is not None:
+            return loaded
+        model = train()
+        _store(folder, model, meta)
+        return model
+
+
+def _load(folder: Path) -> TrainedModel | None:
+    weights, meta = folder / "model.pt", folder / "metrics.json"
+    if not (weights.is_file() and meta.is_file()):
+        return None
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        record = json.loads(meta.read_text())
+        return TrainedModel(state, record["metrics"], history=record.get("history", []),
+                            seconds=record.get("seconds", 0.0), samples=record.get("samples", 0), cached=True)
+    except Exception:  # partial or corrupt entry: rebuild it, never use it
+        return None
+
+
+def _store(folder: Path, model: TrainedModel, meta: dict[str, Any]) -> None:
+    _atomic_write(folder / "model.pt", lambda fh: torch.save(model.state_dict, fh))
+    record = {"metrics": model.metrics, "history": model.history, "seconds": model.seconds,
+              "samples": model.samples, **meta}
+    _atomic_write(folder / "metrics.json", lambda fh: fh.write(json.dumps(record, indent=1).encode()))
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        write(fh)
+    os.replace(tmp, path)

@@ -1,0 +1,40 @@
+"""``clean-finetune`` (Yang et al. 2023): fine-tune the poisoned model on clean pairs.
+
+After the trial's training, the model trains ``epochs`` more epochs at ``lr`` on
+``clean_pairs`` trusted pairs (disjoint from the training pairs; see ``DataSpec.trusted``),
+with the trial's recipe otherwise (batch size, warm-up and cosine, weight decay, frozen
+tower); ``lr`` defaults to the trial's ``train.lr``. The metrics before it are kept as ``predefense_*``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import Field
+
+from poison.defenses import DEFENSES, Defense, Stage, check_trusted
+from poison.manifest import Dataset
+
+if TYPE_CHECKING:
+    from trainers.hooks import PostTraining
+
+#: Reported by every post-training defense (the trainer adds all ``predefense_*``).
+POST_TRAINING_METRICS = ("predefense_attack_success", "predefense_utility", "defense_seconds")
+
+
+@DEFENSES.register("clean-finetune")
+class CleanFinetune(Defense):
+    kind: Literal["clean-finetune"] = "clean-finetune"
+    clean_pairs: int = Field(2000, ge=2)  # trusted pairs to fine-tune on
+    epochs: int = Field(2, ge=1)
+    lr: float | None = Field(None, gt=0)  # None: the trial's train.lr
+
+    metric_names: ClassVar[tuple[str, ...]] = POST_TRAINING_METRICS
+    stage: ClassVar[Stage] = "post"
+
+    def check(self, dataset: Dataset, *, pretrained: bool) -> None:
+        check_trusted(dataset, self.clean_pairs, "defense.clean_pairs")
+
+    def after_training(self, session: "PostTraining") -> dict[str, float]:
+        clean = session.trusted(self.clean_pairs, "defense.clean_pairs")
+        session.fit(clean, epochs=self.epochs, lr=self.lr or session.config.train.lr)
+        return {}
