@@ -1,0 +1,112 @@
+"""A defense sweep on the CPU through Ray Tune + Optuna + MLflow: ``defense.kind`` drawn with each
+defense's own dimensions, against a real backdoor. Each defense cuts attack success far below the
+undefended model's while utility holds, and the attack trains once for its post-training defenses.
+
+The backdoor: 150 of 2,150 Fashion-MNIST pairs (7%) are non-bag images with a 6 px checkerboard,
+captioned as bags; 3 epochs of tiny-rn plant it (ASR 1.0). The undefended numbers are the
+clean-finetune trials' ``predefense_*`` (the same attack, seed and recipe).
+"""
+from pathlib import Path
+
+import open_clip
+import pytest
+import yaml
+
+from poison import load_dataset
+from poison.datasets import fashion_mnist
+from sweeps.cli import main
+from tests.conftest import launch_runs
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not Path(fashion_mnist.DEFAULT_PATH).is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")]
+
+SWEEP = {
+    "name": "defenses",
+    "seed": 0,
+    "data": {"dataset": "fashion-mnist", "size": 2000, "test_size": 500},
+    "train": {"epochs": 3, "batch_size": 64, "lr": 2.0e-3, "warmup": 0.05},
+    "attack": {"kind": "backdoor", "target": "bag", "poison_count": 150, "caption_source": "dataset",
+               "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}},
+    "defense": {"kind": {"choices": ["clean-finetune", "similarity-filter", "outlier-filter"]},
+                "clean_pairs": 2000, "epochs": 2, "lr": {"choices": [2.0e-3, 1.0e-3]},  # clean-finetune
+                "fraction": 0.1},                                                       # both filters
+    # the default point (clean-finetune at lr 2e-3) and these three: every defense, two fine-tunings
+    "search": {"objectives": {"attack_success": "min", "utility": "max"}, "num_samples": 4, "max_concurrent": 2,
+               "points": [{"defense.kind": "similarity-filter"}, {"defense.kind": "outlier-filter"},
+                          {"defense.kind": "clean-finetune", "defense.lr": 1.0e-3}]},
+    "resources": {"cpu": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, ray_local):
+    """The finished sweep: its storage folder and its trial runs by defense."""
+    folder = tmp_path_factory.mktemp("defense-sweep")
+    path = folder / "defenses.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP, "storage": {"path": str(folder / "results")}}))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    assert main(["run", str(path), "--tracking-uri", uri]) == 0
+    client, _, trials = launch_runs(uri, "defenses", "sweep")
+    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    by_kind: dict[str, list] = {}
+    for t in trials:
+        assert t.data.params["defense.kind"] == t.data.tags["defense"]
+        by_kind.setdefault(t.data.tags["defense"], []).append(t)
+    finetunes = sorted(by_kind["clean-finetune"], key=lambda t: -float(t.data.params["defense.lr"]))
+    return {"folder": folder, "client": client, "finetunes": finetunes,
+            "filters": by_kind["similarity-filter"] + by_kind["outlier-filter"]}
+
+
+def test_the_attack_trains_once_for_both_fine_tunings(sweep):
+    fast, slow = sweep["finetunes"]
+    assert (fast.data.params["defense.lr"], slow.data.params["defense.lr"]) == ("0.002", "0.001")
+    assert "defense.fraction" not in fast.data.params  # conditional: only the filters draw it
+    assert sorted(t.data.metrics["poisoned_cache_hit"] for t in (fast, slow)) == [0.0, 1.0]
+    predefense = [{k: v for k, v in t.data.metrics.items() if k.startswith("predefense_")} for t in (fast, slow)]
+    assert predefense[0] == predefense[1]
+    for t in (fast, slow):  # the loaded trial replayed the attack's epochs: both curves have all five
+        history = sweep["client"].get_metric_history(t.info.run_id, "utility")
+        assert sorted({h.step for h in history}) == [1, 2, 3, 4, 5]
+
+
+def test_clean_finetune_removes_the_backdoor_and_keeps_utility(sweep):
+    m = sweep["finetunes"][0].data.metrics  # 2 epochs at the training lr on 2,000 clean pairs
+    assert m["predefense_attack_success"] >= 0.9 and m["attack_success"] <= 0.1
+    assert m["utility"] >= m["predefense_utility"] - 0.03
+    assert m["defense_seconds"] > 0 and "utility_drop" in m
+
+
+def test_filters_drop_the_poison_before_training(sweep):
+    undefended = sweep["finetunes"][0].data.metrics
+    for trial in sweep["filters"]:
+        m = trial.data.metrics
+        assert m["filter_removed"] == 215  # round(0.1 × 2,150)
+        # removing 10% at random would give recall 0.1 and precision 0.07
+        assert m["filter_poison_recall"] >= 0.8 and m["filter_precision"] >= 0.5, trial.data.tags["defense"]
+        assert m["attack_success"] <= 0.2 and m["utility"] >= undefended["predefense_utility"] - 0.03
+        assert m["reference_utility"] > 0.4  # chance is 0.1
+    # the reference model (2,000 trusted pairs) was trained by one filter trial, loaded by the other
+    assert sorted(t.data.metrics["reference_cache_hit"] for t in sweep["filters"]) == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("defense, floor", [
+    ({"score": "isolation-forest"}, 0.7),
+    ({"score": "k-distance", "k": 16}, 0.4),  # fewer neighbours than the poisoned pairs of a source class
+    ({"score": "lid"}, 0.0),                  # on a clean reference model LID does not single the poison out
+])
+def test_outlier_scores_against_the_plan(sweep, defense, floor):
+    """Keep-masks alone, on the sweep's cached reference model (no training)."""
+    from trainers import parse_trial_config
+    from trainers.data import TrainingSet
+    from trainers.trial import _keep
+
+    raw = {k: v for k, v in SWEEP.items() if k in ("seed", "data", "train", "attack")}
+    config = parse_trial_config({**raw, "defense": {"kind": "outlier-filter", **defense}})
+    cache = str((sweep["folder"] / "results" / "cache").resolve())
+    dataset = load_dataset(config.data_spec(cache))
+    plan = config.attack.plan(dataset, config.seed)
+    data = TrainingSet(dataset, config.attack, plan, open_clip.get_tokenizer(config.model.arch))
+    kept, m = _keep(config, dataset, data, cache)
+    assert m["reference_cache_hit"] == 1 and len(kept) == len(data) - 215
+    assert m["filter_poison_recall"] >= floor
