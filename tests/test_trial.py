@@ -136,7 +136,7 @@ def test_trainable_freezes_the_other_tower(arch, trainable):
 @pytest.mark.parametrize("arch", ["tiny-rn", "tiny-vit"])
 def test_frozen_parameters_are_not_handed_to_the_optimizer(arch):
     from trainers.models import build_model
-    from trainers.trial import _optimizer, freeze_tower
+    from trainers.loop import _optimizer, freeze_tower
 
     for trainable, frozen_prefix in (("image", "text"), ("text", "visual.")):
         model = build_model(arch, None, device=torch.device("cpu"), image_size=32).model

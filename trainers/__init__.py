@@ -1,8 +1,10 @@
-"""trainers: one trial without Ray — open_clip models, training loop, evaluation.
+"""trainers: one trial without Ray — open_clip models, the training loop, evaluation, the model
+cache, defense hooks and the defenses that need the model.
 
 Imports ``poison``; never ``sweeps``.
 """
 from trainers.config import TrialConfig, parse_trial_config
-from trainers.trial import NonFiniteLossError, TrialResult, clean_model, run_trial
+from trainers.loop import NonFiniteLossError
+from trainers.trial import TrialResult, clean_model, run_trial
 
 __all__ = ["NonFiniteLossError", "TrialConfig", "TrialResult", "clean_model", "parse_trial_config", "run_trial"]

@@ -25,8 +25,7 @@ from trainers.config import TrialConfig
 from trainers.data import TrainingSet
 from trainers.evaluate import Evaluator, evaluate_trial
 from trainers.hooks import PostTraining, ReferencePairs, trusted_dataset
-from trainers.loop import (BATCH_STREAM, EpochCallback, NonFiniteLossError, _optimizer, autocast_for,  # noqa: F401
-                           device_for, fit, freeze_tower)
+from trainers.loop import BATCH_STREAM, EpochCallback, autocast_for, device_for, fit, freeze_tower
 from trainers.models import build_model
 
 
