@@ -59,7 +59,8 @@ class Dataset:
     manifest's ``image`` column; it is built on first use and cached on disk
     as a memory-mappable ``.npy`` so that every trial on a node shares it.
     ``trusted_capacity`` is how many trusted pairs (``DataSpec.trusted``) the
-    source has beside these training pairs (``None``: as many as asked for).
+    source has beside these training pairs (``None``: as many as asked for; a
+    dataset that cannot keep a trusted split apart has none).
     """
 
     name: str
@@ -70,7 +71,7 @@ class Dataset:
     _render: Callable[[], np.ndarray] = field(repr=False)
     _cache_file: Path | None = field(default=None, repr=False)
     _images: np.ndarray | None = field(default=None, repr=False)
-    trusted_capacity: int | None = None
+    trusted_capacity: int | None = 0
 
     @property
     def images(self) -> np.ndarray:

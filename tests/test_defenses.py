@@ -351,3 +351,20 @@ def test_defense_objectives_and_dimensions_are_checked_at_load(defense, objectiv
     with pytest.raises(ConfigError) as info:
         validate_config(raw)
     assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_a_dataset_that_cannot_keep_trusted_pairs_apart_refuses(monkeypatch):
+    from poison import DATASETS, DataError
+    from poison.datasets import synthetic
+
+    def plain(spec):  # a loader without TRUSTED would hand back its training pairs as "trusted"
+        return synthetic.load(spec)
+
+    plain.VERSION = 1
+    monkeypatch.setitem(DATASETS._items, "plain", plain)
+    with pytest.raises(DataError, match="trusted split: plain cannot keep trusted pairs apart"):
+        load_dataset(DataSpec(dataset="plain", size=50, trusted=10))
+    main = load_dataset(DataSpec(size=50))
+    main.trusted_capacity = 0  # what a dataset without a trusted split reports
+    with pytest.raises(ConfigError, match="defense.clean_pairs: synthetic has no trusted pairs beside the 50"):
+        make_defense({"kind": "clean-finetune"}).check(main, pretrained=False)

@@ -29,8 +29,8 @@ class DataSpec:
         trusted: when set, the training split is instead this many *trusted* pairs,
             disjoint from the ``size`` training pairs the spec gives otherwise (the clean
             data of defenses: a filter's reference model, clean fine-tuning). Each
-            dataset says how it keeps them apart; ``Dataset.trusted_capacity`` says
-            how many it has.
+            dataset says how it keeps them apart (a loader that can sets ``TRUSTED``;
+            others refuse); ``Dataset.trusted_capacity`` says how many it has.
     """
 
     dataset: str = "synthetic"
@@ -57,7 +57,10 @@ class DataSpec:
 
 def load_dataset(spec: DataSpec) -> Dataset:
     """Loads the manifest of ``spec.dataset``; images are decoded lazily and cached."""
-    return DATASETS.get(spec.dataset)(spec)
+    loader = DATASETS.get(spec.dataset)
+    if spec.trusted is not None and not getattr(loader, "TRUSTED", False):  # never the training pairs again
+        raise DataError(f"trusted split: {spec.dataset} cannot keep trusted pairs apart from its training pairs")
+    return loader(spec)
 
 
 # Registration happens on import of each module.

@@ -100,6 +100,9 @@ def filter_metrics(keep: np.ndarray, poisoned: np.ndarray) -> dict[str, float]:
 def check_trusted(dataset: Dataset, pairs: int, key: str) -> None:
     """Raises ConfigError naming ``key`` when ``dataset`` has fewer than ``pairs`` trusted pairs."""
     capacity = dataset.trusted_capacity
+    if capacity == 0:
+        raise ConfigError(f"{key}: {dataset.name} has no trusted pairs beside the {dataset.num_train:,} "
+                          f"training pairs of data.size")
     if capacity is not None and pairs > capacity:
         raise ConfigError(f"{key}: {pairs:,} trusted pairs do not fit: {dataset.name} has {capacity:,} "
                           f"training pairs outside the {dataset.num_train:,} of data.size")
