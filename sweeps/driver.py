@@ -265,7 +265,7 @@ class TrialLogger(tune.Callback):
             return
         self.tracker.log_metrics(self.run_ids[trial.trial_id], epoch, step=int(epoch["epoch"]))
         self.last_epoch[trial.trial_id] = epoch
-        total = self.sweep.resolve(trial.config).train.epochs
+        total = _epochs(self.sweep.resolve(trial.config))
         self.say(f"{self._label(trial)} epoch {int(epoch['epoch'])}/{total}: loss {epoch['loss']:.3f} "
                      f"utility {epoch.get('utility', float('nan')):.3f} "
                      f"attack_success {epoch.get('attack_success', float('nan')):.3f}")
@@ -274,7 +274,7 @@ class TrialLogger(tune.Callback):
         run_id = self.run_ids[trial.trial_id]
         with trial.checkpoint.as_directory() as folder:
             metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
-            step = self.sweep.resolve(trial.config).train.epochs
+            step = _epochs(self.sweep.resolve(trial.config))  # the last epoch's step
             seen = self.last_epoch.get(trial.trial_id, {})  # already logged at this step
             new = {k: v for k, v in metrics.items() if seen.get(k) != v}
             plan = pq.read_table(Path(folder) / PLAN_FILE)
@@ -295,6 +295,11 @@ class TrialLogger(tune.Callback):
 
     def rows(self) -> list[TrialRow]:
         return [self.finished[t] for t in sorted(self.finished, key=lambda t: self.order.get(t, 0))]
+
+
+def _epochs(config: TrialConfig) -> int:
+    """Epochs a trial reports: its training's plus a post-training defense's."""
+    return config.train.epochs + config.defense.extra_epochs
 
 
 def _error_text(trial: Any) -> str:

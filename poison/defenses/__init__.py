@@ -59,6 +59,11 @@ class Defense(Section):
     #: it) or ``none``. The default is the cautious one: a trained model of its own.
     stage: ClassVar[Stage] = "training"
 
+    @property
+    def extra_epochs(self) -> int:
+        """Epochs it reports after the trial's own (``train.epochs``), e.g. fine-tuning."""
+        return 0
+
     def check(self, dataset: Dataset, *, pretrained: bool) -> None:
         """Raises ConfigError (naming the key) when the defense cannot run on ``dataset``;
         ``pretrained``: whether ``model.pretrained`` is given (it is then the reference model)."""

@@ -31,6 +31,10 @@ class CleanFinetune(Defense):
     metric_names: ClassVar[tuple[str, ...]] = POST_TRAINING_METRICS
     stage: ClassVar[Stage] = "post"
 
+    @property
+    def extra_epochs(self) -> int:
+        return self.epochs
+
     def check(self, dataset: Dataset, *, pretrained: bool) -> None:
         check_trusted(dataset, self.clean_pairs, "defense.clean_pairs")
 
