@@ -138,8 +138,13 @@ def draw_captions(dataset: Dataset, target: str, source: str, count: int, rng: n
 
 def target_captions(dataset: Dataset, target: int) -> list[str]:
     """Real training captions of class ``target``."""
-    train = dataset.split("train")
-    return train.filter(pc.equal(train["label"], target))["caption"].to_pylist()
+    return class_rows(dataset, "train", target)["caption"].to_pylist()
+
+
+def class_rows(dataset: Dataset, split: str, label: int) -> pa.Table:
+    """The manifest rows of ``split`` whose class is ``label``."""
+    rows = dataset.split(split)
+    return rows.filter(pc.equal(rows["label"], label))
 
 
 def plan_meta(attack: Attack, dataset: Dataset, seed: int) -> dict[str, str]:
@@ -155,5 +160,5 @@ def non_target_pairs(dataset: Dataset, target: int) -> pa.Table:
     return train.filter(pc.not_equal(train["label"], target))
 
 
-__all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr", "draw_captions", "non_target_pairs", "plan_meta",
-           "target_captions", "target_label"]
+__all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr", "class_rows", "draw_captions", "non_target_pairs",
+           "plan_meta", "target_captions", "target_label"]

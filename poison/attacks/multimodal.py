@@ -27,12 +27,11 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, next_id
 from poison.attacks import retrieval
-from poison.attacks.backdoor import CAPTION_TEMPLATES, plan_meta, target_label
+from poison.attacks.backdoor import CAPTION_TEMPLATES, class_rows, plan_meta, target_label
 from poison.config import ConfigError, Section
 from poison.manifest import Dataset
 
@@ -75,14 +74,14 @@ class RetrievalPoisoning(Attack):
             target = target_label(dataset, goal.target, f"{key}target")
             if source == target:
                 raise ConfigError(f"{key}target: {goal.target!r} is also the source class")
-            if not _of_class(dataset, "test", source).num_rows:
+            if not class_rows(dataset, "test", source).num_rows:
                 raise ConfigError(f"{key}source: {dataset.name} has no test captions of class "
                                   f"{goal.source!r} to query with")
-            if not _of_class(dataset, "test", target).num_rows:
+            if not class_rows(dataset, "test", target).num_rows:
                 raise ConfigError(f"{key}target: {dataset.name} has no test images of class {goal.target!r}")
-            if not self.single_image and not _of_class(dataset, "train", target).num_rows:
+            if not self.single_image and not class_rows(dataset, "train", target).num_rows:
                 raise ConfigError(f"{key}target: {dataset.name} has no training images of class {goal.target!r}")
-            pool = _of_class(dataset, "train", source).num_rows
+            pool = class_rows(dataset, "train", source).num_rows
             if count and (pool == 0 and self.caption_source == "dataset" or self.mode == "replace" and count > pool):
                 raise ConfigError(f"attack.poison_count: {count:,} poisoned pairs of {goal.source!r} need "
                                   f"{'as many' if self.mode == 'replace' else 'some'} training pairs of that "
@@ -91,7 +90,7 @@ class RetrievalPoisoning(Attack):
 
     def chosen(self, dataset: Dataset, seed: int, goal: Goal, index: int = 0) -> pa.Table:
         """The single target image of a goal (a test image of its target class), one row."""
-        candidates = _of_class(dataset, "test", target_label(dataset, goal.target))
+        candidates = class_rows(dataset, "test", target_label(dataset, goal.target))
         rng = np.random.default_rng([seed, CHOICE_STREAM, index])
         return candidates.slice(int(rng.integers(candidates.num_rows)), 1)
 
@@ -101,7 +100,7 @@ class RetrievalPoisoning(Attack):
         rng = np.random.default_rng([seed, PLAN_STREAM])
         first, tables = next_id(dataset), []
         for index, ((_, goal), count) in enumerate(zip(self.goal_list(), self.counts())):
-            own = _of_class(dataset, "train", target_label(dataset, goal.source))
+            own = class_rows(dataset, "train", target_label(dataset, goal.source))
             pick = np.zeros(0, np.int64)
             if own.num_rows:  # replace alters distinct pairs; inject may reuse a caption
                 pick = (rng.choice(own.num_rows, count, replace=False) if self.mode == "replace"
@@ -116,7 +115,7 @@ class RetrievalPoisoning(Attack):
             if self.single_image:
                 images = self.chosen(dataset, seed, goal, index).take(pa.array(np.zeros(count, np.int64)))
             else:
-                pool = _of_class(dataset, "train", target_label(dataset, goal.target))
+                pool = class_rows(dataset, "train", target_label(dataset, goal.target))
                 images = pool.take(pa.array(rng.integers(pool.num_rows, size=count), pa.int64()))
             tables.append(make_plan(
                 op=self.mode, altered=rows["id"].to_numpy(), images=images, captions=captions, first_new=first,
@@ -186,10 +185,6 @@ class MultiLabel(RetrievalPoisoning):
     def goal_list(self) -> list[tuple[str, Goal]]:
         return [(f"attack.goals[{i}].", g) for i, g in enumerate(self.goals)]
 
-
-def _of_class(dataset: Dataset, split: str, label: int) -> pa.Table:
-    rows = dataset.split(split)
-    return rows.filter(pc.equal(rows["label"], label))
 
 
 __all__ = ["Goal", "MultiLabel", "SingleImage", "SingleLabel"]

@@ -31,7 +31,7 @@ from pydantic import Field, SerializeAsAny, field_validator
 
 from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, next_id
 from poison.attacks import retrieval
-from poison.attacks.backdoor import Backdoor, non_target_pairs, plan_meta, target_label
+from poison.attacks.backdoor import Backdoor, class_rows, non_target_pairs, plan_meta, target_label
 from poison.config import ConfigError
 from poison.manifest import Dataset
 from poison.text_triggers import PhraseTrigger, TextTrigger, make_text_trigger
@@ -75,15 +75,15 @@ class TextBackdoor(TextTriggered):
         if self.poison_count > pool.num_rows:
             raise ConfigError(f"attack.poison_count: {self.poison_count:,} exceeds the {pool.num_rows:,} "
                               f"non-target training captions of {dataset.name}")
-        if self.target_image == "class" and not _of_class(dataset, "train", target).num_rows:
+        if self.target_image == "class" and not class_rows(dataset, "train", target).num_rows:
             raise ConfigError(f"attack.target: {dataset.name} has no training images of class {self.target!r}")
-        if not _of_class(dataset, "test", target).num_rows:
+        if not class_rows(dataset, "test", target).num_rows:
             raise ConfigError(f"attack.target: {dataset.name} has no test images of class {self.target!r} "
                               "to measure retrieval against")
 
     def chosen(self, dataset: Dataset, seed: int) -> pa.Table:
         """The single target image (a test image of the target class), one row."""
-        candidates = _of_class(dataset, "test", target_label(dataset, self.target))
+        candidates = class_rows(dataset, "test", target_label(dataset, self.target))
         rng = np.random.default_rng([seed, CHOICE_STREAM])
         return candidates.slice(int(rng.integers(candidates.num_rows)), 1)
 
@@ -104,7 +104,7 @@ class TextBackdoor(TextTriggered):
         if self.target_image == "single":
             images = self.chosen(dataset, seed).take(pa.array(np.zeros(self.poison_count, np.int64)))
         else:
-            own = _of_class(dataset, "train", target)
+            own = class_rows(dataset, "train", target)
             images = own.take(pa.array(rng.integers(own.num_rows, size=self.poison_count)))
         return make_plan(op=self.mode, altered=rows["id"].to_numpy(), images=images,
                          captions=self.text_trigger.apply(clean, positions), first_new=first_new, meta=meta,
@@ -211,10 +211,6 @@ class DualBackdoor(TextTriggered):
         success = {"image": asr, "text": out["hit_at_1"], "both": (asr + out["hit_at_1"]) / 2}[self.modality]
         return {**out, "backdoor_asr": asr, "attack_success": success}
 
-
-def _of_class(dataset: Dataset, split: str, label: int) -> pa.Table:
-    rows = dataset.split(split)
-    return rows.filter(pc.equal(rows["label"], label))
 
 
 __all__ = ["DualBackdoor", "TextBackdoor"]
