@@ -29,21 +29,32 @@ SCHEMA = pa.schema(
 )
 
 
-def make_manifest(
-    *, image: np.ndarray, caption: list[str], label: np.ndarray, split: list[str] | np.ndarray
-) -> pa.Table:
-    """Builds a manifest table; ids are the row numbers."""
+Strings = list[str] | np.ndarray | pa.Array | pa.ChunkedArray
+
+
+def make_manifest(*, image: np.ndarray, caption: Strings, label: np.ndarray, split: Strings) -> pa.Table:
+    """Builds a manifest table; ids are the row numbers.
+
+    ``caption`` and ``split`` may be Arrow arrays, taken as they are (no Python
+    strings: a 3-million-row manifest builds in well under a second).
+    """
     n = len(caption)
     return pa.table(
         {
             "id": pa.array(np.arange(n, dtype=np.int64)),
             "image": pa.array(np.asarray(image, dtype=np.int64)),
-            "caption": pa.array(caption, pa.string()),
+            "caption": _strings(caption),
             "label": pa.array(np.asarray(label, dtype=np.int32)),
-            "split": pa.array(list(split), pa.string()),
+            "split": _strings(split),
         },
         schema=SCHEMA,
     )
+
+
+def _strings(values: Strings) -> pa.Array | pa.ChunkedArray:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.cast(pa.string())
+    return pa.array(list(values), pa.string())
 
 
 def split_rows(manifest: pa.Table, split: str) -> pa.Table:
@@ -61,6 +72,12 @@ class Dataset:
     ``trusted_capacity`` is how many trusted pairs (``DataSpec.trusted``) the
     source has beside these training pairs (``None``: as many as asked for; a
     dataset that cannot keep a trusted split apart has none).
+
+    ``skipped`` counts the source's pairs that were drawn but left out of the
+    manifest as unusable (a missing or undecodable image, an empty caption), and
+    ``skip_reasons`` splits that count by reason; both are zero for generated data.
+    Skipping happens before the manifest exists, so a poison plan never refers to
+    a skipped pair.
     """
 
     name: str
@@ -72,6 +89,8 @@ class Dataset:
     _cache_file: Path | None = field(default=None, repr=False)
     _images: np.ndarray | None = field(default=None, repr=False)
     trusted_capacity: int | None = 0
+    skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def images(self) -> np.ndarray:

@@ -64,6 +64,6 @@ def load_dataset(spec: DataSpec) -> Dataset:
 
 
 # Registration happens on import of each module.
-from poison.datasets import fashion_mnist, synthetic  # noqa: E402,F401
+from poison.datasets import coco, csv_pairs, fashion_mnist, imagefolder, shards, synthetic  # noqa: E402,F401
 
 __all__ = ["DATASETS", "DataError", "DataSpec", "load_dataset"]

@@ -1,0 +1,135 @@
+"""``csv``: a CC3M-style CSV or TSV file of local image paths and captions (``data.path``).
+
+The separator comes from the extension (``.tsv``/``.tab``: tab, ``.csv``: comma, anything
+else: tab when the header line has one, else comma); ``.gz``/``.bz2`` files are read as
+they are. The header names the columns: the image path is the first of
+``IMAGE_COLUMNS`` the file has (``filepath``, ``image``, ``url``, ...), the caption the
+first of ``CAPTION_COLUMNS`` (``caption``, ``title``, ``text``, ...), matched without
+regard to case; :func:`read_index` takes other names. A relative path is relative to the
+file's folder. A row with the wrong number of fields is skipped as ``malformed``; a
+missing or undecodable image and an empty caption are skipped as everywhere
+(``poison.datasets.files``). The pairs have no classes, so attacks that need labels
+refuse the dataset.
+
+Example ``data`` section::
+
+    data: {dataset: csv, path: /data/cc3m/train.tsv, size: null, test_size: 5000, image_size: 64}
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from poison.datasets import DATASETS, DataError, DataSpec
+from poison.datasets.files import load_index, make_index, require_path
+from poison.manifest import Dataset
+
+IMAGE_COLUMNS = ("filepath", "file_path", "image_path", "img_path", "path", "filename", "file_name", "file",
+                 "image", "img", "jpg", "png", "url", "image_url")
+CAPTION_COLUMNS = ("caption", "captions", "title", "text", "txt", "sentence", "description", "alt", "alt_text")
+SEPARATORS = {".tsv": "\t", ".tab": "\t", ".csv": ","}
+COMPRESSED = (".gz", ".bz2")
+
+
+@DATASETS.register("csv")
+def load(spec: DataSpec) -> Dataset:
+    """Reads the file's two columns now (Arrow's CSV reader), decodes the drawn images once."""
+    path = require_path(spec, "a CSV or TSV file of image paths and captions")
+    if path.is_dir():
+        raise DataError(f"data.path: {path} is a folder; the csv dataset needs a CSV or TSV file")
+    return load_index(read_index(path), spec, sources=[path])
+
+
+def read_index(path: Path, *, image_column: str | None = None, caption_column: str | None = None) -> pa.Table:
+    r"""The index of a CSV/TSV file (``poison.datasets.files.INDEX_SCHEMA``).
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "pairs.tsv").write_text("Image\tTitle\nimg/0.jpg\ta dog\n")
+        >>> index = read_index(folder / "pairs.tsv")
+        >>> index["file"][0].as_py() == f"{folder}/img/0.jpg", index["caption"].to_pylist()
+        (True, ['a dog'])
+    """
+    sep = separator(path)
+    header = _header(path, sep)
+    image = image_column or _pick(header, IMAGE_COLUMNS, path, "image-path")
+    caption = caption_column or _pick(header, CAPTION_COLUMNS, path, "caption")
+    for name in (image, caption):
+        if name not in header:
+            raise DataError(f"data.path: {path} has no column {name!r}; its columns: {', '.join(header)}")
+    malformed = []
+
+    def on_invalid(row: object) -> str:
+        malformed.append(row)
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            path, parse_options=pacsv.ParseOptions(delimiter=sep, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(include_columns=[image, caption], strings_can_be_null=False,
+                                                 column_types={image: pa.string(), caption: pa.string()}))
+    except (pa.ArrowInvalid, UnicodeDecodeError) as err:
+        raise DataError(f"data.path: {path} cannot be read as a {_kind(sep)} file: {err}") from None
+    files = _resolve(table[image].combine_chunks(), path.parent, path, image)
+    n, bad = table.num_rows, len(malformed)
+    return make_index(
+        file=pa.concat_arrays([files, pa.nulls(bad, pa.string())]),
+        caption=pa.concat_arrays([table[caption].combine_chunks(), pa.nulls(bad, pa.string())]),
+        problem=pa.concat_arrays([pa.nulls(n, pa.string()), pa.array(["malformed"] * bad, pa.string())]),
+    )
+
+
+def separator(path: Path) -> str:
+    """The field separator of ``path``, from its extension (a compression suffix aside)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in COMPRESSED:
+        suffixes.pop()
+    if suffixes and suffixes[-1] in SEPARATORS:
+        return SEPARATORS[suffixes[-1]]
+    return "\t" if "\t" in _first_line(path) else ","
+
+
+def _first_line(path: Path) -> str:
+    with pa.input_stream(str(path), compression="detect") as stream:
+        head = stream.read(1 << 16)
+    return head.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r")
+
+
+def _header(path: Path, sep: str) -> list[str]:
+    line = _first_line(path)
+    if not line.strip():
+        raise DataError(f"data.path: {path} is empty or has no header line")
+    return next(csv.reader([line], delimiter=sep))
+
+
+def _pick(header: list[str], candidates: tuple[str, ...], path: Path, what: str) -> str:
+    lowered = {name.strip().lower(): name for name in header}
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    raise DataError(f"data.path: {path} has no recognisable {what} column (looked for {', '.join(candidates)}); "
+                    f"its columns: {', '.join(header)}")
+
+
+def _resolve(paths: pa.Array, folder: Path, source: Path, column: str) -> pa.Array:
+    """Relative paths joined to ``folder``; empty ones null (skipped as missing)."""
+    if len(paths) and pc.all(pc.match_substring_regex(paths, r"^https?://")).as_py():
+        raise DataError(f"data.path: column {column!r} of {source} holds URLs; download the images first "
+                        "(img2dataset, then dataset: webdataset) or list local paths")
+    joined = pc.binary_join_element_wise(str(folder), paths, "/")
+    resolved = pc.if_else(pc.starts_with(paths, "/"), paths, joined)
+    return pc.if_else(pc.equal(paths, ""), pa.scalar(None, pa.string()), resolved)
+
+
+def _kind(sep: str) -> str:
+    return "TSV" if sep == "\t" else "CSV"
+
+
+#: Bump when reading or decoding changes: it keys the on-disk image cache.
+load.VERSION = 1  # type: ignore[attr-defined]
+load.TRUSTED = True  # type: ignore[attr-defined]  # trusted pairs come from images data.size leaves unused
