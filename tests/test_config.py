@@ -73,7 +73,7 @@ def test_a_bad_choice_is_named():
     (with_(attack={**backdoor(), "trigger": {"kind": "star"}}), "attack.trigger.kind: unknown trigger 'star'"),
     (with_(model={"arch": "nope"}), "model.arch: unknown architecture 'nope'; valid: tiny-rn, tiny-vit"),
     (with_(model={"arch": "tiny-rn", "pretrained": "/no/such.pt"}), "model.pretrained: checkpoint file /no/such.pt not found"),
-    (with_(data={"dataset": "cifar"}), "data.dataset: unknown dataset 'cifar'; valid: fashion-mnist, synthetic"),
+    (with_(data={"dataset": "cifar"}), "data.dataset: unknown dataset 'cifar'; valid: coco-captions, csv, fashion-mnist, imagefolder"),
     (with_(data={"dataset": "fashion-mnist", "path": "/no/where"}), "data.path: /no/where/train-images"),
     (with_(search={"num_samples": 0}), "search.num_samples: expected greater than or equal to 1"),
     (with_(search={"objectives": {"attack_success": "up"}}), "search.objectives.attack_success: expected 'max' or 'min'"),

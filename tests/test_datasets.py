@@ -98,5 +98,5 @@ def test_real_fashion_mnist_from_debian_package():
 
 def test_registry_lists_builtin_datasets():
     assert {"synthetic", "fashion-mnist"} <= set(DATASETS.names())
-    with pytest.raises(KeyError, match="unknown dataset 'cifar'; valid: fashion-mnist, synthetic"):
+    with pytest.raises(KeyError, match="unknown dataset 'cifar'; valid: coco-captions, csv, fashion-mnist, imagefolder, synthetic, webdataset"):
         DATASETS.get("cifar")
