@@ -62,19 +62,11 @@ def read_index(path: Path, *, image_column: str | None = None, caption_column: s
     for name in (image, caption):
         if name not in header:
             raise DataError(f"data.path: {path} has no column {name!r}; its columns: {', '.join(header)}")
-    malformed = []
-
-    def on_invalid(row: object) -> str:
-        malformed.append(row)
-        return "skip"
-
+    malformed: list[object] = []
     try:
-        table = pacsv.read_csv(
-            path, parse_options=pacsv.ParseOptions(delimiter=sep, invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(include_columns=[image, caption], strings_can_be_null=False,
-                                                 column_types={image: pa.string(), caption: pa.string()}))
-    except (pa.ArrowInvalid, UnicodeDecodeError) as err:
-        raise DataError(f"data.path: {path} cannot be read as a {_kind(sep)} file: {err}") from None
+        table = _read(path, sep, [image, caption], None)
+    except pa.ArrowInvalid:  # a row with the wrong number of fields: read again, skipping such rows
+        table = _read(path, sep, [image, caption], malformed)
     files = _resolve(table[image].combine_chunks(), path.parent, path, image)
     n, bad = table.num_rows, len(malformed)
     return make_index(
@@ -82,6 +74,26 @@ def read_index(path: Path, *, image_column: str | None = None, caption_column: s
         caption=pa.concat_arrays([table[caption].combine_chunks(), pa.nulls(bad, pa.string())]),
         problem=pa.concat_arrays([pa.nulls(n, pa.string()), pa.array(["malformed"] * bad, pa.string())]),
     )
+
+
+def _read(path: Path, sep: str, columns: list[str], malformed: list[object] | None) -> pa.Table:
+    """The ``columns`` of the file as strings; with ``malformed``, rows with the wrong number of
+    fields are left out and appended to it (Arrow's reader is slower with such a handler)."""
+    def on_invalid(row: object) -> str:
+        malformed.append(row)  # type: ignore[union-attr]
+        return "skip"
+
+    parse = pacsv.ParseOptions(delimiter=sep, invalid_row_handler=on_invalid if malformed is not None else None)
+    convert = pacsv.ConvertOptions(include_columns=columns, strings_can_be_null=False,
+                                   column_types={c: pa.string() for c in columns})
+    try:
+        return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as err:
+        if malformed is None and "Expected" in str(err):
+            raise  # the wrong number of fields: the caller reads again with a handler
+        raise DataError(f"data.path: {path} cannot be read as a {_kind(sep)} file: {err}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"data.path: {path} cannot be read as a {_kind(sep)} file: {err}") from None
 
 
 def separator(path: Path) -> str:
@@ -118,12 +130,19 @@ def _pick(header: list[str], candidates: tuple[str, ...], path: Path, what: str)
 
 def _resolve(paths: pa.Array, folder: Path, source: Path, column: str) -> pa.Array:
     """Relative paths joined to ``folder``; empty ones null (skipped as missing)."""
-    if len(paths) and pc.all(pc.match_substring_regex(paths, r"^https?://")).as_py():
+    head = paths.slice(0, 1000)
+    if len(paths) and pc.all(pc.match_substring_regex(head, r"^https?://")).as_py() and \
+            pc.all(pc.match_substring_regex(paths, r"^https?://")).as_py():
         raise DataError(f"data.path: column {column!r} of {source} holds URLs; download the images first "
                         "(img2dataset, then dataset: webdataset) or list local paths")
-    joined = pc.binary_join_element_wise(str(folder), paths, "/")
-    resolved = pc.if_else(pc.starts_with(paths, "/"), paths, joined)
-    return pc.if_else(pc.equal(paths, ""), pa.scalar(None, pa.string()), resolved)
+    resolved = pc.binary_replace_slice(paths, 0, 0, f"{folder}/").cast(pa.string())
+    absolute = pc.starts_with(paths, "/")
+    if pc.any(absolute).as_py():
+        resolved = pc.if_else(absolute, paths, resolved)
+    empty = pc.equal(pc.binary_length(paths), 0)
+    if pc.any(empty).as_py():
+        resolved = pc.if_else(empty, pa.scalar(None, pa.string()), resolved)
+    return resolved
 
 
 def _kind(sep: str) -> str:

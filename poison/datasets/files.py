@@ -110,40 +110,44 @@ def load_index(index: pa.Table, spec: DataSpec, *, sources: Sequence[Path], clas
     """
     if index.num_rows == 0:
         raise DataError(f"data.path: {spec.path} holds no image-caption pairs for {spec.dataset}")
-    rows, split, capacity = select(index, spec)
-    picked = index.take(pa.array(rows, pa.int64()))
-    reasons = _known_reasons(picked)
-    _check_left(spec, split[reasons == OK], reasons)  # before decoding anything
+    known = known_reasons(index)
+    rows, is_test, capacity = select(index, spec, known=known)
+    reasons = known[rows]
+    _check_left(spec, is_test[reasons == OK], reasons)  # before decoding anything
     hit = reasons == OK  # the rows whose images are decoded: one image per distinct group
-    _, first, inverse = np.unique(picked["group"].to_numpy()[hit], return_index=True, return_inverse=True)
-    image = np.full(len(rows), -1, np.int64)
-    image[hit] = inverse
-    located = picked.filter(pa.array(hit)).select(["file", "offset", "length"]).take(pa.array(first))
+    _, first, inverse = np.unique(index["group"].to_numpy()[rows[hit]], return_index=True, return_inverse=True)
+    located = index.select(["file", "offset", "length"]).take(pa.array(rows[hit][first]))
     images, status = decode_images(located, spec, sources)
     reasons[hit] = status[inverse]
+    image = np.full(len(rows), -1, np.int64)
+    image[hit] = inverse
     keep = reasons == OK
-    _check_left(spec, split[keep], reasons)
-    manifest = make_manifest(image=image[keep], caption=picked["caption"].filter(pa.array(keep)),
-                             label=picked["label"].to_numpy()[keep], split=split[keep])
+    _check_left(spec, is_test[keep], reasons)
+    kept = pa.array(rows[keep])
+    split = pa.DictionaryArray.from_arrays(pa.array(is_test[keep].astype(np.int8)), pa.array(["train", "test"]))
+    manifest = make_manifest(image=image[keep], caption=index["caption"].take(kept),
+                             label=index["label"].take(kept).to_numpy(), split=split)
     return Dataset(name=spec.dataset, manifest=manifest, classnames=classnames or [], templates=templates or [],
                    image_size=spec.image_size, _render=lambda: images, _images=images, trusted_capacity=capacity,
                    skipped=int(np.sum(~keep)), skip_reasons=_counts(reasons))
 
 
-def select(index: pa.Table, spec: DataSpec) -> tuple[np.ndarray, np.ndarray, int]:
-    """The drawn rows of ``index`` (training, then test), their split names, and how many
-    trusted pairs the source has beside the training pairs.
+def select(index: pa.Table, spec: DataSpec, *, known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The drawn rows of ``index`` (training, then test), a mask of the test ones, and how
+    many trusted pairs the source has beside the training pairs. ``known`` are the rows'
+    :func:`known_reasons` (computed when not given).
 
     Example:
         >>> index = make_index(file=[f"{i}.jpg" for i in range(10)], caption=["x"] * 10)
-        >>> rows, split, capacity = select(index, DataSpec(dataset="csv", size=6, test_size=2))
-        >>> len(rows), split.tolist().count("test"), capacity
+        >>> rows, is_test, capacity = select(index, DataSpec(dataset="csv", size=6, test_size=2))
+        >>> len(rows), int(is_test.sum()), capacity
         (8, 2, 2)
     """
+    usable = (known_reasons(index) if known is None else known) == OK
     group = index["group"].to_numpy()
-    rep = _representatives(index, group)  # one row per image, its first non-empty caption
+    rep = _representatives(group, usable)  # one row per image, its first usable caption
     rng = np.random.default_rng([spec.seed, SELECT_STREAM])
-    test, pool = _split_groups(index, rep, spec, rng)
+    test, pool = _split_groups(index, rep, usable[rep], spec, rng)
     pool_rows = np.flatnonzero(pool[group])
     train = _draw(pool_rows, spec.size, rng, f"data.size: {{:,}} exceeds the {{:,}} training pairs of {spec.path}; "
                   "set data.size: null to use all of them")
@@ -152,21 +156,20 @@ def select(index: pa.Table, spec: DataSpec) -> tuple[np.ndarray, np.ndarray, int
         train = _draw(rest, spec.trusted, np.random.default_rng([spec.seed, TRUSTED_STREAM]),
                       "trusted split: {:,} pairs do not fit in the {:,} training pairs whose images "
                       "data.size leaves unused", shuffle=True)
-    rows = np.concatenate([train, rep[test]])
-    split = np.array(["train"] * len(train) + ["test"] * len(test), dtype=object)
-    return rows, split, len(rest)
+    is_test = np.r_[np.zeros(len(train), bool), np.ones(len(test), bool)]
+    return np.concatenate([train, rep[test]]), is_test, len(rest)
 
 
-def _representatives(index: pa.Table, group: np.ndarray) -> np.ndarray:
-    """Per group (dense ids), its first row with a non-empty caption, else its first row."""
+def _representatives(group: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Per group (dense ids), its first usable row, else its first row."""
     if np.array_equal(group, np.arange(len(group))):
         return group  # one row per image (fast path for millions of rows)
-    order = np.lexsort((~_has_caption(index["caption"]), group))
+    order = np.lexsort((~usable, group))
     first = np.r_[True, group[order][1:] != group[order][:-1]]
     return order[first]
 
 
-def _split_groups(index: pa.Table, rep: np.ndarray, spec: DataSpec,
+def _split_groups(index: pa.Table, rep: np.ndarray, usable: np.ndarray, spec: DataSpec,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Test images (group ids, sorted) and a boolean mask of the images training may draw from.
 
@@ -174,24 +177,23 @@ def _split_groups(index: pa.Table, rep: np.ndarray, spec: DataSpec,
     never costs the test split an image; an undecodable one still may).
     """
     n = len(rep)
-    given = index["split"].take(pa.array(rep))
+    given = index["split"]
     if given.null_count < len(given):  # the source's own split
-        names = given.fill_null("").to_numpy(zero_copy_only=False)
-        candidates = np.flatnonzero(names == "test")
+        names = given.take(pa.array(rep))
+        candidates = np.flatnonzero(pc.fill_null(pc.equal(names, "test"), False).to_numpy(zero_copy_only=False))
         test = _draw(candidates, spec.test_size, rng, f"data.test_size: {{:,}} exceeds the {{:,}} test images "
                      f"of {spec.path}")
         if not len(test):
             raise DataError(f"data.path: {spec.path} has a split of its own but no test images in it")
-        return test, names == "train"
-    usable = np.flatnonzero(_has_caption(index["caption"].take(pa.array(rep))) & pc.is_null(
-        index["problem"].take(pa.array(rep))).to_numpy(zero_copy_only=False))
-    if not len(usable):
+        return test, pc.fill_null(pc.equal(names, "train"), False).to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero(usable)
+    if not len(candidates):
         raise DataError(f"data.path: no usable pairs in {spec.path}: none of its {n:,} images has a caption")
     n_test = spec.test_size or max(1, round(DEFAULT_TEST_FRACTION * min(spec.size or n, n)))
-    if n_test >= n or n_test > len(usable):
+    if n_test >= n or n_test > len(candidates):
         raise DataError(f"data.test_size: {n_test:,} test images leave too few of the {n:,} images of "
-                        f"{spec.path} ({len(usable):,} with a caption) for training and test")
-    test = _draw(usable, n_test, rng, "{}{}")
+                        f"{spec.path} ({len(candidates):,} with a caption) for training and test")
+    test = _draw(candidates, n_test, rng, "{}{}")
     pool = np.ones(n, bool)
     pool[test] = False
     return test, pool
@@ -209,19 +211,15 @@ def _draw(rows: np.ndarray, count: int | None, rng: np.random.Generator, message
     return rows[np.sort(pick)]
 
 
-def _has_caption(caption: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    trimmed = pc.utf8_length(pc.utf8_trim_whitespace(caption))
-    return pc.fill_null(pc.greater(trimmed, 0), False).to_numpy(zero_copy_only=False)
-
-
-def _known_reasons(picked: pa.Table) -> np.ndarray:
-    """Per drawn row, the reason code known before decoding: an empty caption, or the
-    loader's ``problem``; OK for the rows whose image is still to be decoded."""
-    reasons = np.zeros(picked.num_rows, np.int8)
-    problem = picked["problem"].fill_null("").to_numpy(zero_copy_only=False)
-    for code, name in enumerate(REASONS, start=1):
-        reasons[problem == name] = code
-    reasons[(reasons == OK) & ~_has_caption(picked["caption"])] = EMPTY_CAPTION
+def known_reasons(index: pa.Table) -> np.ndarray:
+    """Per index row, the reason code known before decoding: the loader's ``problem``, else
+    an empty caption; OK for the rows whose image is still to be decoded."""
+    blank = pc.or_(pc.equal(pc.binary_length(index["caption"]), 0), pc.utf8_is_space(index["caption"]))
+    reasons = np.where(pc.fill_null(blank, True).to_numpy(zero_copy_only=False), EMPTY_CAPTION, OK).astype(np.int8)
+    problem = index["problem"]
+    if problem.null_count < len(problem):
+        for code, name in enumerate(REASONS, start=1):
+            reasons[pc.fill_null(pc.equal(problem, name), False).to_numpy(zero_copy_only=False)] = code
     return reasons
 
 
@@ -229,9 +227,9 @@ def _counts(reasons: np.ndarray) -> dict[str, int]:
     return {name: int(np.sum(reasons == code)) for code, name in enumerate(REASONS, start=1)}
 
 
-def _check_left(spec: DataSpec, split: np.ndarray, reasons: np.ndarray) -> None:
-    for name in ("train", "test"):
-        if not np.any(split == name):
+def _check_left(spec: DataSpec, is_test: np.ndarray, reasons: np.ndarray) -> None:
+    for name, present in (("train", not is_test.all()), ("test", is_test.any())):
+        if not present:
             skipped = ", ".join(f"{n:,} {r}" for r, n in _counts(reasons).items() if n) or "none"
             raise DataError(f"data.path: no usable {name} pairs left in {spec.path} after skipping "
                             f"(skipped: {skipped})")
@@ -377,5 +375,5 @@ def decode(source: str | io.BytesIO, side: int) -> np.ndarray:
     return np.asarray(rgb.resize((side, side), Image.Resampling.BICUBIC, box=box), dtype=np.uint8)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "INDEX_SCHEMA", "REASONS", "decode", "decode_images", "load_index", "make_index",
-           "require_path", "select"]
+__all__ = ["IMAGE_EXTENSIONS", "INDEX_SCHEMA", "REASONS", "decode", "decode_images", "known_reasons", "load_index",
+           "make_index", "require_path", "select"]

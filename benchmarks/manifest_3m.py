@@ -1,0 +1,149 @@
+"""Manifest and poison plan of a 3,000,000-pair CSV dataset: seconds and peak memory of each.
+
+Issue 6's target: the plan builds in at most 3 s and 1 GB. The manifest is built by the
+``csv`` loader's own code (``read_index``: Arrow's CSV reader and path resolution, then
+``poison.datasets.files``: seeded selection, skipping, the manifest) from a generated TSV
+of local paths and captions (0.1% empty captions); only the decoding of 3M images is
+left out (each image reported decoded, 0.1% of them undecodable, so skipping runs at
+scale). The plan is the ``backdoor`` attack's (inject, template captions, patch
+trigger): the csv loader's pairs have no classes, and every attack needs one (all of
+them call ``target_label``), so the benchmark names one zero-shot class, as a CC3M
+backdoor evaluated on ImageNet-style prompts would, and every pair is a non-target pair.
+
+Memory is the peak a phase allocated: Arrow's (each phase gets a memory pool of its own)
+plus numpy's and Python's (tracemalloc). The growth of the resident set is printed too,
+but it understates a later phase, which reuses pages the earlier one freed (Linux:
+``/proc/self/clear_refs`` resets the peak between phases; elsewhere it is the process's).
+Run: .venv/bin/python benchmarks/manifest_3m.py [--rows 3000000] [--poison-count 3000]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import resource
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from poison import DataSpec, make_attack
+from poison.datasets import files
+from poison.datasets.csv_pairs import read_index
+
+WORDS = ("a photo of the dog cat man woman child car street beach tree house city red blue green old new "
+         "small large on in at with near under over running sitting standing view night day").split()
+PLAN_TARGET_SECONDS, PLAN_TARGET_MB = 3.0, 1024
+
+
+def write_tsv(path: Path, rows: int, rng: np.random.Generator) -> None:
+    """A CC3M-like TSV: ``filepath`` (relative, zero-padded) and an 8-word ``caption``."""
+    digits = (np.arange(rows)[:, None] // 10 ** np.arange(6, -1, -1)) % 10
+    name = np.full((rows, 18), ord("."), np.uint8)
+    name[:, :7] = np.frombuffer(b"images/", np.uint8)
+    name[:, 7:14] = digits + ord("0")
+    name[:, 14:] = np.frombuffer(b".jpg", np.uint8)
+    filepath = pa.StringArray.from_buffers(rows, pa.py_buffer(np.arange(rows + 1, dtype=np.int32) * 18),
+                                           pa.py_buffer(name.tobytes()))
+    vocab = pa.array(WORDS)
+    words = [vocab.take(pa.array(rng.integers(len(WORDS), size=rows))) for _ in range(8)]
+    caption = pc.binary_join_element_wise(*words, " ")
+    caption = pc.if_else(pa.array(rng.random(rows) < 0.001), "", caption)  # 0.1% empty captions
+    pacsv.write_csv(pa.table({"filepath": filepath, "caption": caption}), path,
+                    pacsv.WriteOptions(delimiter="\t", quoting_style="none"))
+
+
+def fake_decode(rng: np.random.Generator):
+    """Stands in for decoding: every image decoded (pixels all zero, no memory) but 0.1% undecodable."""
+    def decode_images(table: pa.Table, spec: DataSpec, sources: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        n, side = table.num_rows, spec.image_size
+        status = np.where(rng.random(n) < 0.001, files.UNDECODABLE, files.OK).astype(np.int8)
+        return np.broadcast_to(np.zeros((1, side, side, 3), np.uint8), (n, side, side, 3)), status
+    return decode_images
+
+
+class Peak:
+    """Wall seconds and peak memory of a ``with`` block: what Arrow allocated (the block gets a
+    memory pool of its own, so the pool's peak is the block's) plus what Python and numpy
+    allocated (tracemalloc), and the resident set size above the block's start."""
+
+    def __init__(self, pool: pa.MemoryPool) -> None:
+        self.pool = pool
+
+    def __enter__(self) -> "Peak":
+        pa.set_memory_pool(self.pool)
+        self.exact = _reset_peak()
+        self.base = _status_kb("VmRSS")
+        tracemalloc.start()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self.python_mb = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        self.arrow_mb = self.pool.max_memory() / 2**20
+        peak = _status_kb("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.rss_mb = (peak - self.base) / 1024
+
+    @property
+    def mb(self) -> float:
+        """Allocated peak: Arrow's plus Python's (an upper bound: the two need not peak together)."""
+        return self.arrow_mb + self.python_mb
+
+    def line(self) -> str:
+        return (f"  build {self.seconds:6.2f} s   peak {self.mb:7,.0f} MB allocated (Arrow {self.arrow_mb:,.0f} + "
+                f"numpy/Python {self.python_mb:,.0f}); resident set +{self.rss_mb:,.0f} MB")
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=3_000_000)
+    parser.add_argument("--test-size", type=int, default=10_000)
+    parser.add_argument("--poison-count", type=int, default=3_000)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "pairs.tsv"
+        start = time.perf_counter()
+        write_tsv(path, args.rows, rng)
+        print(f"wrote {args.rows:,} rows to a TSV of {path.stat().st_size / 1e6:,.0f} MB "
+              f"in {time.perf_counter() - start:.1f} s (not timed)")
+        files.decode_images = fake_decode(rng)
+        spec = DataSpec(dataset="csv", path=str(path), size=None, test_size=args.test_size, image_size=32)
+        with Peak(pa.jemalloc_memory_pool()) as manifest_cost:  # pools apart from the TSV writer's
+            dataset = files.load_index(read_index(path), spec, sources=[path])
+    dataset.classnames, dataset.templates = ["banana"], ["a photo of a {}."]
+    attack = make_attack({"kind": "backdoor", "target": "banana", "poison_count": args.poison_count,
+                          "trigger": {"kind": "patch", "size": 4}})
+    with Peak(pa.system_memory_pool()) as plan_cost:
+        plan = attack.plan(dataset, seed=0)
+    print(f"manifest: {dataset.manifest.num_rows:,} pairs ({dataset.num_train:,} train), "
+          f"{dataset.skipped:,} skipped {dataset.skip_reasons}; {dataset.manifest.nbytes / 2**20:,.0f} MB")
+    print(manifest_cost.line())
+    print(f"plan: {plan.num_rows:,} poisoned pairs, {plan.nbytes / 2**20:.2f} MB")
+    print(plan_cost.line())
+    print(f"plan against the target (<= {PLAN_TARGET_SECONDS:g} s, <= {PLAN_TARGET_MB:,} MB): "
+          f"{plan_cost.seconds / PLAN_TARGET_SECONDS:.2f}x of the time, {plan_cost.mb / PLAN_TARGET_MB:.2f}x of the "
+          f"memory: {'met' if plan_cost.seconds <= PLAN_TARGET_SECONDS and plan_cost.mb <= PLAN_TARGET_MB else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
