@@ -56,7 +56,7 @@ class Backdoor(Attack):
 
     def check(self, dataset: Dataset) -> None:
         target = target_label(dataset, self.target)
-        pool = non_target_pairs(dataset, target)
+        pool = non_target_rows(dataset, target)
         if self.poison_count > len(pool):
             raise ConfigError(
                 f"attack.poison_count: {self.poison_count:,} exceeds the {len(pool):,} non-target "
@@ -77,10 +77,11 @@ class Backdoor(Attack):
         """The plan drawn from ``rng``, numbering injected pairs from ``first_new`` and
         leaving out the training pairs ``exclude`` (used when attacks are combined)."""
         target = target_label(dataset, self.target)
-        pool = non_target_pairs(dataset, target)
+        pool = non_target_rows(dataset, target)  # positions: no copy of millions of captions
         if exclude is not None:
-            pool = pool.filter(pc.invert(pc.is_in(pool["id"], value_set=exclude)))
-        rows = pool.take(pa.array(np.sort(rng.choice(len(pool), self.poison_count, replace=False))))
+            ids = dataset.manifest["id"].take(pa.array(pool))
+            pool = pool[~pc.is_in(ids, value_set=exclude).to_numpy(zero_copy_only=False)]
+        rows = dataset.manifest.take(pa.array(pool[np.sort(rng.choice(len(pool), self.poison_count, replace=False))]))
         captions = draw_captions(dataset, self.target, self.caption_source, self.poison_count, rng)
         placement = self.trigger.placement(self.poison_count, dataset.image_size, rng)
         return make_plan(op=self.mode, altered=rows["id"].to_numpy(), images=rows, captions=captions,
@@ -156,9 +157,16 @@ def plan_meta(attack: Attack, dataset: Dataset, seed: int) -> dict[str, str]:
 
 
 def non_target_pairs(dataset: Dataset, target: int) -> pa.Table:
-    train = dataset.split("train")
-    return train.filter(pc.not_equal(train["label"], target))
+    """The training pairs whose class is not ``target``, in manifest order."""
+    return dataset.manifest.take(pa.array(non_target_rows(dataset, target)))
+
+
+def non_target_rows(dataset: Dataset, target: int) -> np.ndarray:
+    """Manifest positions of :func:`non_target_pairs` (one pass, nothing copied: fast at 3M pairs)."""
+    manifest = dataset.manifest
+    mask = pc.and_(pc.equal(manifest["split"], "train"), pc.not_equal(manifest["label"], target))
+    return np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))
 
 
 __all__ = ["Backdoor", "CAPTION_TEMPLATES", "backdoor_asr", "class_rows", "draw_captions", "non_target_pairs",
-           "plan_meta", "target_captions", "target_label"]
+           "non_target_rows", "plan_meta", "target_captions", "target_label"]
