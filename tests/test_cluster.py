@@ -1,0 +1,320 @@
+"""The cluster set-ups: cluster.yaml against Ray's own schema, the KubeRay RayJob, and a real
+two-node Ray cluster on this machine running a sweep submitted with ``ray job submit``.
+
+The real cluster is scoped to this test: its own ports, temp dir and auth token, and a teardown
+that stops only the processes it started (never ``ray stop``, which stops every Ray on the
+machine, other people's included).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import ray
+import yaml
+
+from tests.conftest import backdoor, launch_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's: ray, mlflow and poisonsweep all come from here
+
+
+# -- the configs in the repository ---------------------------------------------------------------
+
+def _launcher_config(name: str = "cluster.yaml") -> dict[str, Any]:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def _ray_image(cluster: dict[str, Any]) -> str:
+    return cluster["docker"]["image"]
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "deploy/cluster-onprem.yaml"])
+def test_launcher_configs_pass_ray_ups_own_validation(name):
+    """What ``ray up`` does first: defaults filled in per provider, then Ray's JSON schema
+    (ray/autoscaler/ray-schema.json) and its other checks."""
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    if not (Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").is_file():
+        pytest.skip(f"ray {ray.__version__} ships no autoscaler schema")
+    util.validate_config(util.prepare_config(_launcher_config(name)))
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "deploy/cluster-onprem.yaml"])
+def test_launcher_configs_use_rays_gpu_image_and_join_with_a_token(name):
+    cluster = _launcher_config(name)
+    assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py3\d+-gpu", _ray_image(cluster))
+    assert _ray_image(cluster) == _ray_image(_launcher_config())
+    assert any("pip install" in c and "poisonsweep" in c for c in cluster["setup_commands"])
+    (head_start,) = [c for c in cluster["head_start_ray_commands"] if "ray start" in c]
+    assert "--head" in head_start and "--num-cpus=0" in head_start  # the head runs no trial
+    # every node joins with token authentication, the token synced from the launching machine
+    assert "/home/ray/.ray/auth_token" in cluster["file_mounts"]
+    for command in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]:
+        assert command == "ray stop" or "RAY_AUTH_MODE=token ray start" in command
+
+
+def test_cluster_yaml_head_takes_no_trial_and_gpu_workers_scale_from_zero():
+    cluster = _launcher_config()
+    head = cluster["available_node_types"][cluster["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    (workers,) = [t for name, t in cluster["available_node_types"].items() if name != cluster["head_node_type"]]
+    assert workers["min_workers"] == 0 < workers["max_workers"]
+    assert workers["node_config"]["IamInstanceProfile"]  # trials write Tune's storage on S3
+
+
+def _rayjob_docs() -> list[dict[str, Any]]:
+    return list(yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "rayjob.yaml").read_text()))
+
+
+def test_rayjob_has_what_kuberays_crd_requires():
+    docs = _rayjob_docs()
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    assert job["apiVersion"] == "ray.io/v1" and job["metadata"]["name"]
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("poisonsweep run ")
+    cluster = spec["rayClusterSpec"]
+    head, workers = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the head runs the driver, no trials
+    assert len(workers) == 1 and workers[0]["groupName"]
+    assert workers[0]["minReplicas"] < workers[0]["maxReplicas"] and cluster["enableInTreeAutoscaling"]
+    head_container = head["template"]["spec"]["containers"][0]
+    worker_container = workers[0]["template"]["spec"]["containers"][0]
+    assert worker_container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    uri = {e["name"]: e for e in head_container["env"]}["MLFLOW_TRACKING_URI"]
+    assert set(uri["valueFrom"]["secretKeyRef"]) == {"name", "key"}
+    # the same Ray version and Python as cluster.yaml's image
+    tag = _ray_image(_launcher_config()).rpartition(":")[2]
+    assert {c["image"].rpartition(":")[2] for c in (head_container, worker_container)} == {tag}
+    assert cluster["rayVersion"] == ray.__version__
+
+
+def test_rayjob_image_is_built_on_the_cluster_yaml_image_and_its_sweep_validates():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert f"FROM {_ray_image(_launcher_config())}" in dockerfile.splitlines()
+    (config_map,) = [d for d in _rayjob_docs() if d["kind"] == "ConfigMap"]
+    from sweeps.config import validate_config
+
+    for text in config_map["data"].values():
+        validate_config(yaml.safe_load(text), check_data=False)
+
+
+# -- a real two-node cluster on this machine -----------------------------------------------------
+
+SWEEP = {
+    "name": "cluster",
+    "seed": 0,
+    "data": {"size": 400, "test_size": 48},
+    "train": {"epochs": 1, "batch_size": 64, "lr": 2.0e-3},
+    "attack": {**backdoor(), "poison_count": {"low": 10, "high": 80, "log": True, "default": 30}},
+    "search": {"num_samples": 2, "max_concurrent": 2},
+    "resources": {"cpu": 1, "gpu": 1},  # only the second node has a GPU
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float, procs: list[subprocess.Popen] = ()) -> Any:
+    """Polls ``check`` until it returns something truthy; fails naming ``what`` on timeout or
+    when one of ``procs`` has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = check()
+        except OSError:
+            found = None
+        if found:
+            return found
+        dead = [p.args for p in procs if p.poll() is not None]
+        if dead:
+            pytest.fail(f"{what}: {dead[0][:3]} exited")
+        time.sleep(0.25)
+    pytest.fail(f"{what}: not within {timeout:g} s")
+
+
+class _Cluster:
+    """A Ray head (1 CPU, no GPU) and a second node (2 CPUs, 1 declared GPU), plus an MLflow
+    tracking server, all on loopback; every process is started here and stopped here."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="raycl", dir="/tmp")  # short: Unix socket paths
+        self.tmp, self.token, self.procs = tmp, uuid.uuid4().hex, []
+        self.gcs, self.dashboard, self.mlflow_port = _free_port(), _free_port(), _free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
+                        RAY_enable_metrics_collection="0",
+                        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")
+        proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=self.tmp)
+        self.procs.append(proc)
+        return proc
+
+    def _ray_start(self, name: str, args: list[str]) -> subprocess.Popen:
+        ports = {"node-manager-port": _free_port(), "object-manager-port": _free_port(),
+                 "dashboard-agent-listen-port": _free_port(), "dashboard-agent-grpc-port": _free_port(),
+                 "runtime-env-agent-port": _free_port(), "metrics-export-port": _free_port(),
+                 "min-worker-port": 0, "max-worker-port": 0}  # 0: ports the OS picks
+        return self._start(name, [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
+                                  f"--temp-dir={self.temp_dir}", "--object-store-memory=100000000",
+                                  "--disable-usage-stats", "--include-log-monitor=false", *args, *(f"--{k}={v}" for k, v in ports.items())])
+
+    def start_head(self) -> subprocess.Popen:
+        return self._ray_start("head", [
+            "--head", f"--port={self.gcs}", "--num-cpus=1", "--num-gpus=0", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard}", f"--ray-client-server-port={_free_port()}"])
+
+    def start_gpu_node(self) -> subprocess.Popen:
+        return self._ray_start("gpu-node", [f"--address=127.0.0.1:{self.gcs}", "--num-cpus=2", "--num-gpus=1"])
+
+    def start_mlflow(self) -> subprocess.Popen:
+        self.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: six processes fewer
+        return self._start("mlflow", [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
+            "--backend-store-uri", f"sqlite:///{self.tmp / 'mlflow.db'}",
+            "--artifacts-destination", str(self.tmp / "artifacts"), "--workers", "1"])
+
+    def api(self, path: str) -> Any:
+        """GET on the dashboard's HTTP API, with the cluster's token."""
+        request = urllib.request.Request(f"{self.dashboard_url}{path}",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def nodes(self) -> list[dict[str, Any]]:
+        found = self.api("/api/v0/nodes?detail=1&limit=100")["data"]["result"]["result"]
+        return [n for n in found if n["state"] == "ALIVE"]
+
+    def ray(self, *args: str) -> subprocess.Popen:
+        """Starts the ``ray`` CLI against this cluster (its output in ``<args[1]>.log``)."""
+        return self._start(args[1], [str(BIN / "ray"), *args])
+
+    def stop(self) -> None:
+        """SIGTERM to each ``ray start --block`` (it stops its node's processes), then SIGKILL
+        to anything left in their sessions or naming this cluster's temp dir."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        sessions = {p.pid for p in self.procs}
+        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+            if pid != os.getpid() and (_session(pid) in sessions
+                                       or any(self.temp_dir in part for part in _cmdline(pid) or ())):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except OSError:
+        return None
+
+
+@pytest.mark.slow
+def test_a_submitted_sweep_runs_its_trials_on_the_gpu_node_into_an_mlflow_server(tmp_path):
+    times: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        times[name] = time.monotonic() - mark
+        mark = time.monotonic()
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**SWEEP, "storage": {"path": str(tmp_path / "results")}}))
+    cluster = _Cluster(tmp_path)
+    try:
+        mlflow, head = cluster.start_mlflow(), cluster.start_head()  # all three start at once
+        _wait("the Ray head's GCS", lambda: socket.create_connection(("127.0.0.1", cluster.gcs), 1), 60, [head])
+        node = cluster.start_gpu_node()
+        _wait("the Ray job server", lambda: cluster.api("/api/jobs/") is not None, 60, [head])
+        lap("ray head up")
+        # submitted while the GPU node joins and the MLflow server starts: the driver's imports
+        # take longer, and MLflow's client retries a refused connection
+        job = f"sweep-{uuid.uuid4().hex[:8]}"
+        submit = cluster.ray("job", "submit", "--address", cluster.dashboard_url, "--submission-id", job,
+                             "--no-wait", "--", "poisonsweep", "run", str(config), "--address", "auto",
+                             "--tracking-uri", cluster.tracking_uri)
+        _wait("the MLflow server", lambda: urllib.request.urlopen(f"{cluster.tracking_uri}/health", timeout=1),
+              60, [mlflow])
+        assert submit.wait(timeout=60) == 0, (tmp_path / "submit.log").read_text()
+        lap("ray job submit + mlflow server up")
+        nodes = _wait("the GPU node", lambda: [n for n in cluster.nodes() if n["resources_total"].get("GPU")],
+                      60, [head, node])
+        gpu_node, head_node = nodes[0]["node_id"], next(n["node_id"] for n in cluster.nodes() if n["is_head_node"])
+        lap("gpu node up (waited for)")
+        driver: dict[str, Any] = {}
+
+        def finished() -> str | None:
+            info = cluster.api(f"/api/jobs/{job}")
+            if info.get("driver_info") and "cmdline" not in driver:
+                driver.update(info["driver_info"], cmdline=_cmdline(int(info["driver_info"]["pid"])))
+            return info["status"] if info["status"] in {"SUCCEEDED", "FAILED", "STOPPED"} else None
+
+        status = _wait("the sweep job", finished, 300, [head, node])
+        lap("job ran")
+        logs = cluster.api(f"/api/jobs/{job}/logs")["logs"]
+        assert status == "SUCCEEDED", logs[-3000:]
+        print(logs)
+        assert driver.get("cmdline") and Path(driver["cmdline"][0]).parent == BIN, driver
+
+        client, parent, children = launch_runs(cluster.tracking_uri, "cluster", "sweep")
+        assert parent.info.status == "FINISHED"
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+        assert all("attack_success" in c.data.metrics for c in children)
+
+        actors = cluster.api("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
+        trials = [a for a in actors if a["class_name"] == "ImplicitFunc"]  # Tune's function trainable
+        (supervisor,) = [a for a in actors if a["class_name"] == "JobSupervisor"]
+        tasks = cluster.api("/api/v0/tasks?detail=1&limit=1000")["data"]["result"]["result"]
+        clean = [t for t in tasks if t["name"] == "_train_clean"]
+        assert trials and {a["node_id"] for a in trials} == {gpu_node}
+        assert supervisor["node_id"] == head_node  # the driver runs on the head
+        assert clean and {t["node_id"] for t in clean} == {gpu_node}
+        lap("checks")
+    finally:
+        cluster.stop()
+        lap("teardown")
+        print("timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
+              + f"; total {sum(times.values()):.1f}")
