@@ -125,7 +125,8 @@ def _skipped_in_test(ds) -> int:
 ], ids=lambda a: a["kind"])
 def test_attacks_that_need_labels_refuse_unlabelled_data(tsv, attack):
     ds = load_dataset(DataSpec(dataset="csv", path=str(tsv), size=None, test_size=2, image_size=8))
-    with pytest.raises(ConfigError, match=r"attack\.(target|source): csv has no class labels, and this attack needs them"):
+    refusal = r"attack\.(target|source): csv has no class labels, and this attack needs them"
+    with pytest.raises(ConfigError, match=refusal):
         make_attack(attack).plan(ds, 0)
 
 
@@ -141,7 +142,8 @@ def test_csv_bad_input_is_named_before_decoding(tmp_path, tsv, monkeypatch):
     (tmp_path / "urls.csv").write_text("url,caption\nhttps://example.com/a.jpg,a dog\n")
     with pytest.raises(DataError, match="column 'url' of .* holds URLs"):
         load_dataset(DataSpec(dataset="csv", path=str(tmp_path / "urls.csv"), size=None, test_size=1))
-    with pytest.raises(DataError, match=r"data.size: 20,000 exceeds the 15 training pairs of .*pairs.tsv; set data.size: null"):
+    too_many = r"data.size: 20,000 exceeds the 15 training pairs of .*pairs.tsv; set data.size: null"
+    with pytest.raises(DataError, match=too_many):
         load_dataset(DataSpec(dataset="csv", path=str(tsv), test_size=2))
     (tmp_path / "blank.csv").write_text("image,caption\na.jpg,\nb.jpg, \nc.jpg,\n")
     with pytest.raises(DataError, match=r"no usable pairs in .*blank.csv: none of its 3 images has a caption"):
@@ -239,6 +241,25 @@ def test_webdataset_paths_folder_file_brace_and_glob(shards):
         load_dataset(DataSpec(dataset="webdataset", path=f"{shards}/nope-*.tar"))
     with pytest.raises(DataError, match="needs data.path"):
         load_dataset(DataSpec(dataset="webdataset"))
+
+
+def test_webdataset_header_reader_agrees_with_tarfile(shards, tmp_path, monkeypatch):
+    from poison.datasets import shards as module
+
+    long_name = "a-folder-name-long-enough-to-need-a-pax-header/" * 3
+    pax = _shard(tmp_path / "pax.tar", {f"{long_name}0.jpg": _encoded(COLOURS["red"]), f"{long_name}0.txt": b"red"})
+    assert module._scan(pax) is None  # pax headers: read by tarfile
+    assert [c for *_, c in module._samples(pax)] == ["red"]
+    fast = {shard: module._members(shard) for shard in sorted(shards.glob("*.tar"))}
+    monkeypatch.setattr(module, "_scan", lambda shard: None)
+    assert {shard: module._members(shard) for shard in fast} == fast
+    monkeypatch.undo()
+    offset, size = fast[shards / "00001.tar"]["00010"]["jpg"]
+    cut = tmp_path / "cut" / "00001.tar"
+    cut.parent.mkdir()
+    cut.write_bytes((shards / "00001.tar").read_bytes()[: offset + size // 2])  # cut inside the last image
+    ds = load_dataset(DataSpec(dataset="webdataset", path=str(cut), size=None, test_size=1, image_size=8))
+    assert ds.manifest.num_rows == 3 and ds.skipped == 1  # what was read is kept, the cut sample skipped
 
 
 def test_webdataset_rejects_a_compressed_shard(tmp_path):

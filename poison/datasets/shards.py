@@ -124,12 +124,16 @@ def _samples(shard: Path) -> list[tuple[int, int, str | None]]:
 
 def _members(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
     """key → {extension: (data offset, size)} of a shard's files, in member order."""
-    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    samples = _scan(shard)
+    if samples is not None:
+        return samples
+    samples = {}
     try:
         with tarfile.open(shard, "r:") as tar:
             try:
                 for member in tar:
-                    _add(samples, member)
+                    if member.isfile():
+                        _add(samples, member.name, member.offset_data, member.size)
             except (tarfile.TarError, EOFError, OSError) as err:  # a truncated shard: keep what was read
                 log.warning("%s: stopped reading at a damaged member (%s)", shard, err)
     except tarfile.ReadError as err:
@@ -137,15 +141,64 @@ def _members(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
     return samples
 
 
-def _add(samples: dict[str, dict[str, tuple[int, int]]], member: tarfile.TarInfo) -> None:
-    if not member.isfile():
-        return
-    folder, _, base = member.name.rpartition("/")
+def _scan(shard: Path) -> dict[str, dict[str, tuple[int, int]]] | None:
+    """:func:`_members` by reading the plain ustar headers that img2dataset writes (ten times
+    faster than ``tarfile``); None when the shard has others (pax, GNU long names, not a tar),
+    which ``tarfile`` then reads. Stops, keeping what it read, at a damaged header."""
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    offset = 0
+    with open(shard, "rb") as fh:
+        while True:
+            header = fh.read(_BLOCK)
+            if offset == 0 and len(header) < _BLOCK:
+                return None  # too short for a tar: tarfile says what it is
+            if len(header) < _BLOCK or header == _EMPTY:
+                return samples
+            if header[257:262] != b"ustar" and not _checksum_ok(header):  # the magic suffices, else the sum
+                if offset == 0:
+                    return None  # not a tar (or compressed): tarfile says what it is
+                log.warning("%s: stopped reading at a damaged header at byte %d", shard, offset)
+                return samples
+            kind = header[156:157]
+            if kind not in _PLAIN or header[124] & 0x80:  # pax/GNU headers, base-256 sizes
+                return None
+            size = int(header[124:136].rstrip(b" \0") or b"0", 8)
+            if kind in _FILES:
+                _add(samples, _name(header), offset + _BLOCK, size)
+            offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
+            fh.seek(offset)
+
+
+_BLOCK = 512
+_EMPTY = bytes(_BLOCK)
+_FILES = (b"0", b"\0", b"7")  # regular files
+_PLAIN = (*_FILES, b"1", b"2", b"3", b"4", b"5", b"6")  # ustar types with no extended header
+
+
+def _checksum_ok(header: bytes) -> bool:
+    try:
+        stored = int(header[148:156].rstrip(b" \0") or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(header[:148]) + 8 * 32 + sum(header[156:])
+
+
+def _name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", errors="replace")
+
+
+def _add(samples: dict[str, dict[str, tuple[int, int]]], name: str, offset: int, size: int) -> None:
+    folder, _, base = name.rpartition("/")
     if base.startswith(".") or "." not in base:
         return
     stem, ext = base.split(".", 1)
     key = f"{folder}/{stem}" if folder else stem
-    samples.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+    samples.setdefault(key, {})[ext.lower()] = (offset, size)
 
 
 #: Bump when reading or decoding changes: it keys the on-disk image cache.
