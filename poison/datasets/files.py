@@ -308,10 +308,13 @@ def _fingerprint(table: pa.Table, sources: Sequence[Path]) -> str:
     """A digest of which bytes are decoded (file, offset, length of each image) and of the
     source files' sizes and modification times."""
     digest = hashlib.sha256()
-    for column in table.columns:
-        for buffer in column.combine_chunks().buffers():
-            if buffer is not None:
-                digest.update(buffer)
+    files = pc.fill_null(table["file"], "").combine_chunks()
+    offsets = np.frombuffer(files.buffers()[1], np.int32)[files.offset : files.offset + len(files) + 1]
+    if len(files):
+        digest.update((offsets - offsets[0]).tobytes())
+        digest.update(memoryview(files.buffers()[2])[offsets[0] : offsets[-1]])
+    for column in ("offset", "length"):
+        digest.update(table[column].to_numpy().tobytes())
     for source in sources:
         stat = source.stat()
         digest.update(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode())
