@@ -10,21 +10,23 @@ trigger): the csv loader's pairs have no classes, and every attack needs one (al
 them call ``target_label``), so the benchmark names one zero-shot class, as a CC3M
 backdoor evaluated on ImageNet-style prompts would, and every pair is a non-target pair.
 
-Memory is the peak a phase allocated: Arrow's (each phase gets a memory pool of its own)
-plus numpy's and Python's (tracemalloc). The growth of the resident set is printed too,
-but it understates a later phase, which reuses pages the earlier one freed (Linux:
-``/proc/self/clear_refs`` resets the peak between phases; elsewhere it is the process's).
+Seconds are of a plain call. Memory is measured on a second call in a forked child (Linux):
+the peak it allocated, Arrow's (in a memory pool of its own) plus numpy's and Python's
+(tracemalloc), and the growth of the resident set.
 Run: .venv/bin/python benchmarks/manifest_3m.py [--rows 3000000] [--poison-count 3000]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import resource
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -66,29 +68,21 @@ def fake_decode(rng: np.random.Generator):
     return decode_images
 
 
-class Peak:
-    """Wall seconds and peak memory of a ``with`` block: what Arrow allocated (the block gets a
-    memory pool of its own, so the pool's peak is the block's) plus what Python and numpy
-    allocated (tracemalloc), and the resident set size above the block's start."""
+class Cost:
+    """Seconds and peak memory of one call of ``fn``.
 
-    def __init__(self, pool: pa.MemoryPool) -> None:
-        self.pool = pool
+    The seconds come from a plain call (its result is kept). The memory comes from a
+    second call in a forked child, so the instruments slow nothing that is timed and the
+    phase before leaves no freed pages to reuse: what Arrow allocated, in a memory pool
+    this process has not used (its peak is the call's), plus what numpy and Python
+    allocated (tracemalloc), and the growth of the resident set.
+    """
 
-    def __enter__(self) -> "Peak":
-        pa.set_memory_pool(self.pool)
-        self.exact = _reset_peak()
-        self.base = _status_kb("VmRSS")
-        tracemalloc.start()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start
-        self.python_mb = tracemalloc.get_traced_memory()[1] / 2**20
-        tracemalloc.stop()
-        self.arrow_mb = self.pool.max_memory() / 2**20
-        peak = _status_kb("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.rss_mb = (peak - self.base) / 1024
+    def __init__(self, fn: Callable[[], object], pool: str) -> None:
+        start = time.perf_counter()
+        self.result = fn()
+        self.seconds = time.perf_counter() - start
+        self.arrow_mb, self.python_mb, self.rss_mb = _in_child(fn, pool)
 
     @property
     def mb(self) -> float:
@@ -98,6 +92,29 @@ class Peak:
     def line(self) -> str:
         return (f"  build {self.seconds:6.2f} s   peak {self.mb:7,.0f} MB allocated (Arrow {self.arrow_mb:,.0f} + "
                 f"numpy/Python {self.python_mb:,.0f}); resident set +{self.rss_mb:,.0f} MB")
+
+
+def _in_child(fn: Callable[[], object], pool: str) -> tuple[float, float, float]:
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, report, leave without cleaning up
+        try:
+            arena = getattr(pa, f"{pool}_memory_pool")()
+            pa.set_memory_pool(arena)
+            exact = _reset_peak()
+            base = _status_kb("VmRSS")
+            tracemalloc.start()
+            fn()
+            python = tracemalloc.get_traced_memory()[1]
+            peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            os.write(writer, json.dumps([arena.max_memory() / 2**20, python / 2**20, (peak - base) / 1024]).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as fh:
+        text = fh.read()
+    os.waitpid(pid, 0)
+    return tuple(json.loads(text)) if text else (float("nan"),) * 3
 
 
 def _reset_peak() -> bool:
@@ -123,19 +140,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "pairs.tsv"
         start = time.perf_counter()
-        pa.set_memory_pool(pa.system_memory_pool())  # set-up allocates apart from the measured pools
         write_tsv(path, args.rows, rng)
         print(f"wrote {args.rows:,} rows to a TSV of {path.stat().st_size / 1e6:,.0f} MB "
               f"in {time.perf_counter() - start:.1f} s (not timed)")
         files.decode_images = fake_decode(rng)
         spec = DataSpec(dataset="csv", path=str(path), size=None, test_size=args.test_size, image_size=32)
-        with Peak(pa.jemalloc_memory_pool()) as manifest_cost:
-            dataset = files.load_index(read_index(path), spec, sources=[path])
+        manifest_cost = Cost(lambda: files.load_index(read_index(path), spec, sources=[path]), "jemalloc")
+        dataset = manifest_cost.result
     dataset.classnames, dataset.templates = ["banana"], ["a photo of a {}."]
     attack = make_attack({"kind": "backdoor", "target": "banana", "poison_count": args.poison_count,
                           "trigger": {"kind": "patch", "size": 4}})
-    with Peak(pa.mimalloc_memory_pool()) as plan_cost:
-        plan = attack.plan(dataset, seed=0)
+    plan_cost = Cost(lambda: attack.plan(dataset, seed=0), "jemalloc")
+    plan = plan_cost.result
     print(f"manifest: {dataset.manifest.num_rows:,} pairs ({dataset.num_train:,} train), "
           f"{dataset.skipped:,} skipped {dataset.skip_reasons}; {dataset.manifest.nbytes / 2**20:,.0f} MB")
     print(manifest_cost.line())
