@@ -1,4 +1,4 @@
-"""The ``poisonsweep`` command line: run, demo, train, pareto, budget, ui."""
+"""The ``poisonsweep`` command line: run, demo, train, pareto, budget, sync, ui."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="sweep config YAML")
     _common(run)
     run.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    run.add_argument("--resume", action="store_true",
+                     help="go on with the sweep's last interrupted launch (same config): finished trials "
+                          "are kept, unfinished ones go on from their last checkpoint")
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="run the packaged demo sweep (backdoor on the synthetic set)")
@@ -73,11 +76,19 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--high", type=int, help="highest count (default: attack.poison_count's high)")
     budget.set_defaults(func=_budget)
 
+    sync = sub.add_parser("sync", help="write a launch's results from Ray Tune's storage into MLflow "
+                                       "(after the tracking server was unreachable); idempotent")
+    sync.add_argument("folder", help="the launch's folder in storage.path (the sweep prints it)")
+    sync.add_argument("--tracking-uri", help="tracking store (default: as for run)")
+    sync.set_defaults(func=_sync)
+
     ui = sub.add_parser("ui", help="open the MLflow UI over a sweep's tracking store")
     ui.add_argument("--config", help="sweep config, to find its store")
     ui.add_argument("--tracking-uri", help="tracking store (default: as for run)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, default=1,
+                    help="server processes (default 1: one person's browser; mlflow's own default is 4)")
     ui.set_defaults(func=_ui)
     return parser
 
@@ -98,15 +109,27 @@ def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
     print(f"sweep {sweep.name}: {sweep.search.num_samples} trials, {len(sweep.dimensions)} dimensions, "
           f"tracking {uri}", flush=True)
     outcome = run_sweep(sweep, tracking_uri=uri, address=args.address,
-                        printer=lambda line: print(line, flush=True))
+                        printer=lambda line: print(line, flush=True), resume=getattr(args, "resume", False))
     print()
     print(summary_table(outcome.rows, sweep))
-    if any(r.status == "FINISHED" for r in outcome.rows):
+    if outcome.synced and any(r.status == "FINISHED" for r in outcome.rows):
         _print_front(uri, sweep.tracking.experiment or sweep.name, sweep.search.objectives, outcome.parent_run_id)
     failed = sum(r.status != "FINISHED" for r in outcome.rows)
     print(f"\n{len(outcome.rows) - failed} trials finished, {failed} failed. "
           f"Open the results with:\n  poisonsweep ui --tracking-uri {uri}")
+    if not outcome.synced:
+        return 3  # the trials ran, but MLflow does not have them yet: `poisonsweep sync`
     return 0 if len(outcome.rows) > failed else 1  # a sweep where every trial failed is a failure
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from sweeps.sync import LAUNCH_FILE
+    from sweeps.sync_command import sync_launch
+
+    folder = Path(args.folder).resolve()
+    if not (folder / LAUNCH_FILE).is_file():
+        raise ConfigError(f"{folder}: not a poisonsweep launch folder (no {LAUNCH_FILE})")
+    return sync_launch(folder, args.tracking_uri, printer=lambda line: print(line, flush=True))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -182,9 +205,14 @@ def _ui(args: argparse.Namespace) -> int:
     sweep = load_config(args.config) if args.config else None
     uri = tracking_uri(args.tracking_uri, sweep)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+           "--workers", str(args.workers)]
+    env = os.environ.copy()
+    # MLflow's job runner serves its GenAI features (judges, scorers), which a sweep's runs never use;
+    # it starts eight more processes beside the server, seconds of CPU on a laptop
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(" ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=os.environ.copy())
+    return subprocess.call(cmd, env=env)
 
 
 if __name__ == "__main__":

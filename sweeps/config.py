@@ -132,6 +132,8 @@ class SearchConfig(Section):
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
     seed: int | None = None  # the sampler's seed; default: the config's seed
+    max_failures: int = Field(1, ge=0)      # retries of a failed trial (from its last checkpoint)
+    checkpoint_every: int = Field(1, ge=0)  # epochs between a trial's checkpoints (0: none)
     # Configurations to evaluate first (Optuna's enqueue_trial), each a mapping of
     # dimension key paths to values; the all-defaults point is always first.
     points: list[dict[str, Any]] = Field(default_factory=list)

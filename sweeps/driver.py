@@ -26,14 +26,18 @@ from ray.tune.search.optuna import OptunaSearch
 from poison import ConfigError
 from sweeps.config import SweepConfig, resolve
 from sweeps.space import define_by_run, make_sampler
+from sweeps.sync import (CONFIG_FILE, LAUNCH_FILE, METRICS_FILE, PLAN_FILE, TRACKING_ERRORS, Backoff, Launch,
+                         Mirror, trial_folder)
 from sweeps.tracking import Tracker
-from poison import plan_hash
 from trainers import TrialConfig, clean_model, run_trial
-
-PLAN_FILE, METRICS_FILE, CONFIG_FILE = "poison_plan.parquet", "metrics.json", "trial_config.yaml"
+from trainers.resume import read_state, write_state
 Printer = Callable[[str], None]
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-             "RAY_TRAIN_V2_ENABLED": "0"}
+             "RAY_TRAIN_V2_ENABLED": "0",
+             # a tracking server that is down must not hold Tune's event loop for minutes
+             # (MLflow's default: 7 retries with exponential back-off); the Mirror catches up later
+             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 @dataclass
@@ -56,6 +60,8 @@ class SweepOutcome:
     rows: list[TrialRow]
     study_name: str
     study_url: str
+    synced: bool = True  # every trial is in MLflow as Tune recorded it
+    folder: str = ""     # the launch's folder in Tune's storage
 
 
 def optuna_storage(sweep: SweepConfig) -> str:
@@ -66,27 +72,83 @@ def optuna_storage(sweep: SweepConfig) -> str:
 
 
 def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = None,
-              printer: Printer = print) -> SweepOutcome:
-    """Runs the sweep to the end; failed trials are recorded as failed, never fatal."""
+              printer: Printer = print, resume: bool = False) -> SweepOutcome:
+    """Runs the sweep to the end; failed trials are recorded as failed, never fatal.
+
+    With ``resume``, the sweep's last interrupted launch goes on where it stopped (Tune
+    restores its trials and search state; finished trials are not run again, unfinished
+    ones go on from their last checkpoint) under its own parent run.
+    """
+    found = find_launch(sweep) if resume else None  # before Ray starts: nothing to resume is bad input
     start_driver(sweep, address, printer)  # before any MLflow run exists: a bad address leaves nothing behind
     tracker = Tracker(tracking_uri, sweep)
-    parent = tracker.start_parent()
+    if found is not None:
+        folder, launch = found
+        tracker.reopen_parent(launch.parent_run_id)
+    else:
+        run_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = Path(sweep.storage.path).resolve() / run_name
+        launch = Launch(run_name, tracker.experiment_name, tracker.start_parent(), optuna_storage(sweep), sweep.to_yaml())
+        launch.write(folder)
     logger = TrialLogger(sweep, tracker, printer)
-    run_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        study_url = optuna_storage(sweep)
-        tracker.client.log_param(parent, "optuna.study", f"{run_name} in {study_url}")
+        if found is None:
+            tracker.client.log_param(launch.parent_run_id, "optuna.study", f"{launch.run_name} in {launch.study_url}")
+        else:
+            logger.reattach()
+            logger.say(f"resuming {launch.run_name}: {len(logger.mirror.runs)} trials already in MLflow")
         clean = clean_first(sweep)[0]
         logger.say(f"clean model: utility {clean['utility']:.3f} "
                    f"({'from the cache' if clean['cached'] else 'trained'})")
-        tuner(sweep, _searcher(sweep, run_name, study_url), sweep.search.num_samples, logger, run_name,
-              list(sweep.search.objectives)).fit()
+        objectives = list(sweep.search.objectives)
+        if found is None:
+            tuner(sweep, _searcher(sweep, launch.run_name, launch.study_url), sweep.search.num_samples, logger,
+                  launch.run_name, objectives).fit()
+        else:
+            restore(sweep, folder, logger, objectives).fit()
     except BaseException:
         tracker.finish_parent(None, status="FAILED")
         raise
+    synced = logger.catch_up(folder)
     rows = logger.rows()  # the logger recorded every trial's outcome as it happened
-    tracker.finish_parent(summary_csv(rows, sweep))
-    return SweepOutcome(tracker.experiment_id, parent, tracking_uri, rows, run_name, study_url)
+    if synced:
+        try:
+            tracker.finish_parent(summary_csv(rows, sweep))
+        except TRACKING_ERRORS:
+            synced = False
+    if not synced:
+        printer(f"MLflow is unreachable: the results are kept in {folder}; when it is back, run\n"
+                f"  poisonsweep sync {folder}")
+    launch.finished = synced
+    launch.write(folder)
+    return SweepOutcome(tracker.experiment_id, launch.parent_run_id, tracking_uri, rows, launch.run_name,
+                        launch.study_url, synced, str(folder))
+
+
+def find_launch(sweep: SweepConfig) -> tuple[Path, Launch]:
+    """The sweep's latest launch in ``storage.path`` that did not finish, for ``--resume``."""
+    storage = Path(sweep.storage.path).resolve()
+    launches = sorted(storage.glob(f"{sweep.name}-*/{LAUNCH_FILE}")) if storage.is_dir() else []
+    if not launches:
+        raise ConfigError(f"--resume: no launch of sweep {sweep.name!r} in storage.path {storage}")
+    folder = launches[-1].parent
+    launch = Launch.read(folder)
+    if launch.finished:
+        raise ConfigError(f"--resume: the last launch of {sweep.name!r} ({folder.name}) finished; "
+                          f"nothing to resume (run without --resume for a new launch)")
+    if launch.config_yaml != sweep.to_yaml():
+        changed = _changed_key(yaml.safe_load(launch.config_yaml), sweep.raw_full)
+        raise ConfigError(f"--resume: {changed}: the config differs from the interrupted launch's "
+                          f"({folder.name}); resume with the same config, or start a new launch")
+    return folder, launch
+
+
+def _changed_key(old: Any, new: Any, path: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key) != new.get(key):
+                return _changed_key(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    return path or "config"
 
 
 def start_driver(sweep: SweepConfig, address: str | None, printer: Printer) -> None:
@@ -146,16 +208,13 @@ def _searcher(sweep: SweepConfig, run_name: str, study_url: str) -> ConcurrencyL
 def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_samples: int, logger: "TrialLogger",
           run_name: str, objectives: list[str], param_space: dict[str, Any] | None = None) -> tune.Tuner:
     """The Tuner of ``num_samples`` trials drawn by ``search_alg``, each a :func:`_trainable`
-    (with the sweep's resources, its CPU share as torch threads) mirrored into MLflow by ``logger``."""
-    cache_dir, threads = sweep.storage.cache_dir(), max(1, int(sweep.resources.cpu))
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
-                             threads=threads, objectives=objectives),
-        {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
-    )
+    (with the sweep's resources, its CPU share as torch threads) mirrored into MLflow by ``logger``.
+
+    A trial that fails (an error, a lost worker or node) is retried ``search.max_failures``
+    times, from its last per-epoch checkpoint."""
     storage = Path(sweep.storage.path).resolve()
     return tune.Tuner(
-        trainable,
+        _resourced_trainable(sweep, objectives),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
@@ -166,19 +225,68 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
             name=run_name,
             storage_path=str(storage),
             callbacks=[logger],
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=sweep.search.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=0,
         ),
     )
 
 
+def restore(sweep: SweepConfig, folder: Path, logger: "TrialLogger", objectives: list[str]) -> tune.Tuner:
+    """The interrupted launch in ``folder``, restored by Tune with its searcher's state: finished
+    trials stay finished, unfinished ones go on from their last checkpoint, failed ones stay failed."""
+    global _LIVE_LOGGER
+    _LIVE_LOGGER = logger  # the pickled Tuner's callback unpickles as this launch's logger
+    try:
+        return tune.Tuner.restore(str(folder), trainable=_resourced_trainable(sweep, objectives),
+                                  resume_unfinished=True, resume_errored=False, restart_errored=False)
+    finally:
+        _LIVE_LOGGER = None
+
+
+def _resourced_trainable(sweep: SweepConfig, objectives: list[str]) -> Any:
+    cache_dir, threads = sweep.storage.cache_dir(), max(1, int(sweep.resources.cpu))
+    return tune.with_resources(
+        tune.with_parameters(_trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
+                             threads=threads, objectives=objectives, every=sweep.search.checkpoint_every),
+        {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
+    )
+
+
+class _TuneCheckpointer:
+    """The training loop's state kept in Tune's checkpoints: saved with the epoch's report, so
+    a trial that Tune restarts (a lost worker, a retried error) goes on from its last epoch."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.pending = every, None
+
+    def load(self) -> dict[str, Any] | None:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return read_state(folder)
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.pending = state
+
+    def report(self, metrics: dict[str, float]) -> None:
+        if self.pending is None:
+            tune.report({"epoch_metrics": metrics})
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            write_state(folder, self.pending)
+            self.pending = None
+            tune.report({"epoch_metrics": metrics}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
 def _trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_dir: str,
-               threads: int, objectives: list[str]) -> None:
-    """One Tune trial: resolve the config, train, report epochs, then the final metrics."""
+               threads: int, objectives: list[str], every: int = 1) -> None:
+    """One Tune trial: resolve the config, train (on from its last checkpoint when Tune
+    restarted it), report epochs with their checkpoints, then the final metrics."""
     config = for_worker(resolve(raw, dims, values), threads)
-    result = run_trial(config, cache_dir=cache_dir,
-                       on_epoch=lambda m: tune.report({"epoch_metrics": m}))
+    saver = _TuneCheckpointer(every)
+    result = run_trial(config, cache_dir=cache_dir, on_epoch=saver.report, checkpointer=saver if every else None)
     bad = [k for k in objectives if not _finite(result.metrics.get(k))]
     if bad:  # Optuna must be told FAIL, not given a NaN
         raise FloatingPointError(f"objective(s) {', '.join(bad)} not finite: "
@@ -227,21 +335,48 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+_LIVE_LOGGER: "TrialLogger | None" = None
+
+
+def _live_logger() -> tune.Callback:
+    """What a pickled :class:`TrialLogger` becomes: the logger of the launch restoring it
+    (a Tuner pickles its callbacks; a client to a tracking server does not belong on disk)."""
+    return _LIVE_LOGGER if _LIVE_LOGGER is not None else tune.Callback()
+
+
 class TrialLogger(tune.Callback):
     """Mirrors every trial into MLflow as it runs, and prints its progress.
 
-    One logger may serve several Tuners in turn (the budget search's rounds): trials
-    are numbered on across them, out of ``total`` (default ``search.num_samples``).
+    Tune's storage keeps the record; MLflow is written from the events as they come. When
+    the tracking store fails, live writes pause (:class:`~sweeps.sync.Backoff`) and the
+    trials they missed are brought up to date from Tune's storage once it answers again,
+    and at the end (:meth:`catch_up`). One logger may serve several Tuners in turn (the
+    budget search's rounds): trials are numbered on across them, out of ``total``
+    (default ``search.num_samples``).
     """
 
     def __init__(self, sweep: SweepConfig, tracker: Tracker, printer: Printer, *, total: int | None = None) -> None:
         self.sweep, self.tracker, self.printer = sweep, tracker, printer
         self.total = total or sweep.search.num_samples
-        self.run_ids: dict[str, str] = {}
+        self.mirror = Mirror(sweep, tracker)
+        self.backoff = Backoff()
+        self.behind: dict[str, Any] = {}  # trials whose MLflow run lags Tune's record
         self.order: dict[str, int] = {}
         self.finished: dict[str, TrialRow] = {}
         self.start = time.monotonic()
-        self.last_epoch: dict[str, dict[str, float]] = {}
+
+    def __reduce__(self) -> tuple:
+        return (_live_logger, ())
+
+    @property
+    def run_ids(self) -> dict[str, str]:
+        return {t: r.run_id for t, r in self.mirror.runs.items()}
+
+    def reattach(self) -> None:
+        """Takes over the trial runs an interrupted launch left under the parent run."""
+        self.mirror.load_existing()
+        for trial_id, run in self.mirror.runs.items():
+            self.order[trial_id] = run.number
 
     def say(self, line: str) -> None:
         """Prints a progress line stamped with the time since the sweep started."""
@@ -251,47 +386,116 @@ class TrialLogger(tune.Callback):
     def _label(self, trial: Any) -> str:
         return f"trial {self.order[trial.trial_id]}/{self.total}"
 
+    def _write(self, trial: Any, write: Callable[[], Any]) -> bool:
+        """Does one MLflow write for ``trial``; on a tracking error, leaves it to the catch-up."""
+        if trial.trial_id in self.behind or not self.backoff.ready():
+            self.behind[trial.trial_id] = trial
+            return False
+        try:
+            write()
+            return True
+        except TRACKING_ERRORS as err:
+            self.behind[trial.trial_id] = trial
+            self._tracking_failed(err)
+            return False
+
+    def _tracking_failed(self, err: BaseException) -> None:
+        if self.backoff.ready():  # the first failure since MLflow last answered
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            self.say(f"MLflow unreachable ({first}); the trials go on, their results are kept in "
+                     f"Tune's storage and written when it answers again")
+        self.backoff.failed()
+
+    def _catch_up_behind(self) -> None:
+        if not self.behind or not self.backoff.ready():
+            return
+        for trial_id, trial in list(self.behind.items()):
+            try:
+                self._catch_up_one(trial)
+            except TRACKING_ERRORS as err:
+                self._tracking_failed(err)
+                return
+            del self.behind[trial_id]
+        self.say("MLflow answers again: the trials' results are written")
+
+    def _catch_up_one(self, trial: Any) -> None:
+        number = self.order.setdefault(trial.trial_id, len(self.order) + 1)
+        self.mirror.catch_up(trial, number, _epochs(self.sweep.resolve(trial.config)), _error_text)
+
+    def catch_up(self, folder: Path) -> bool:
+        """Brings every trial of the launch in ``folder`` into MLflow as Tune recorded it (a
+        restored launch's trials that finished before too, for the summary); False when
+        the tracking store still fails."""
+        from ray.tune import ExperimentAnalysis
+
+        trials = ExperimentAnalysis(str(folder)).trials
+        for trial in sorted(trials, key=lambda t: self.order.get(t.trial_id, len(self.order) + 1)):
+            self.order.setdefault(trial.trial_id, len(self.order) + 1)
+            try:
+                self._catch_up_one(trial)
+            except TRACKING_ERRORS as err:
+                self._tracking_failed(err)
+                return False
+            self.behind.pop(trial.trial_id, None)
+            if trial.trial_id not in self.finished and trial.status in ("TERMINATED", "ERROR"):
+                self._record(trial)
+        return True
+
+    def _record(self, trial: Any, done: bool = False) -> None:
+        """The trial's summary row, from its final checkpoint (or its error); ``done``: Tune
+        completed it (its status changes only after the callbacks)."""
+        run = self.mirror.runs.get(trial.trial_id)
+        if (done or trial.status == "TERMINATED") and trial.checkpoint is not None:
+            with trial.checkpoint.as_directory() as folder:
+                if (Path(folder) / METRICS_FILE).is_file():
+                    metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
+                    self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FINISHED", dict(trial.config),
+                                                             metrics, run.run_id if run else None)
+                    return
+        last = _error_text(trial).strip().splitlines()
+        self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FAILED", dict(trial.config), {},
+                                                 run.run_id if run else None, last[-1] if last else "error")
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.order.setdefault(trial.trial_id, len(self.order) + 1)
-        config = self.sweep.resolve(trial.config)
-        name = f"trial-{self.order[trial.trial_id]:03d}"
-        self.run_ids[trial.trial_id] = self.tracker.start_trial(trial.trial_id, config, trial.config, name=name)
+        restarted = trial.trial_id in self.order
+        number = self.order.setdefault(trial.trial_id, len(self.order) + 1)
+        self._write(trial, lambda: self.mirror.start(trial.trial_id, dict(trial.config), number))
         values = " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
-        self.say(f"{self._label(trial)} started: {values or 'defaults'}")
+        self.say(f"{self._label(trial)} {'restarted' if restarted else 'started'}: {values or 'defaults'}")
+        self._catch_up_behind()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         epoch = result.get("epoch_metrics")
         if not epoch:
             return
-        self.tracker.log_metrics(self.run_ids[trial.trial_id], epoch, step=int(epoch["epoch"]))
-        self.last_epoch[trial.trial_id] = epoch
+        self._write(trial, lambda: self.mirror.epoch(trial.trial_id, epoch))
         total = _epochs(self.sweep.resolve(trial.config))
         self.say(f"{self._label(trial)} epoch {int(epoch['epoch'])}/{total}: loss {epoch['loss']:.3f} "
-                     f"utility {epoch.get('utility', float('nan')):.3f} "
-                     f"attack_success {epoch.get('attack_success', float('nan')):.3f}")
+                 f"utility {epoch.get('utility', float('nan')):.3f} "
+                 f"attack_success {epoch.get('attack_success', float('nan')):.3f}")
+        self._catch_up_behind()
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = _error_text(trial).strip().splitlines()
+        self.say(f"{self._label(trial)} failed ({error[-1] if error else 'worker lost'}); retrying from its "
+                 f"last checkpoint (failure {trial.num_failures} of {self.sweep.search.max_failures} allowed)")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.run_ids[trial.trial_id]
+        step = _epochs(self.sweep.resolve(trial.config))  # the last epoch's step
         with trial.checkpoint.as_directory() as folder:
-            metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
-            step = _epochs(self.sweep.resolve(trial.config))  # the last epoch's step
-            seen = self.last_epoch.get(trial.trial_id, {})  # already logged at this step
-            new = {k: v for k, v in metrics.items() if seen.get(k) != v}
-            plan = pq.read_table(Path(folder) / PLAN_FILE)
-            self.tracker.finish_trial(run_id, new, step, [Path(folder) / PLAN_FILE, Path(folder) / CONFIG_FILE],
-                                      tags={"plan_hash": plan_hash(plan)})
-        self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FINISHED", dict(trial.config), metrics, run_id)
+            self._write(trial, lambda: self.mirror.complete(trial.trial_id, Path(folder), step, trial_folder(trial)))
+        self._record(trial, done=True)
+        metrics = self.finished[trial.trial_id].metrics
         self.say(f"{self._label(trial)} done: attack_success {metrics.get('attack_success', float('nan')):.3f} "
-                     f"utility {metrics['utility']:.3f} poison_count {metrics['poison_count']}")
+                 f"utility {metrics['utility']:.3f} poison_count {metrics['poison_count']}")
+        self._catch_up_behind()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _error_text(trial)
-        run_id = self.run_ids.get(trial.trial_id)
-        if run_id:
-            self.tracker.fail_trial(run_id, error)
-        last = error.strip().splitlines()[-1] if error.strip() else "error"
-        self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FAILED", dict(trial.config), {}, run_id, last)
-        self.say(f"{self._label(trial)} FAILED: {last}")
+        self._write(trial, lambda: self.mirror.fail(trial.trial_id, error))
+        self._record(trial)
+        self.say(f"{self._label(trial)} FAILED: {self.finished[trial.trial_id].error}")
+        self._catch_up_behind()
 
     def rows(self) -> list[TrialRow]:
         return [self.finished[t] for t in sorted(self.finished, key=lambda t: self.order.get(t, 0))]

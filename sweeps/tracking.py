@@ -48,7 +48,8 @@ class Tracker:
     def __init__(self, uri: str, sweep: SweepConfig) -> None:
         self.uri, self.sweep = uri, sweep
         self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = self._experiment(sweep.tracking.experiment or sweep.name)
+        self.experiment_name = sweep.tracking.experiment or sweep.name
+        self.experiment_id = self._experiment(self.experiment_name)
         self.parent_id: str | None = None
 
     def _experiment(self, name: str) -> str:
@@ -69,6 +70,12 @@ class Tracker:
         self._batch(self.parent_id, params=self._search_params() if params is None else params)
         self.client.log_text(self.parent_id, self.sweep.to_yaml(), "config.yaml")
         return self.parent_id
+
+    def reopen_parent(self, run_id: str) -> None:
+        """Continues a launch's parent run (``run --resume``, ``sync``)."""
+        self.parent_id = run_id
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
 
     def _search_params(self) -> dict[str, Any]:
         search = self.sweep.search

@@ -16,8 +16,9 @@ SWEEP = {
     "data": {"size": 600, "test_size": 96},
     "train": {"epochs": 1, "batch_size": 64, "lr": {"choices": [2.0e-3, 1.0e30], "default": 2.0e-3}},
     "attack": {**backdoor(), "poison_count": {"low": 10, "high": 120, "log": True, "default": 40}},
-    # the lr of 1e30 makes the loss NaN: that trial must fail without stopping the sweep
-    "search": {"num_samples": 4, "max_concurrent": 2, "points": [{"train.lr": 1.0e30}]},
+    # the lr of 1e30 makes the loss NaN: that trial must fail (after its one retry) without
+    # stopping the sweep
+    "search": {"num_samples": 4, "max_concurrent": 2, "points": [{"train.lr": 1.0e30}], "max_failures": 1},
     "resources": {"cpu": 1},
 }
 
@@ -69,6 +70,9 @@ def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
     assert complete == logged
     out = capsys.readouterr().out
     assert "FAILED" in out and "clean model" in out and "Pareto front" in out
+    # each failing trial was retried once (search.max_failures), then failed; one run each
+    retried = [line for line in out.splitlines() if "retrying from its last checkpoint" in line]
+    assert len(retried) == len(failed) and all("training loss became nan" in r for r in retried)
     assert "poisonsweep ui --tracking-uri " + uri in out
     # the run ended with its Pareto front: every finished trial tagged, the front logged to the parent
     assert {client.get_run(c.info.run_id).data.tags.get("pareto") for c in finished} <= {"true", "false"}
@@ -90,7 +94,7 @@ MIXED = {
         "text_trigger": {"kind": "phrase", "text": "cf"},
     },
     # the default point (dual-backdoor, both, patch) and these three run first: every kind is covered
-    "search": {"num_samples": 4, "max_concurrent": 2, "sampler": "random", "points": [
+    "search": {"num_samples": 4, "max_concurrent": 2, "sampler": "random", "max_failures": 0, "points": [
         {"attack.kind": "text-backdoor"}, {"attack.kind": "backdoor", "attack.trigger.kind": "sig"},
         {"attack.kind": "dual-backdoor", "attack.modality": "image", "attack.trigger.kind": "sig"}]},
     "resources": {"cpu": 1},

@@ -160,3 +160,38 @@ def test_trainable_is_validated_and_keys_the_clean_model():
         parse_trial_config({"train": {"trainable": "vision"}})
     keys = {t: clean_key(parse_trial_config({"train": {"trainable": t}})) for t in ("both", "image", "text")}
     assert len(set(keys.values())) == 3
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_path):
+    """The worker 'dies' after epoch 2 of 3; the trial run again with the same checkpointer goes
+    on from epoch 2 and ends with the uninterrupted trial's weights and metrics, exactly."""
+    from trainers.resume import FolderCheckpointer, read_state
+
+    config = parse_trial_config({"data": {"size": 256, "test_size": 48},
+                                 "train": {"epochs": 3, "batch_size": 64, "threads": 2}, "attack": backdoor(30)})
+    whole = run_trial(config, baseline=False)
+
+    def crash_after_two(epoch):
+        if epoch["epoch"] == 2:
+            raise _Crash
+    saver = FolderCheckpointer(tmp_path / "state")
+    with pytest.raises(_Crash):
+        run_trial(config, baseline=False, checkpointer=saver, on_epoch=crash_after_two)
+    assert read_state(tmp_path / "state")["epoch"] == 2  # saved before the epoch was reported
+    epochs = []
+    resumed = run_trial(config, baseline=False, checkpointer=saver, on_epoch=epochs.append)
+    assert [e["epoch"] for e in epochs] == [3]  # epochs 1-2 are not trained or reported again
+    assert resumed.metrics.pop("resumed_from_epoch") == 2
+    timing = ("train_seconds", "samples_per_second")
+    assert {k: v for k, v in resumed.metrics.items() if k not in timing} == \
+        {k: v for k, v in whole.metrics.items() if k not in timing}
+    for name, tensor in whole.state_dict.items():
+        assert torch.equal(tensor, resumed.state_dict[name]), name
+    # the resumed run left epoch 3's state, which cannot belong to a shorter training
+    short = parse_trial_config({**config.to_dict(), "train": {**config.to_dict()["train"], "epochs": 2}})
+    with pytest.raises(ValueError, match="epoch 3, but training ends at epoch 2"):
+        run_trial(short, baseline=False, checkpointer=saver)

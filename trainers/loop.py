@@ -16,6 +16,7 @@ import torch
 from trainers.config import TrainConfig, TrialConfig
 from trainers.data import TrainingSet, to_tensor
 from trainers.models import Built, clip_loss
+from trainers.resume import Checkpointer, rng_state, set_rng_state
 
 EpochCallback = Callable[[dict[str, float]], None]
 #: Streams of the trial seed: the training batches, and a post-training defense's batches.
@@ -35,6 +36,7 @@ class Fitted:
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's report
     seconds: float = 0.0    # training time, evaluation excluded
     samples: int = 0
+    resumed_from: int = 0   # the saved epoch training went on from (0: none)
 
 
 def device_for(config: TrialConfig) -> torch.device:
@@ -56,9 +58,15 @@ def autocast_for(config: TrialConfig, device: torch.device) -> contextlib.Abstra
 
 def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Callable[[], dict[str, float]],
         rng: np.random.Generator, recipe: TrainConfig | None = None, on_epoch: EpochCallback | None = None,
-        first_epoch: int = 1) -> Fitted:
+        first_epoch: int = 1, checkpointer: Checkpointer | None = None) -> Fitted:
     """Trains ``built`` on ``data`` for ``recipe`` (default ``config.train``), then ``evaluate()``s
-    after every epoch; epochs are numbered from ``first_epoch`` in the reports to ``on_epoch``."""
+    after every epoch; epochs are numbered from ``first_epoch`` in the reports to ``on_epoch``.
+
+    With a ``checkpointer``, the loop's whole state is saved after every ``checkpointer.every``
+    epochs (and the last), before the epoch is reported; a state it already holds is loaded
+    first and training goes on after that epoch, as it would have without the interruption
+    (its epochs are not reported again).
+    """
     recipe = recipe or config.train
     device = built.mean.device
     steps_per_epoch = max(1, len(data) // recipe.batch_size)
@@ -66,7 +74,11 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
     scaler = torch.amp.GradScaler(enabled=recipe.precision == "fp16" and device.type == "cuda")
     autocast, loss_fn = autocast_for(config, device), clip_loss()
     fitted = Fitted(last={})
-    for epoch in range(first_epoch, first_epoch + recipe.epochs):
+    last_epoch = first_epoch + recipe.epochs - 1
+    saved = checkpointer.load() if checkpointer is not None else None
+    if saved is not None:
+        first_epoch = _restore(saved, built, optimizer, schedule, scaler, rng, fitted, last_epoch) + 1
+    for epoch in range(first_epoch, last_epoch + 1):
         start, losses = time.perf_counter(), []
         built.model.train()
         for images, tokens in data.epoch(recipe.batch_size, rng):
@@ -88,9 +100,33 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
         fitted.seconds += time.perf_counter() - start
         fitted.last = evaluate()
         fitted.history.append({"epoch": epoch, "loss": float(np.mean(losses)), **fitted.last})
+        if checkpointer is not None and checkpointer.every and (epoch % checkpointer.every == 0 or epoch == last_epoch):
+            checkpointer.save({
+                "model": built.model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "rng": rng_state(rng), "epoch": epoch,
+                "last": fitted.last, "history": fitted.history, "seconds": fitted.seconds,
+                "samples": fitted.samples, "resumed_from": fitted.resumed_from})
         if on_epoch is not None:
             on_epoch(fitted.history[-1])
     return fitted
+
+
+def _restore(saved: dict, built: Built, optimizer: torch.optim.Optimizer, schedule, scaler,
+             rng: np.random.Generator, fitted: Fitted, last_epoch: int) -> int:
+    """Puts a saved loop state back; returns the epoch it was saved after."""
+    epoch = int(saved["epoch"])
+    if epoch > last_epoch:
+        raise ValueError(f"saved training state is of epoch {epoch}, but training ends at epoch {last_epoch}")
+    built.model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["torch_rng"])
+    set_rng_state(rng, saved["rng"])
+    fitted.last, fitted.history = saved["last"], saved["history"]
+    fitted.seconds, fitted.samples, fitted.resumed_from = saved["seconds"], saved["samples"], epoch
+    return epoch
 
 
 def freeze_tower(model: torch.nn.Module, trainable: str) -> None:

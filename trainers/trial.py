@@ -27,6 +27,7 @@ from trainers.evaluate import Evaluator, evaluate_trial
 from trainers.hooks import PostTraining, ReferencePairs, trusted_dataset
 from trainers.loop import BATCH_STREAM, EpochCallback, autocast_for, device_for, fit, freeze_tower
 from trainers.models import build_model
+from trainers.resume import Checkpointer
 
 
 @dataclass
@@ -37,12 +38,14 @@ class TrialResult:
 
 
 def run_trial(config: TrialConfig, *, cache_dir: str | None = None, on_epoch: EpochCallback | None = None,
-              baseline: bool = True) -> TrialResult:
+              baseline: bool = True, checkpointer: Checkpointer | None = None) -> TrialResult:
     """Trains one poisoned (and maybe defended) model and returns its final metrics (DESIGN.md names).
 
     With ``baseline``, the sweep's clean model (same data, model and recipe, no
     poison) is loaded from ``cache_dir`` or trained once and cached, and
     ``clean_utility``, ``utility_drop`` and ``clean_attack_success`` are added.
+    A ``checkpointer`` keeps the training's state between epochs, and a trial that finds one
+    there goes on from it (``resumed_from_epoch`` says from which epoch).
     A trial whose defense leaves training as it is (none, or one acting after
     training) shares its poisoned model through ``cache_dir`` with every such trial
     of the same attack; ``poisoned_cache_hit`` says whether it was loaded.
@@ -57,7 +60,8 @@ def run_trial(config: TrialConfig, *, cache_dir: str | None = None, on_epoch: Ep
     plan = config.attack.plan(dataset, config.seed)
     clean = (clean_model(config, cache_dir=cache_dir)
              if baseline and config.attack.kind != "none" else None)
-    model, metrics = trained_model(config, dataset, plan, cache_dir=cache_dir, on_epoch=on_epoch)
+    model, metrics = trained_model(config, dataset, plan, cache_dir=cache_dir, on_epoch=on_epoch,
+                                   checkpointer=checkpointer)
     metrics.update(model.metrics, train_seconds=model.seconds,
                    samples_per_second=model.samples / max(model.seconds, 1e-9))
     state = model.state_dict
@@ -69,7 +73,8 @@ def run_trial(config: TrialConfig, *, cache_dir: str | None = None, on_epoch: Ep
 
 
 def trained_model(config: TrialConfig, dataset: Dataset, plan: pa.Table, *, cache_dir: str | None,
-                  on_epoch: EpochCallback | None = None) -> tuple[TrainedModel, dict[str, float]]:
+                  on_epoch: EpochCallback | None = None,
+                  checkpointer: Checkpointer | None = None) -> tuple[TrainedModel, dict[str, float]]:
     """The trial's trained model, before any post-training defense, and the metrics of how it was got.
 
     Trained as without a defense (``stage`` none or post), it is the same model for every
@@ -81,7 +86,7 @@ def trained_model(config: TrialConfig, dataset: Dataset, plan: pa.Table, *, cach
     metrics: dict[str, float] = {}  # a data-side defense's, when it trains now
 
     def train() -> TrainedModel:
-        model, own = _train(config, dataset, plan, on_epoch, cache_dir=cache_dir)
+        model, own = _train(config, dataset, plan, on_epoch, cache_dir=cache_dir, checkpointer=checkpointer)
         metrics.update(own)
         return model
 
@@ -98,7 +103,8 @@ def trained_model(config: TrialConfig, dataset: Dataset, plan: pa.Table, *, cach
 
 
 def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: EpochCallback | None = None, *,
-           cache_dir: str | None = None) -> tuple[TrainedModel, dict[str, float]]:
+           cache_dir: str | None = None,
+           checkpointer: Checkpointer | None = None) -> tuple[TrainedModel, dict[str, float]]:
     """Trains and evaluates after every epoch, on the rows the data-side defense keeps;
     returns the model and the defense's metrics."""
     if config.train.threads:
@@ -112,9 +118,12 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: Epoc
     freeze_tower(built.model, config.train.trainable)
     evaluator = Evaluator(built, dataset, autocast=autocast_for(config, device))
     fitted = fit(built, data, config, rng=np.random.default_rng([config.seed, BATCH_STREAM]), on_epoch=on_epoch,
-                 evaluate=lambda: evaluate_trial(evaluator, config.attack, dataset, config.seed))
+                 evaluate=lambda: evaluate_trial(evaluator, config.attack, dataset, config.seed),
+                 checkpointer=checkpointer)
     model = TrainedModel(built.model.state_dict(), fitted.last, history=fitted.history, seconds=fitted.seconds,
                          samples=fitted.samples)
+    if fitted.resumed_from:
+        defense_metrics = {**defense_metrics, "resumed_from_epoch": float(fitted.resumed_from)}
     return model, defense_metrics
 
 

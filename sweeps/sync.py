@@ -1,0 +1,186 @@
+"""MLflow as a mirror of Tune's record of a sweep.
+
+Ray Tune's storage (``storage.path/<launch>/``) is where a sweep's results are kept for
+good: every trial's config, its per-epoch reports (``result.json``) and its final
+checkpoint (metrics, poison plan, resolved config). MLflow is written from it, live while
+the sweep runs, and :class:`Mirror` can bring MLflow up to that record at any time,
+idempotently: it finds each trial's child run by its ``trial_id`` tag, creates only the
+runs that are missing, logs only the epochs whose steps are missing, and finishes or fails
+only the runs still open. So a tracking server that was down for a while, a driver killed
+between a trial's end and its MLflow write, or a resumed launch end with exactly one
+complete child run per trial (``poisonsweep sync`` runs it by hand).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.parquet as pq
+from mlflow.exceptions import MlflowException
+
+from poison import plan_hash
+from sweeps.config import SweepConfig
+from sweeps.tracking import Tracker
+
+PLAN_FILE, METRICS_FILE, CONFIG_FILE = "poison_plan.parquet", "metrics.json", "trial_config.yaml"
+LAUNCH_FILE = "poisonsweep.json"
+#: what an unreachable or failing tracking store raises through MlflowClient
+TRACKING_ERRORS = (MlflowException, OSError)
+
+
+@dataclass
+class Launch:
+    """What a launch's Tune folder says about its MLflow side (``poisonsweep.json``)."""
+
+    run_name: str
+    experiment: str
+    parent_run_id: str
+    study_url: str
+    config_yaml: str
+    finished: bool = False  # the launch ended with every trial in MLflow
+
+    def write(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (LAUNCH_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(folder / LAUNCH_FILE)
+
+    @classmethod
+    def read(cls, folder: Path) -> "Launch":
+        return cls(**json.loads((folder / LAUNCH_FILE).read_text()))
+
+
+@dataclass
+class _Run:
+    run_id: str
+    number: int
+    status: str = "RUNNING"
+    steps: set[int] = field(default_factory=set)  # epochs already in MLflow
+
+
+class Mirror:
+    """Keeps one launch's child runs in MLflow equal to Tune's record of its trials."""
+
+    def __init__(self, sweep: SweepConfig, tracker: Tracker) -> None:
+        self.sweep, self.tracker = sweep, tracker
+        self.runs: dict[str, _Run] = {}
+
+    def load_existing(self) -> None:
+        """Finds the child runs already in MLflow under the tracker's parent run (a resumed launch)."""
+        client, query = self.tracker.client, f"tags.`mlflow.parentRunId` = '{self.tracker.parent_id}'"
+        token = None
+        while True:
+            page = client.search_runs([self.tracker.experiment_id], filter_string=query, max_results=1000,
+                                      page_token=token)
+            for run in page:
+                trial_id = run.data.tags.get("trial_id")
+                if trial_id:
+                    name = run.info.run_name or ""
+                    number = int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else len(self.runs) + 1
+                    steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+                    self.runs[trial_id] = _Run(run.info.run_id, number, run.info.status, steps)
+            token = page.token
+            if not token:
+                return
+
+    # --- the live path: one call per Tune event ---
+
+    def start(self, trial_id: str, values: dict[str, Any], number: int) -> _Run:
+        if trial_id in self.runs:
+            return self.runs[trial_id]
+        run_id = self.tracker.start_trial(trial_id, self.sweep.resolve(values), values, name=f"trial-{number:03d}")
+        self.runs[trial_id] = _Run(run_id, number)
+        return self.runs[trial_id]
+
+    def epoch(self, trial_id: str, metrics: dict[str, Any]) -> None:
+        run, step = self.runs[trial_id], int(metrics["epoch"])
+        if step in run.steps:
+            return  # a restarted trial reports no epoch twice, but a resumed mirror may see one again
+        self.tracker.log_metrics(run.run_id, metrics, step=step)
+        run.steps.add(step)
+
+    def complete(self, trial_id: str, folder: Path, last_step: int, trial_dir: Path) -> dict[str, float]:
+        """Logs a finished trial's final metrics (those its last epoch did not already log),
+        plan and config from its final checkpoint ``folder``; returns the metrics."""
+        run = self.runs[trial_id]
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+        if run.status == "FINISHED":
+            return metrics
+        seen = self._last_epoch(trial_id, trial_dir, last_step)
+        new = {k: v for k, v in metrics.items() if seen.get(k) != v}
+        plan = pq.read_table(folder / PLAN_FILE)
+        self.tracker.finish_trial(run.run_id, new, last_step, [folder / PLAN_FILE, folder / CONFIG_FILE],
+                                  tags={"plan_hash": plan_hash(plan)})
+        run.status = "FINISHED"
+        return metrics
+
+    def fail(self, trial_id: str, error: str) -> None:
+        run = self.runs.get(trial_id)
+        if run is None or run.status == "FAILED":
+            return
+        self.tracker.fail_trial(run.run_id, error)
+        run.status = "FAILED"
+
+    # --- catching up from Tune's storage ---
+
+    def catch_up(self, trial: Any, number: int, last_step: int, error: Callable[[Any], str]) -> dict[str, float] | None:
+        """Brings one Tune trial's run up to Tune's record (creating it if missing); returns its
+        final metrics when it finished."""
+        run = self.start(trial.trial_id, dict(trial.config), number)
+        for metrics in epoch_reports(trial_folder(trial)):
+            self.epoch(trial.trial_id, metrics)
+        if trial.status == "TERMINATED" and trial.checkpoint is not None:
+            with trial.checkpoint.as_directory() as folder:
+                if (Path(folder) / METRICS_FILE).is_file():
+                    return self.complete(trial.trial_id, Path(folder), last_step, trial_folder(trial))
+        if trial.status == "ERROR":
+            self.fail(trial.trial_id, error(trial))
+        return None if run.status != "FINISHED" else {}
+
+    def _last_epoch(self, trial_id: str, trial_dir: Path, last_step: int) -> dict[str, Any]:
+        """The metrics the trial's last epoch reported (already in MLflow at ``last_step``)."""
+        if last_step not in self.runs[trial_id].steps:
+            return {}
+        reports = [m for m in epoch_reports(trial_dir) if int(m["epoch"]) == last_step]
+        return reports[-1] if reports else {}
+
+
+def trial_folder(trial: Any) -> Path:
+    return Path(trial.storage.trial_fs_path)
+
+
+def epoch_reports(trial_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch reports a trial made, from Tune's ``result.json`` (complete lines only)."""
+    path = Path(trial_dir) / "result.json"
+    if not path.is_file():
+        return []
+    reports = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line still being written
+            continue
+        if row.get("epoch_metrics"):
+            reports.append(row["epoch_metrics"])
+    return reports
+
+
+class Backoff:
+    """After a tracking error, live writes pause for ``seconds`` (Tune's event loop must not
+    wait on a dead server); the trials' records stay in Tune's storage meanwhile."""
+
+    def __init__(self, seconds: float = 15.0) -> None:
+        self.seconds, self.until, self.failures = seconds, 0.0, 0
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self.until
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.until = time.monotonic() + self.seconds
+
+
+__all__ = ["Backoff", "LAUNCH_FILE", "Launch", "Mirror", "TRACKING_ERRORS", "epoch_reports"]

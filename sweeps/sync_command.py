@@ -1,0 +1,36 @@
+"""``poisonsweep sync FOLDER``: a launch's results from Tune's storage into MLflow, by hand."""
+from __future__ import annotations
+
+import yaml
+
+from sweeps.config import validate_config
+from sweeps.driver import Printer, TrialLogger, summary_csv
+from sweeps.sync import Launch
+from sweeps.tracking import Tracker, tracking_uri
+
+
+def sync_launch(folder, cli_uri: str | None, *, printer: Printer = print) -> int:
+    """Brings every trial of the launch in ``folder`` into MLflow and finishes its parent run;
+    0 when MLflow has it all, 3 when the tracking store still fails."""
+    import ray
+
+    launch = Launch.read(folder)
+    sweep = validate_config(yaml.safe_load(launch.config_yaml), check_data=False)
+    uri = tracking_uri(cli_uri, sweep)
+    tracker = Tracker(uri, sweep)
+    tracker.reopen_parent(launch.parent_run_id)
+    logger = TrialLogger(sweep, tracker, printer)
+    logger.reattach()
+    before = {t: r.status for t, r in logger.mirror.runs.items()}
+    if not ray.is_initialized():  # Tune reads its experiment state through a Ray session
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if not logger.catch_up(folder):
+        printer(f"MLflow at {uri} still fails; nothing lost: run this again when it answers")
+        return 3
+    tracker.finish_parent(summary_csv(logger.rows(), sweep))
+    launch.finished = True
+    launch.write(folder)
+    changed = sum(before.get(t) != r.status for t, r in logger.mirror.runs.items())
+    printer(f"{launch.run_name}: {len(logger.mirror.runs)} trial runs in MLflow ({changed} written now), "
+            f"parent run {launch.parent_run_id} finished")
+    return 0
