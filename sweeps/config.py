@@ -263,7 +263,9 @@ def validate_config(raw: dict[str, Any], *, check_data: bool = True) -> SweepCon
     default = resolve(trial_raw, dims, {})
     _check_objectives(sections["search"], default, dims)
     points = sections["search"].points
-    _check_extremes(trial_raw, dims, default, check_data=check_data, points=points)
+    # with the sweep's image cache: files a real-data loader decodes now are not decoded again by the trials
+    _check_extremes(trial_raw, dims, default, check_data=check_data, points=points,
+                    cache_dir=sections["storage"].cache_dir())
     return SweepConfig(raw=trial_raw, dimensions=dims, default_trial=default, raw_full=copy.deepcopy(raw),
                        **sections)
 
@@ -444,7 +446,7 @@ def _kind_metrics(section: str, registry: Registry, default: Any, dims: dict[str
 
 
 def _check_extremes(raw: dict[str, Any], dims: dict[str, Dimension], default: TrialConfig, *,
-                    check_data: bool, points: list[dict[str, Any]]) -> None:
+                    check_data: bool, points: list[dict[str, Any]], cache_dir: str | None = None) -> None:
     """Resolves and checks the all-defaults trial, each extreme of each dimension, and each
     point. A dimension only some kinds use is checked with its sections' kinds set to
     the first choices that use it (named in the message)."""
@@ -460,7 +462,7 @@ def _check_extremes(raw: dict[str, Any], dims: dict[str, Dimension], default: Tr
         try:
             trial = resolve(raw, dims, values) if values else default
             if check_data:
-                spec = trial.data_spec()
+                spec = trial.data_spec(cache_dir)
                 key = repr(spec)
                 if key not in datasets:
                     datasets[key] = load_dataset(spec)

@@ -409,3 +409,4 @@ def test_a_short_trial_runs_on_an_imagefolder(tmp_path):
     m = result.metrics
     assert 0 <= m["zeroshot_top1"] <= 1 and 0 <= m["backdoor_asr"] <= 1 and m["poison_count"] == 4
     assert result.plan.num_rows == 4
+    assert m["data_skipped"] == 1  # the truncated JPEG, counted in the trial's metrics

@@ -203,7 +203,8 @@ def _final_metrics(config: TrialConfig, dataset: Dataset, plan: pa.Table, metric
     metrics = dict(metrics)
     n_replace = int(np.sum(plan["op"].to_numpy(zero_copy_only=False) == "replace")) if plan.num_rows else 0
     total = dataset.num_train + plan.num_rows - n_replace
-    metrics.update(poison_count=plan.num_rows, poison_rate=plan.num_rows / total)
+    metrics.update(poison_count=plan.num_rows, poison_rate=plan.num_rows / total,
+                   data_skipped=float(dataset.skipped))  # unusable pairs the loader left out
     if clean is not None:
         metrics.update(clean_utility=clean.metrics["utility"],
                        utility_drop=clean.metrics["utility"] - metrics["utility"])
