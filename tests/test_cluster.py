@@ -153,8 +153,10 @@ class _Cluster:
     tracking server, all on loopback; every process is started here and stopped here."""
 
     def __init__(self, tmp: Path) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="raycl", dir="/tmp")  # short: Unix socket paths
-        self.tmp, self.token, self.procs = tmp, uuid.uuid4().hex, []
+        # one temp dir per node, as on separate machines (a shared one makes each node's runtime-env
+        # agent delete the other's unpacked --working-dir); short, for Unix socket paths
+        self.temp_dirs = {name: tempfile.mkdtemp(prefix=f"raycl-{name}-", dir="/tmp") for name in ("head", "gpu")}
+        self.tmp, self.token, self.procs, self.logs = tmp, uuid.uuid4().hex, [], []
         self.gcs, self.dashboard, self.mlflow_port = _free_port(), _free_port(), _free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
@@ -171,19 +173,22 @@ class _Cluster:
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "w")
+        self.logs.append(log)
         proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=self.tmp)
         self.procs.append(proc)
         return proc
 
     def _ray_start(self, name: str, args: list[str]) -> subprocess.Popen:
+        """``ray start --block`` of node ``name`` (its own ports and temp dir) with ``args``."""
         ports = {"node-manager-port": _free_port(), "object-manager-port": _free_port(),
                  "dashboard-agent-listen-port": _free_port(), "dashboard-agent-grpc-port": _free_port(),
                  "runtime-env-agent-port": _free_port(), "metrics-export-port": _free_port(),
                  "min-worker-port": 0, "max-worker-port": 0}  # 0: ports the OS picks
-        return self._start(name, [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
-                                  f"--temp-dir={self.temp_dir}", "--object-store-memory=100000000",
-                                  "--disable-usage-stats", "--include-log-monitor=false", *args, *(f"--{k}={v}" for k, v in ports.items())])
+        return self._start(name, [
+            str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dirs[name]}",
+            "--object-store-memory=100000000", "--disable-usage-stats", "--include-log-monitor=false",
+            *args, *(f"--{k}={v}" for k, v in ports.items())])
 
     def start_head(self) -> subprocess.Popen:
         return self._ray_start("head", [
@@ -191,7 +196,7 @@ class _Cluster:
             f"--dashboard-port={self.dashboard}", f"--ray-client-server-port={_free_port()}"])
 
     def start_gpu_node(self) -> subprocess.Popen:
-        return self._ray_start("gpu-node", [f"--address=127.0.0.1:{self.gcs}", "--num-cpus=2", "--num-gpus=1"])
+        return self._ray_start("gpu", [f"--address=127.0.0.1:{self.gcs}", "--num-cpus=2", "--num-gpus=1"])
 
     def start_mlflow(self) -> subprocess.Popen:
         self.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: six processes fewer
@@ -217,7 +222,7 @@ class _Cluster:
 
     def stop(self) -> None:
         """SIGTERM to each ``ray start --block`` (it stops its node's processes), then SIGKILL
-        to anything left in their sessions or naming this cluster's temp dir."""
+        to anything left in their sessions or naming one of this cluster's temp dirs."""
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -229,12 +234,16 @@ class _Cluster:
         sessions = {p.pid for p in self.procs}
         for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
             if pid != os.getpid() and (_session(pid) in sessions
-                                       or any(self.temp_dir in part for part in _cmdline(pid) or ())):
+                                       or any(d in part for d in self.temp_dirs.values()
+                                              for part in _cmdline(pid) or ())):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for folder in self.temp_dirs.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        for log in self.logs:
+            log.close()
 
 
 def _session(pid: int) -> int | None:
@@ -270,12 +279,12 @@ def test_a_submitted_sweep_runs_its_trials_on_the_gpu_node_into_an_mlflow_server
         node = cluster.start_gpu_node()
         _wait("the Ray job server", lambda: cluster.api("/api/jobs/") is not None, 60, [head])
         lap("ray head up")
-        # submitted while the GPU node joins and the MLflow server starts: the driver's imports
-        # take longer, and MLflow's client retries a refused connection
+        # The README's command, submitted while the GPU node joins and the MLflow server starts:
+        # the driver's imports take longer, and MLflow's client retries a refused connection.
         job = f"sweep-{uuid.uuid4().hex[:8]}"
         submit = cluster.ray("job", "submit", "--address", cluster.dashboard_url, "--submission-id", job,
-                             "--no-wait", "--", "poisonsweep", "run", str(config), "--address", "auto",
-                             "--tracking-uri", cluster.tracking_uri)
+                             "--no-wait", "--working-dir", str(ROOT), "--", "poisonsweep", "run", str(config),
+                             "--address", "auto", "--tracking-uri", cluster.tracking_uri)
         _wait("the MLflow server", lambda: urllib.request.urlopen(f"{cluster.tracking_uri}/health", timeout=1),
               60, [mlflow])
         assert submit.wait(timeout=60) == 0, (tmp_path / "submit.log").read_text()
