@@ -157,6 +157,7 @@ class _Cluster:
         # agent delete the other's unpacked --working-dir); short, for Unix socket paths
         self.temp_dirs = {name: tempfile.mkdtemp(prefix=f"raycl-{name}-", dir="/tmp") for name in ("head", "gpu")}
         self.tmp, self.token, self.procs, self.logs = tmp, uuid.uuid4().hex, [], []
+        self.ray_nodes: list[subprocess.Popen] = []  # the two ``ray start --block``
         self.gcs, self.dashboard, self.mlflow_port = _free_port(), _free_port(), _free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
@@ -185,10 +186,12 @@ class _Cluster:
                  "dashboard-agent-listen-port": _free_port(), "dashboard-agent-grpc-port": _free_port(),
                  "runtime-env-agent-port": _free_port(), "metrics-export-port": _free_port(),
                  "min-worker-port": 0, "max-worker-port": 0}  # 0: ports the OS picks
-        return self._start(name, [
+        node = self._start(name, [
             str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dirs[name]}",
             "--object-store-memory=100000000", "--disable-usage-stats", "--include-log-monitor=false",
             *args, *(f"--{k}={v}" for k, v in ports.items())])
+        self.ray_nodes.append(node)
+        return node
 
     def start_head(self) -> subprocess.Popen:
         return self._ray_start("head", [
@@ -217,12 +220,13 @@ class _Cluster:
         return [n for n in found if n["state"] == "ALIVE"]
 
     def ray(self, *args: str) -> subprocess.Popen:
-        """Starts the ``ray`` CLI against this cluster (its output in ``<args[1]>.log``)."""
+        """Starts the ``ray`` CLI against this cluster (its output in ``<args[1]>.log``: submit.log)."""
         return self._start(args[1], [str(BIN / "ray"), *args])
 
     def stop(self) -> None:
-        """SIGTERM to each ``ray start --block`` (it stops its node's processes), then SIGKILL
-        to anything left in their sessions or naming one of this cluster's temp dirs."""
+        """SIGTERM to every process started here (a ``ray start --block`` then stops its node's
+        processes), then SIGKILL to anything left in their sessions or naming one of this
+        cluster's temp dirs; never ``ray stop``, which stops every Ray on the machine."""
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -255,75 +259,96 @@ def _session(pid: int) -> int | None:
 
 def _cmdline(pid: int) -> list[str] | None:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:
         return None
 
 
+class _Laps:
+    """Wall time per step, printed as the test's timing breakdown."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.mark = time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        self.times[name], self.mark = time.monotonic() - self.mark, time.monotonic()
+
+    def __str__(self) -> str:
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in self.times.items())
+        return f"timing (s): {steps}; total {sum(self.times.values()):.1f}"
+
+
+def _bring_up_and_submit(cluster: _Cluster, config: Path, lap: _Laps) -> str:
+    """Starts the MLflow server, the head and the GPU node, and submits the sweep as a job; its id."""
+    mlflow, head = cluster.start_mlflow(), cluster.start_head()  # all three start at once
+    _wait("the Ray head's GCS", lambda: socket.create_connection(("127.0.0.1", cluster.gcs), 1), 60, [head])
+    node = cluster.start_gpu_node()
+    _wait("the Ray job server", lambda: cluster.api("/api/jobs/") is not None, 60, [head])
+    lap("ray head up")
+    # The README's command, submitted while the GPU node joins and the MLflow server starts:
+    # the driver's imports take longer, and MLflow's client retries a refused connection.
+    job = f"sweep-{uuid.uuid4().hex[:8]}"
+    submit = cluster.ray("job", "submit", "--address", cluster.dashboard_url, "--submission-id", job,
+                         "--no-wait", "--working-dir", str(ROOT), "--", "poisonsweep", "run", str(config),
+                         "--address", "auto", "--tracking-uri", cluster.tracking_uri)
+    _wait("the MLflow server", lambda: urllib.request.urlopen(f"{cluster.tracking_uri}/health", timeout=1),
+          60, [mlflow])
+    assert submit.wait(timeout=60) == 0, (cluster.tmp / "submit.log").read_text()
+    lap("ray job submit + mlflow server up")
+    _wait("the GPU node", lambda: [n for n in cluster.nodes() if n["resources_total"].get("GPU")], 60, [head, node])
+    lap("gpu node up (waited for)")
+    return job
+
+
+def _run_to_the_end(cluster: _Cluster, job: str) -> tuple[str, list[str] | None]:
+    """Waits for the job's end; its status and its driver's command line (seen while it ran)."""
+    driver: dict[str, Any] = {}
+
+    def finished() -> str | None:
+        info = cluster.api(f"/api/jobs/{job}")
+        if info.get("driver_info") and "cmdline" not in driver:
+            driver["cmdline"] = _cmdline(int(info["driver_info"]["pid"]))
+        return info["status"] if info["status"] in {"SUCCEEDED", "FAILED", "STOPPED"} else None
+
+    status = _wait("the sweep job", finished, 300, cluster.ray_nodes)
+    return status, driver.get("cmdline")
+
+
+def _placement(cluster: _Cluster) -> dict[str, set[str]]:
+    """The nodes ("head", "gpu") that ran the trials, the clean-model task and the job's driver."""
+    role = {n["node_id"]: "head" if n["is_head_node"] else "gpu" for n in cluster.nodes()}
+    actors = cluster.api("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
+    tasks = cluster.api("/api/v0/tasks?detail=1&limit=1000")["data"]["result"]["result"]
+    return {
+        "trials": {role[a["node_id"]] for a in actors if a["class_name"] == "ImplicitFunc"},  # Tune's trainable
+        "clean model": {role[t["node_id"]] for t in tasks if t["name"] == "_train_clean"},
+        "driver": {role[a["node_id"]] for a in actors if a["class_name"] == "JobSupervisor"},
+    }
+
+
 @pytest.mark.slow
 def test_a_submitted_sweep_runs_its_trials_on_the_gpu_node_into_an_mlflow_server(tmp_path):
-    times: dict[str, float] = {}
-    mark = time.monotonic()
-
-    def lap(name: str) -> None:
-        nonlocal mark
-        times[name] = time.monotonic() - mark
-        mark = time.monotonic()
-
+    lap = _Laps()
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({**SWEEP, "storage": {"path": str(tmp_path / "results")}}))
     cluster = _Cluster(tmp_path)
     try:
-        mlflow, head = cluster.start_mlflow(), cluster.start_head()  # all three start at once
-        _wait("the Ray head's GCS", lambda: socket.create_connection(("127.0.0.1", cluster.gcs), 1), 60, [head])
-        node = cluster.start_gpu_node()
-        _wait("the Ray job server", lambda: cluster.api("/api/jobs/") is not None, 60, [head])
-        lap("ray head up")
-        # The README's command, submitted while the GPU node joins and the MLflow server starts:
-        # the driver's imports take longer, and MLflow's client retries a refused connection.
-        job = f"sweep-{uuid.uuid4().hex[:8]}"
-        submit = cluster.ray("job", "submit", "--address", cluster.dashboard_url, "--submission-id", job,
-                             "--no-wait", "--working-dir", str(ROOT), "--", "poisonsweep", "run", str(config),
-                             "--address", "auto", "--tracking-uri", cluster.tracking_uri)
-        _wait("the MLflow server", lambda: urllib.request.urlopen(f"{cluster.tracking_uri}/health", timeout=1),
-              60, [mlflow])
-        assert submit.wait(timeout=60) == 0, (tmp_path / "submit.log").read_text()
-        lap("ray job submit + mlflow server up")
-        nodes = _wait("the GPU node", lambda: [n for n in cluster.nodes() if n["resources_total"].get("GPU")],
-                      60, [head, node])
-        gpu_node, head_node = nodes[0]["node_id"], next(n["node_id"] for n in cluster.nodes() if n["is_head_node"])
-        lap("gpu node up (waited for)")
-        driver: dict[str, Any] = {}
-
-        def finished() -> str | None:
-            info = cluster.api(f"/api/jobs/{job}")
-            if info.get("driver_info") and "cmdline" not in driver:
-                driver.update(info["driver_info"], cmdline=_cmdline(int(info["driver_info"]["pid"])))
-            return info["status"] if info["status"] in {"SUCCEEDED", "FAILED", "STOPPED"} else None
-
-        status = _wait("the sweep job", finished, 300, [head, node])
+        job = _bring_up_and_submit(cluster, config, lap)
+        status, driver = _run_to_the_end(cluster, job)
         lap("job ran")
         logs = cluster.api(f"/api/jobs/{job}/logs")["logs"]
-        assert status == "SUCCEEDED", logs[-3000:]
         print(logs)
-        assert driver.get("cmdline") and Path(driver["cmdline"][0]).parent == BIN, driver
+        assert status == "SUCCEEDED", logs[-3000:]
+        assert driver and Path(driver[0]).parent == BIN, driver  # the venv's Python ran poisonsweep
 
         client, parent, children = launch_runs(cluster.tracking_uri, "cluster", "sweep")
         assert parent.info.status == "FINISHED"
         assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
         assert all("attack_success" in c.data.metrics for c in children)
-
-        actors = cluster.api("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
-        trials = [a for a in actors if a["class_name"] == "ImplicitFunc"]  # Tune's function trainable
-        (supervisor,) = [a for a in actors if a["class_name"] == "JobSupervisor"]
-        tasks = cluster.api("/api/v0/tasks?detail=1&limit=1000")["data"]["result"]["result"]
-        clean = [t for t in tasks if t["name"] == "_train_clean"]
-        assert trials and {a["node_id"] for a in trials} == {gpu_node}
-        assert supervisor["node_id"] == head_node  # the driver runs on the head
-        assert clean and {t["node_id"] for t in clean} == {gpu_node}
+        assert _placement(cluster) == {"trials": {"gpu"}, "clean model": {"gpu"}, "driver": {"head"}}
         lap("checks")
     finally:
         cluster.stop()
         lap("teardown")
-        print("timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
-              + f"; total {sum(times.values()):.1f}")
+        print(lap)
