@@ -37,7 +37,10 @@ QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOI
              # a tracking server that is down must not hold Tune's event loop for minutes
              # (MLflow's default: 7 retries with exponential back-off); the Mirror catches up later
              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+             # Tune saves its experiment state at most this often (its "auto": every >= 10 s); a
+             # launch killed and resumed reruns the trials that finished since the last save
+             "TUNE_GLOBAL_CHECKPOINT_S": "1"}
 
 
 @dataclass

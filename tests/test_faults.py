@@ -1,0 +1,218 @@
+"""Faults a long sweep meets, each for real: a trial's worker killed mid-trial, the driver
+killed mid-sweep (then ``run --resume``), the tracking server down (then ``poisonsweep sync``)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from sweeps.cli import main
+from tests.conftest import backdoor, launch_runs
+
+TINY = {
+    "seed": 0,
+    "data": {"size": 256, "test_size": 48},
+    "train": {"epochs": 5, "batch_size": 64, "lr": 2.0e-3},
+    "attack": {**backdoor(), "poison_count": {"low": 10, "high": 40, "log": True, "default": 20}},
+    "search": {"num_samples": 2, "max_concurrent": 1, "max_failures": 1, "sampler": "random"},
+    "resources": {"cpu": 1},
+}
+
+
+def _write(tmp_path: Path, name: str, **extra) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "name": name, "storage": {"path": str(tmp_path / "results")}, **extra}))
+    return path
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` with its command line (from /proc)."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = {}, [pid]
+    while todo:
+        current = todo.pop()
+        for child, parent in parents.items():
+            if parent == current and child not in found:
+                found[child] = commands[child]
+                todo.append(child)
+    return found
+
+
+class Launch:
+    """``poisonsweep run`` in its own process group, its output read line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                pytest.fail(f"the sweep ended before {text!r}:\n" + "".join(self.lines[-40:]))
+            self.lines.append(line)
+            if text in line:
+                return
+        pytest.fail(f"no {text!r} within {timeout} s:\n" + "".join(self.lines[-40:]))
+
+    def kill_worker(self) -> None:
+        """SIGKILLs the Ray worker process running the trial (Tune's function-trainable actor)."""
+        workers = [p for p, cmd in _children(self.proc.pid).items() if "ImplicitFunc" in cmd]
+        assert len(workers) == 1, _children(self.proc.pid)
+        os.kill(workers[0], signal.SIGKILL)
+
+    def kill_all(self) -> None:
+        """SIGKILLs the driver and every process it started (Ray's included), like a lost head node."""
+        family = list(_children(self.proc.pid))
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(30)
+
+    def finish(self, timeout: float = 600) -> int:
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.lines.append(out)
+        return self.proc.returncode
+
+
+@pytest.mark.slow
+def test_a_killed_worker_and_a_killed_driver_lose_nothing(tmp_path, ray_local, capsys):
+    """Trial 1's worker is SIGKILLed after its first epoch: Tune retries it from that epoch's
+    checkpoint. Then the whole launch is SIGKILLed during trial 2: ``run --resume`` goes on
+    from trial 2's last checkpoint, trial 1 is not run again, and MLflow ends with exactly
+    one complete child run per trial."""
+    config, uri = _write(tmp_path, "faults"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Launch(str(config), "--tracking-uri", uri)
+    try:
+        # Tune registers an epoch's checkpoint just after the epoch's report reaches the
+        # callbacks: once epoch 2 is reported, epoch 1's checkpoint is surely registered
+        first.wait_for("trial 1/2 epoch 2/5")
+        first.kill_worker()
+        first.wait_for("trial 1/2 failed")
+        first.wait_for("trial 1/2 done")
+        first.wait_for("trial 2/2 epoch 1/5")
+        time.sleep(1.5)  # Tune saves its experiment state every second (TUNE_GLOBAL_CHECKPOINT_S)
+    finally:
+        first.kill_all()
+    out = "".join(first.lines)
+    assert "retrying from its last checkpoint (failure 1 of 1 allowed)" in out
+    assert "trial 1/2 restarted" in out
+
+    assert main(["run", str(config), "--tracking-uri", uri, "--resume"]) == 0
+    resumed = capsys.readouterr().out
+    assert "resuming faults-" in resumed and "trial 1/2 started" not in resumed and "trial 1/2 restarted" not in resumed
+    assert "trial 2/2 restarted" in resumed and "2 trials finished, 0 failed" in resumed
+
+    client, parent, children = launch_runs(uri, "faults", "sweep")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"trial-001", "trial-002"}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        # each epoch in MLflow exactly once, though both trials trained some epochs in two processes
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+        assert child.data.metrics["poison_count"] == int(child.data.params["attack.poison_count"])
+    # both went on from a checkpoint, not from scratch
+    assert by_name["trial-001"].data.metrics["resumed_from_epoch"] >= 1
+    assert by_name["trial-002"].data.metrics["resumed_from_epoch"] >= 1
+    study_name, _, study_url = parent.data.params["optuna.study"].partition(" in ")
+    study = optuna.load_study(study_name=study_name, storage=study_url)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]
+    # a finished launch has nothing to resume
+    assert main(["run", str(config), "--tracking-uri", uri, "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrackingServer:
+    """``mlflow server`` on loopback over a SQLite store, stopped and started again at will."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.proc = folder, _free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+            self.proc = None
+
+
+@pytest.mark.slow
+def test_a_tracking_server_down_mid_sweep_loses_nothing(tmp_path, ray_local, capsys):
+    """The MLflow server dies during trial 1 and stays down to the end: the sweep still runs
+    every trial, says how to sync, and ``poisonsweep sync`` then writes exactly what Tune
+    recorded (no run twice, no epoch twice) once the server is back."""
+    server = TrackingServer(tmp_path)
+    server.start()
+    lines: list[str] = []
+    from sweeps.config import load_config
+    from sweeps.driver import run_sweep
+
+    sweep = load_config(_write(tmp_path, "outage", train={**TINY["train"], "epochs": 2}))
+
+    def printer(line: str) -> None:
+        lines.append(line)
+        if "trial 1/2 epoch 1/2" in line:
+            server.stop()  # after trial 1's run and first epoch reached MLflow
+    try:
+        outcome = run_sweep(sweep, tracking_uri=server.uri, printer=printer)
+        assert not outcome.synced and [r.status for r in outcome.rows] == ["FINISHED", "FINISHED"]
+        out = "\n".join(lines)
+        assert "MLflow unreachable" in out and f"poisonsweep sync {outcome.folder}" in out
+        server.start()
+        assert main(["sync", outcome.folder, "--tracking-uri", server.uri]) == 0
+        assert main(["sync", outcome.folder, "--tracking-uri", server.uri]) == 0  # idempotent
+        client, parent, children = launch_runs(server.uri, "outage", "sweep")
+        assert parent.info.status == "FINISHED" and len(children) == 2
+        assert "trials.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+        for child, row in zip(sorted(children, key=lambda c: c.info.run_name), outcome.rows):
+            assert child.info.status == "FINISHED" and child.data.tags["trial_id"] == row.trial_id
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2]
+            assert child.data.metrics["attack_success"] == row.metrics["attack_success"]
+            assert {"poison_plan.parquet", "trial_config.yaml"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    finally:
+        server.stop()
