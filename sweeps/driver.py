@@ -163,6 +163,7 @@ def start_driver(sweep: SweepConfig, address: str | None, printer: Printer) -> N
     for key, value in QUIET_ENV.items():  # our own progress lines replace Tune's reporter
         os.environ.setdefault(key, value)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` and on cluster nodes
     _start_ray(address)
     _check_resources(sweep, local=address is None, printer=printer)
 
