@@ -169,6 +169,17 @@ class StorageConfig(Section):
     path: str = "poisonsweep_results"  # Ray Tune results, the cache, the default SQLite store
     cache: str | None = None           # default: <path>/cache (shared by every trial on a node)
 
+    @model_validator(mode="after")
+    def _local(self) -> "StorageConfig":
+        for key in ("path", "cache"):
+            value = getattr(self, key)
+            if value and "://" in value:
+                # Tune could write there, but the Optuna study, the resume bookkeeping and the
+                # image/model cache are read as local files: refuse rather than make a folder "s3:"
+                raise ValueError(f"{key}: {value!r} is a URI; give a local or shared-filesystem path "
+                                 f"(an NFS/EFS/Lustre mount on every node); object-store storage is not supported yet")
+        return self
+
     def cache_dir(self) -> str:
         return str(Path(self.cache or Path(self.path) / "cache").resolve())
 

@@ -79,6 +79,7 @@ def test_a_bad_choice_is_named():
     (with_(search={"objectives": {"attack_success": "up"}}), "search.objectives.attack_success: expected 'max' or 'min'"),
     (with_(search={"objectives": {"speed": "max"}}), "search.objectives: unknown metric 'speed'"),
     (with_(resources={"gpu": 1.5}), "resources.gpu: a fraction must be below 1"),
+    (with_(storage={"path": "s3://bucket/sweeps"}), "storage.path: 's3://bucket/sweeps' is a URI"),
     (with_(search={"points": [{"train.lr": 1}]}), "search.points[0]: train.lr: not a search dimension"),
 ])
 def test_bad_input_gives_one_clear_message(raw, expected):
