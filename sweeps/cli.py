@@ -102,12 +102,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
     from sweeps.config import load_config
     from sweeps.driver import run_sweep, summary_table
-    from sweeps.tracking import tracking_uri
+    from sweeps.tracking import redact, tracking_uri
 
     sweep = load_config(config_path or args.config, args.overrides)  # all checks before Ray starts
     uri = tracking_uri(args.tracking_uri, sweep)
     print(f"sweep {sweep.name}: {sweep.search.num_samples} trials, {len(sweep.dimensions)} dimensions, "
-          f"tracking {uri}", flush=True)
+          f"tracking {redact(uri)}", flush=True)
     outcome = run_sweep(sweep, tracking_uri=uri, address=args.address,
                         printer=lambda line: print(line, flush=True), resume=getattr(args, "resume", False))
     print()
@@ -116,7 +116,7 @@ def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
         _print_front(uri, sweep.tracking.experiment or sweep.name, sweep.search.objectives, outcome.parent_run_id)
     failed = sum(r.status != "FINISHED" for r in outcome.rows)
     print(f"\n{len(outcome.rows) - failed} trials finished, {failed} failed. "
-          f"Open the results with:\n  poisonsweep ui --tracking-uri {uri}")
+          f"Open the results with:\n  poisonsweep ui --tracking-uri {redact(uri)}")
     if not outcome.synced:
         return 3  # the trials ran, but MLflow does not have them yet: `poisonsweep sync`
     return 0 if len(outcome.rows) > failed else 1  # a sweep where every trial failed is a failure
@@ -182,25 +182,25 @@ def _print_front(uri: str, experiment: str, objectives: dict[str, str], parent: 
 def _budget(args: argparse.Namespace) -> int:
     from sweeps.budget_driver import BudgetOptions, prepare_budget, run_budget, summary
     from sweeps.config import load_config
-    from sweeps.tracking import tracking_uri
+    from sweeps.tracking import redact, tracking_uri
 
     options = BudgetOptions(threshold=args.threshold, confidence=args.confidence, max_trials=args.max_trials,
                             replicates=args.replicates, rel_width=args.rel_width, low=args.low, high=args.high)
     budget, search = prepare_budget(load_config(args.config, args.overrides), options)  # before Ray starts
     uri = tracking_uri(args.tracking_uri, budget)
     print(f"budget {budget.name}: poison_count in [{search.low}, {search.high}] reaching attack_success "
-          f">= {search.threshold}, at most {search.max_trials} trials, tracking {uri}", flush=True)
+          f">= {search.threshold}, at most {search.max_trials} trials, tracking {redact(uri)}", flush=True)
     outcome = run_budget(budget, search, tracking_uri=uri, address=args.address,
                          printer=lambda line: print(line, flush=True))
     print()
     print(summary(outcome))
-    print(f"\nOpen the results with:\n  poisonsweep ui --tracking-uri {uri}")
+    print(f"\nOpen the results with:\n  poisonsweep ui --tracking-uri {redact(uri)}")
     return 0 if outcome.search.observations else 1  # every trial failed: a failure
 
 
 def _ui(args: argparse.Namespace) -> int:
     from sweeps.config import load_config
-    from sweeps.tracking import tracking_uri
+    from sweeps.tracking import redact, tracking_uri
 
     sweep = load_config(args.config) if args.config else None
     uri = tracking_uri(args.tracking_uri, sweep)
@@ -211,7 +211,7 @@ def _ui(args: argparse.Namespace) -> int:
     # MLflow's job runner serves its GenAI features (judges, scorers), which a sweep's runs never use;
     # it starts eight more processes beside the server, seconds of CPU on a laptop
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    print(" ".join(cmd), flush=True)
+    print(" ".join(redact(c) if "://" in c else c for c in cmd), flush=True)
     return subprocess.call(cmd, env=env)
 
 

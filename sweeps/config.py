@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, model_validator
@@ -163,6 +164,14 @@ class ResourcesConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = None         # default: $MLFLOW_TRACKING_URI, else SQLite in storage.path
     experiment: str | None = None  # default: the config's name
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "TrackingConfig":
+        # the config is logged (config.yaml on the parent run) and kept beside Tune's results
+        if self.uri and urlsplit(self.uri).password is not None:
+            raise ValueError("uri: holds a password; a config is logged as an artifact, so give "
+                             "credentials as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
+        return self
 
 
 class StorageConfig(Section):

@@ -6,7 +6,7 @@ import yaml
 from sweeps.config import validate_config
 from sweeps.driver import Printer, TrialLogger, summary_csv
 from sweeps.sync import Launch
-from sweeps.tracking import Tracker, tracking_uri
+from sweeps.tracking import Tracker, redact, tracking_uri
 
 
 def sync_launch(folder, cli_uri: str | None, *, printer: Printer = print) -> int:
@@ -25,7 +25,7 @@ def sync_launch(folder, cli_uri: str | None, *, printer: Printer = print) -> int
     if not ray.is_initialized():  # Tune reads its experiment state through a Ray session
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     if not logger.catch_up(folder):
-        printer(f"MLflow at {uri} still fails; nothing lost: run this again when it answers")
+        printer(f"MLflow at {redact(uri)} still fails; nothing lost: run this again when it answers")
         return 3
     tracker.finish_parent(summary_csv(logger.rows(), sweep))
     launch.finished = True

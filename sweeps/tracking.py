@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any
 
 from mlflow.entities import Metric, Param
@@ -31,6 +32,16 @@ def tracking_uri(cli_uri: str | None, sweep: SweepConfig | None, storage_path: s
     folder = Path(storage_path or (sweep.storage.path if sweep else "poisonsweep_results")).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def redact(uri: str) -> str:
+    """``uri`` as it may be printed: a password in it (``https://user:pw@host``) replaced by ``***``."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def trial_tags(config: TrialConfig) -> dict[str, str]:
@@ -134,4 +145,4 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["Tracker", "tracking_uri", "trial_tags"]
+__all__ = ["Tracker", "redact", "tracking_uri", "trial_tags"]

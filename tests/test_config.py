@@ -80,6 +80,7 @@ def test_a_bad_choice_is_named():
     (with_(search={"objectives": {"speed": "max"}}), "search.objectives: unknown metric 'speed'"),
     (with_(resources={"gpu": 1.5}), "resources.gpu: a fraction must be below 1"),
     (with_(storage={"path": "s3://bucket/sweeps"}), "storage.path: 's3://bucket/sweeps' is a URI"),
+    (with_(tracking={"uri": "https://ana:hunter2@mlflow.example.org"}), "tracking.uri: holds a password"),
     (with_(search={"points": [{"train.lr": 1}]}), "search.points[0]: train.lr: not a search dimension"),
 ])
 def test_bad_input_gives_one_clear_message(raw, expected):
@@ -407,3 +408,12 @@ def test_any_registry_switches_its_key_text_trigger_included():
     text = cfg.resolve({"attack.kind": "text-backdoor", "attack.text_trigger.position": "end"}).to_dict()["attack"]
     assert text["text_trigger"]["position"] == "end" and "trigger" not in text and "modality" not in text
     assert "text_trigger" not in cfg.default_trial.to_dict()["attack"]
+
+
+def test_printed_tracking_uris_hide_their_password():
+    from sweeps.tracking import redact
+
+    assert redact("https://ana:hunter2@mlflow.example.org:8443/x") == "https://ana:***@mlflow.example.org:8443/x"
+    assert redact("postgresql://mlflow:s3cret@db/mlflow") == "postgresql://mlflow:***@db/mlflow"
+    assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
