@@ -12,10 +12,12 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import moocore
 import numpy as np
 import pandas as pd
+from scipy import stats
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -96,30 +98,58 @@ def pareto_front(runs: pd.DataFrame, objectives: dict[str, str], group_by: str |
     volumes = {}
     for group, rows in configs.groupby("group", sort=True).groups.items():
         pts = values[configs.index.get_indexer(rows)]
-        mask = moocore.is_nondominated(pts, maximise=maximise, keep_weakly=True)
+        mask = nondominated(pts, list(objectives.values()))
         configs.loc[rows[mask], "pareto"] = True
         volumes[str(group)] = float(moocore.hypervolume(pts[mask], ref=reference, maximise=maximise))
     return Front(configs, volumes, dict(objectives))
 
 
+def nondominated(values: np.ndarray, directions: list[str]) -> np.ndarray:
+    """Mask of the rows of ``values`` no other row dominates (ties kept), each column ``max`` or ``min``."""
+    return moocore.is_nondominated(values, maximise=[d == "max" for d in directions], keep_weakly=True)
+
+
+def config_key(runs: pd.DataFrame, params: list[str]) -> pd.Series:
+    """One string per run joining its values of the ``params.*`` columns ``params`` (missing as empty)."""
+    if not params:
+        return pd.Series("", index=runs.index)
+    return runs[params].fillna("").astype(str).agg("|".join, axis=1)
+
+
+def replicate_stats(frame: pd.DataFrame, keys: list[str], metrics: list[str], *,
+                    student_t: bool = False) -> pd.DataFrame:
+    """Per group of rows sharing ``keys``: each metric's mean, ``_std`` and ``_ci95`` (half-width
+    of the mean's 95% interval: normal approximation, or Student's t with ``student_t``; 0 for one
+    value), ``replicates`` (rows) and their sorted ``run_id`` joined by commas. NaNs are skipped.
+
+    Example:
+        >>> f = pd.DataFrame({"run_id": ["a", "b"], "k": [1, 1], "m": [0.5, 0.7]})
+        >>> replicate_stats(f, ["k"], ["m"])[["m", "replicates", "run_id"]].values.tolist()
+        [[0.6, 2, 'a,b']]
+    """
+    named = {name: (name, "mean") for name in metrics}
+    named.update({f"{name}_std": (name, "std") for name in metrics})
+    named.update({f"{name}_n": (name, "count") for name in metrics})
+    named["replicates"] = ("run_id", "count")
+    grouped = frame.groupby(keys, sort=False)
+    out = grouped.agg(**named).join(grouped["run_id"].agg(lambda r: ",".join(sorted(r)))).reset_index()
+    for name in metrics:
+        n = out.pop(f"{name}_n").to_numpy(dtype=float)
+        factor = stats.t.ppf(0.975, np.maximum(n - 1, 1)) if student_t else 1.96
+        out[f"{name}_ci95"] = factor * out[f"{name}_std"].fillna(0) / np.sqrt(np.maximum(n, 1))
+    return out
+
+
 def _average_replicates(runs: pd.DataFrame, objectives: dict[str, str], group_by: str | None) -> pd.DataFrame:
     params = sorted(c for c in runs.columns if c.startswith("params.")
                     and c.removeprefix("params.") not in REPLICATE_PARAMS)
-    frame = runs[["run_id", *params]].fillna("").copy()
-    frame["config"] = frame[params].astype(str).agg("|".join, axis=1) if params else ""
+    frame = runs[["run_id"]].copy()
+    frame["config"] = config_key(runs, params)
     frame["group"] = _group_column(runs, group_by)
     for name in objectives:
         frame[name] = runs[f"metrics.{name}"].astype(float)
     frame = frame.dropna(subset=list(objectives))
-    named = {name: (name, "mean") for name in objectives}
-    named.update({f"{name}_std": (name, "std") for name in objectives})
-    named["replicates"] = ("run_id", "count")
-    out = frame.groupby(["group", "config"], sort=False).agg(**named)
-    ids = frame.groupby(["group", "config"], sort=False)["run_id"].agg(lambda r: ",".join(sorted(r)))
-    out = out.join(ids).reset_index()
-    for name in objectives:  # 95% interval of the mean (normal approximation; 0 for one seed)
-        out[f"{name}_ci95"] = 1.96 * out[f"{name}_std"].fillna(0) / np.sqrt(out["replicates"])
-    return out
+    return replicate_stats(frame, ["group", "config"], list(objectives))  # normal approximation
 
 
 def _group_column(runs: pd.DataFrame, group_by: str | None) -> pd.Series:
@@ -137,16 +167,24 @@ def format_front(front: Front, *, only_front: bool = True) -> str:
     head = ["group", *front.objectives, "replicates", "runs"] + ([] if only_front else ["pareto"])
     body = []
     for _, r in rows.sort_values(["group", *front.objectives]).iterrows():
-        cells = [_mean_ci(r[o], r[f"{o}_ci95"]) for o in front.objectives]
+        cells = [mean_ci(r[o], r[f"{o}_ci95"]) for o in front.objectives]
         extra = [] if only_front else ["yes" if r["pareto"] else ""]
         body.append([str(r["group"]), *cells, str(int(r["replicates"])), _short(r["run_id"]), *extra])
+    volumes = "  ".join(f"{g}: {v:.4g}" for g, v in front.hypervolume.items())
+    return "\n".join([format_rows(head, body), f"hypervolume  {volumes}"])
+
+
+def format_rows(head: list[str], body: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart, the header first."""
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
-    volumes = "  ".join(f"{g}: {v:.4g}" for g, v in front.hypervolume.items())
-    return "\n".join([line.format(*head), *(line.format(*b) for b in body), f"hypervolume  {volumes}"])
+    return "\n".join([line.format(*head), *(line.format(*b) for b in body)])
 
 
-def _mean_ci(mean: float, ci: float) -> str:
+def mean_ci(mean: float, ci: float) -> str:
+    """``0.8 ± 0.2``; the mean alone without an interval, ``-`` without a mean."""
+    if mean is None or math.isnan(mean):
+        return "-"
     return f"{mean:.4g}" if not ci or math.isnan(ci) else f"{mean:.4g} ± {ci:.2g}"
 
 
@@ -168,24 +206,37 @@ def record(client: MlflowClient, parent: str | None, front: Front) -> None:
             client.set_tag(run_id, "pareto", "true" if row["pareto"] else "false")
     if parent is None:
         return
-    with tempfile.TemporaryDirectory() as folder:
-        csv = Path(folder) / "pareto.csv"
-        front.table.to_csv(csv, index=False)
-        client.log_artifact(parent, str(csv), "analysis")
-        for png in _plots(front, Path(folder)):
-            client.log_artifact(parent, str(png), "analysis")
+    log_analysis(client, parent, lambda folder: [_csv(front.table, folder / "pareto.csv"), *_plots(front, folder)])
     for group, volume in front.hypervolume.items():
         client.log_metric(parent, f"hypervolume.{group}" if len(front.hypervolume) > 1 else "hypervolume", volume)
 
 
-def _plots(front: Front, folder: Path) -> list[Path]:
-    """One PNG per pair of objectives (every configuration, its group's front highlighted),
-    and an interactive HTML for three objectives."""
+def log_analysis(client: MlflowClient, parent: str, write: Callable[[Path], list[Path]]) -> None:
+    """Logs under ``analysis/`` of run ``parent`` the files ``write(folder)`` makes in a temporary folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        for path in write(Path(folder)):
+            client.log_artifact(parent, str(path), "analysis")
+
+
+def _csv(table: pd.DataFrame, path: Path) -> Path:
+    table.to_csv(path, index=False)
+    return path
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plots(front: Front, folder: Path) -> list[Path]:
+    """One PNG per pair of objectives (every configuration, its group's front highlighted),
+    and an interactive HTML for three objectives."""
+    plt = pyplot()
     names, out = list(front.objectives), []
     for i, x in enumerate(names):
         for y in names[i + 1:]:
