@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,28 +42,39 @@ OBJECTIVES = ["attack_success", "utility", "poison_count"]  # shown beside the t
 
 
 @dataclass
-class Server:
-    """`poisonsweep ui` started in its own process group, and the clock of the whole test."""
-    uri: str
-    url: str
-    proc: subprocess.Popen
-    log: Path
+class Clock:
+    """The test's timing breakdown: steps one after the other, and marks of things done beside them."""
     started: float = field(default_factory=time.perf_counter)
-    laps: list[tuple[str, float]] = field(default_factory=list)
+    steps: list[tuple[str, float]] = field(default_factory=list)
+    marks: list[tuple[str, float]] = field(default_factory=list)
 
-    def lap(self, name: str) -> None:
-        self.laps.append((name, time.perf_counter()))
+    def step(self, name: str) -> None:
+        self.steps.append((name, time.perf_counter()))
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, time.perf_counter()))
 
     def breakdown(self) -> str:
-        marks = [self.started] + [t for _, t in self.laps]
-        parts = [f"{name} {end - start:.1f} s" for (name, end), start in zip(self.laps, marks)]
-        return f"browser test: {marks[-1] - marks[0]:.1f} s = " + ", ".join(parts)
+        ends = [self.started] + [t for _, t in self.steps]
+        steps = ", ".join(f"{name} {end - start:.1f} s" for (name, end), start in zip(self.steps, ends))
+        marks = ", ".join(f"{name} at {t - self.started:.1f} s" for name, t in self.marks)
+        return f"browser test: {ends[-1] - self.started:.1f} s = {steps}; beside the sweep: {marks}"
+
+
+@dataclass
+class Server:
+    """`poisonsweep ui` in its own process group, launched in the background (``launch``)."""
+    uri: str
+    url: str
+    log: Path
+    launch: Future
+    clock: Clock
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
+        proc, deadline = self.launch.result(), time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"poisonsweep ui exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            if proc.poll() is not None:
+                pytest.fail(f"poisonsweep ui exited with {proc.returncode}:\n{self.log.read_text()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2):
                     return
@@ -102,60 +114,71 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
-    """The MLflow UI over a fresh SQLite store, started first so that it comes up while the sweep runs."""
-    from mlflow.tracking import MlflowClient
-
+    """The MLflow UI over a fresh SQLite store, launched beside ray.init and up while the sweep runs."""
     _require_chromium()
     folder = tmp_path_factory.mktemp("browser")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri, port, log = f"sqlite:///{folder / 'mlflow.db'}", _free_port(), folder / "ui.log"
+    with ThreadPoolExecutor(1) as pool:
+        server = Server(uri=uri, url=f"http://127.0.0.1:{port}", log=log, clock=Clock(),
+                        launch=pool.submit(_launch_ui, uri, port, log))
+        yield server
+    _stop(server.launch.result())
+
+
+def _launch_ui(uri: str, port: int, log: Path) -> subprocess.Popen:
+    from mlflow.tracking import MlflowClient
+
     MlflowClient(uri).search_experiments()  # the schema exists before the server and the sweep both open it
-    port, log = _free_port(), folder / "ui.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+        return subprocess.Popen([sys.executable, "-m", "sweeps.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(uri=uri, url=f"http://127.0.0.1:{port}", proc=proc, log=log)
-    yield server
-    _stop(proc)
 
 
 @pytest.mark.slow
 def test_the_mlflow_ui_shows_the_sweep_its_trials_tags_and_analysis(ui_server, ray_local, tmp_path):
     from playwright.sync_api import sync_playwright  # the test extra
 
-    server = ui_server
-    server.lap("ray.init")
+    server, clock = ui_server, ui_server.clock
+    clock.step("ray.init")
+    server.launch.result()
+    clock.step("store created")
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({**SWEEP, "storage": {"path": str(tmp_path / "results")}}))
-    assert main(["run", str(path), "--tracking-uri", server.uri]) == 0
-    server.lap("sweep")
-    assert main(["pareto", "--experiment", EXPERIMENT, "--tracking-uri", server.uri]) == 0
-    server.lap("pareto")
-    client, parent, children = launch_runs(server.uri, EXPERIMENT, "sweep")
-    assert len(children) == 2
-    analysis = sorted(Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "analysis"))
-    assert "pareto.csv" in analysis and any(name.endswith(".png") for name in analysis)
-    server.wait_ready()
-    server.lap("UI up")
-    assert f"Uvicorn running on {server.url}" in server.log.read_text()  # loopback only
-
-    experiment = f"{server.url}/#/experiments/{parent.info.experiment_id}"
-    with sync_playwright() as pw:
+    with ThreadPoolExecutor(1) as pool, sync_playwright() as pw:
+        sweep = pool.submit(main, ["run", str(path), "--tracking-uri", server.uri])
+        # while the sweep trains (mostly one core busy): the server comes up, Chromium loads the app once
         browser = pw.chromium.launch(executable_path=str(CHROMIUM))
         page = browser.new_page(viewport={"width": 1500, "height": 900})
-        page.set_default_timeout(90_000)  # the first load parses MLflow's bundle: slow on a busy 2-core machine
+        page.set_default_timeout(90_000)  # parsing MLflow's bundle is slow on a busy 2-core machine
+        server.wait_ready()
+        clock.mark("UI up")
+        assert f"Uvicorn running on {server.url}" in server.log.read_text()  # loopback only
+        page.goto(f"{server.url}/#/experiments")
+        page.get_by_role("link", name="Experiments").first.wait_for()
+        clock.mark("app loaded")
+        assert sweep.result() == 0
+        clock.step("sweep")
+        assert main(["pareto", "--experiment", EXPERIMENT, "--tracking-uri", server.uri]) == 0
+        clock.step("pareto")
+        client, parent, children = launch_runs(server.uri, EXPERIMENT, "sweep")  # ids and names to look for
+        assert len(children) == 2
+        analysis = sorted(Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "analysis"))
+        assert "pareto.csv" in analysis and any(name.endswith(".png") for name in analysis)
+
+        experiment = f"{server.url}/#/experiments/{parent.info.experiment_id}"
         page.goto(f"{experiment}/runs")
         _check_runs_table(page, parent.info.run_name, [c.info.run_name for c in children])
-        server.lap("runs table")
         runs_png = tmp_path / "mlflow-runs.png"
         page.screenshot(path=str(runs_png))
+        clock.step("runs table")
         page.goto(f"{experiment}/runs/{parent.info.run_id}/artifacts")
         _check_artifacts(page, analysis)
-        server.lap("artifacts")
         artifacts_png = tmp_path / "mlflow-artifacts.png"
         page.screenshot(path=str(artifacts_png))
+        clock.step("artifacts")
         browser.close()
     print(f"\nscreenshots: {runs_png} {artifacts_png}")
-    print(server.breakdown())
+    print(clock.breakdown())
 
 
 def _check_runs_table(page, parent: str, children: list[str]) -> None:
