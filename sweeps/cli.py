@@ -1,4 +1,4 @@
-"""The ``poisonsweep`` command line: run, demo, train, pareto, budget, sync, ui."""
+"""The ``poisonsweep`` command line: run, demo, train, pareto, defenses, budget, sync, ui."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     pareto.add_argument("--all", action="store_true", help="print every configuration, not only the front")
     pareto.add_argument("--tracking-uri", help="tracking store (default: as for run)")
     pareto.set_defaults(func=_pareto)
+
+    defenses = sub.add_parser("defenses", help="each attack × defense: attack success without and with it, "
+                                               "utility drop, cost, the front (logs CSV and a plot)")
+    defenses.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
+    defenses.add_argument("--parent", metavar="RUN_ID",
+                          help="only this launch's trials, logged to its run (default: every launch's trials, logged "
+                               "to the latest launch's run)")
+    defenses.add_argument("--tracking-uri", help="tracking store (default: as for run)")
+    defenses.set_defaults(func=_defenses)
 
     budget = sub.add_parser("budget", help="minimal poison_count reaching an attack_success threshold, "
                                            "with a confidence interval (a sequential search of real trials)")
@@ -176,6 +185,16 @@ def _print_front(uri: str, experiment: str, objectives: dict[str, str], parent: 
     print(f"\nPareto front ({n_front} of {len(front.table)} configurations, "
           f"{', '.join(f'{k} {v}' for k, v in objectives.items())}):")
     print(format_front(front, only_front=not show_all))
+    return 0
+
+
+def _defenses(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.defenses_table import defenses_report
+    from sweeps.tracking import tracking_uri
+
+    print(defenses_report(MlflowClient(tracking_uri(args.tracking_uri, None)), args.experiment, args.parent))
     return 0
 
 
