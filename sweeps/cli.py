@@ -115,7 +115,8 @@ def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
 
     sweep = load_config(config_path or args.config, args.overrides)  # all checks before Ray starts
     uri = tracking_uri(args.tracking_uri, sweep)
-    print(f"sweep {sweep.name}: {sweep.search.num_samples} trials, {len(sweep.dimensions)} dimensions, "
+    replicas = f" x {sweep.search.replicates} seeds" if sweep.search.replicates > 1 else ""
+    print(f"sweep {sweep.name}: {sweep.search.num_samples} trials{replicas}, {len(sweep.dimensions)} dimensions, "
           f"tracking {redact(uri)}", flush=True)
     outcome = run_sweep(sweep, tracking_uri=uri, address=args.address,
                         printer=lambda line: print(line, flush=True), resume=getattr(args, "resume", False))

@@ -133,6 +133,9 @@ class SearchConfig(Section):
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
     seed: int | None = None  # the sampler's seed; default: the config's seed
+    # seeds per configuration: each configuration Optuna draws runs as this many trials, with
+    # seeds seed, seed+1, ...; Optuna is told the mean of each objective over them
+    replicates: int = Field(1, ge=1)
     max_failures: int = Field(1, ge=0)      # retries of a failed trial (from its last checkpoint)
     checkpoint_every: int = Field(1, ge=0)  # epochs between a trial's checkpoints (0: none)
     # Configurations to evaluate first (Optuna's enqueue_trial), each a mapping of
@@ -307,16 +310,24 @@ def _is_dimension(value: Any) -> bool:
             and ("choices" in value or "low" in value or "high" in value))
 
 
+#: The key of a trial's replicate number among its drawn values (Ray Tune's Repeater sets it).
+REPLICATE = "__trial_index__"
+
+
 def resolve(raw: dict[str, Any], dims: dict[str, Dimension], values: dict[str, Any]) -> TrialConfig:
     """The trial config: ``values`` for the dimensions (defaults elsewhere), then in each
     kind-switched section the keys its drawn kind does not take are dropped; values of
     dimensions under a dropped key are ignored."""
+    values = dict(values)
+    replicate = int(values.pop(REPLICATE, 0))
     unknown = set(values) - set(dims)
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: not a search dimension of this config")
     resolved = copy.deepcopy(raw)
     for path, dim in dims.items():
         _set(resolved, path, values.get(path, dim.value_default()))
+    if replicate:  # the configuration's replicate number r runs with seed + r
+        resolved["seed"] = int(resolved.get("seed", 0)) + replicate
     for section, switch in kind_switches(dims).items():  # outer sections first
         node = _get(resolved, section)
         if isinstance(node, dict):  # else dropped with its parent

@@ -9,28 +9,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-import pyarrow.parquet as pq
 import ray
 import yaml
 from ray import tune
-from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
+from ray.tune.search import ConcurrencyLimiter, Repeater, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from poison import ConfigError
-from sweeps.config import SweepConfig, resolve
+from sweeps.config import REPLICATE, SweepConfig
 from sweeps.space import define_by_run, make_sampler
-from sweeps.sync import (CONFIG_FILE, LAUNCH_FILE, METRICS_FILE, PLAN_FILE, TRACKING_ERRORS, Backoff, Launch,
-                         Mirror, trial_folder)
+from sweeps.sync import LAUNCH_FILE, TRACKING_ERRORS, Backoff, Launch, Mirror, trial_folder
 from sweeps.tracking import Tracker
-from trainers import TrialConfig, clean_model, run_trial
-from trainers.resume import read_state, write_state
+from sweeps.worker import METRICS_FILE, finite, train_clean, trainable
+from trainers import TrialConfig
 Printer = Callable[[str], None]
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
              "RAY_TRAIN_V2_ENABLED": "0",
@@ -100,12 +97,14 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
         else:
             logger.reattach()
             logger.say(f"resuming {launch.run_name}: {len(logger.mirror.runs)} trials already in MLflow")
-        clean = clean_first(sweep)[0]
-        logger.say(f"clean model: utility {clean['utility']:.3f} "
-                   f"({'from the cache' if clean['cached'] else 'trained'})")
+        base = sweep.default_trial.seed  # one clean model per replicate seed
+        for seed, clean in zip(range(base, base + sweep.search.replicates),
+                               clean_first(sweep, seeds=list(range(base, base + sweep.search.replicates)))):
+            logger.say(f"clean model{f' (seed {seed})' if sweep.search.replicates > 1 else ''}: utility "
+                       f"{clean['utility']:.3f} ({'from the cache' if clean['cached'] else 'trained'})")
         objectives = list(sweep.search.objectives)
         if found is None:
-            tuner(sweep, _searcher(sweep, launch.run_name, launch.study_url), sweep.search.num_samples, logger,
+            tuner(sweep, _searcher(sweep, launch.run_name, launch.study_url), trial_count(sweep), logger,
                   launch.run_name, objectives).fit()
         else:
             restore(sweep, folder, logger, objectives).fit()
@@ -200,18 +199,49 @@ def _check_resources(sweep: SweepConfig, *, local: bool, printer: Printer) -> No
 def _searcher(sweep: SweepConfig, run_name: str, study_url: str) -> ConcurrencyLimiter:
     objectives = sweep.search.objectives
     seed = sweep.search.seed if sweep.search.seed is not None else sweep.default_trial.seed
-    searcher = OptunaSearch(
+    searcher: Searcher = OptunaSearch(
         storage=optuna.storages.RDBStorage(study_url), study_name=run_name,
         space=define_by_run(sweep.dimensions), metric=list(objectives), mode=list(objectives.values()),
         sampler=make_sampler(sweep.search.sampler, seed),
         points_to_evaluate=sweep.initial_points() or None,
     )
+    if sweep.search.replicates > 1:
+        searcher = Replicates(searcher, repeat=sweep.search.replicates)
     return ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent)
+
+
+def trial_count(sweep: SweepConfig) -> int:
+    """Tune trials of a launch: every configuration's replicates."""
+    return sweep.search.num_samples * sweep.search.replicates
+
+
+class Replicates(Repeater):
+    """Ray Tune's :class:`~ray.tune.search.Repeater` (each suggestion run ``repeat`` times,
+    ``__trial_index__`` telling the replicate, which ``resolve`` adds to the seed) for several
+    objectives: Ray's averages one metric (a list of them fails its ``metric in result``).
+
+    The searcher is told the mean of each objective over the replicates that finished, and a
+    failure when none did.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False, **kwargs: Any) -> None:
+        group = self._trial_id_to_group[trial_id]
+        metrics = self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
+        ok = not error and result is not None and all(finite(result.get(m)) for m in metrics)
+        group.report(trial_id, [float(result[m]) for m in metrics] if ok else math.nan)
+        if not group.finished_reporting():
+            return
+        done = [s for s in group.scores() if isinstance(s, list)]
+        if done:
+            means = [float(sum(col) / len(col)) for col in zip(*done)]
+            self.searcher.on_trial_complete(group.primary_trial_id, result=dict(zip(metrics, means)))
+        else:
+            self.searcher.on_trial_complete(group.primary_trial_id, result=None, error=True)
 
 
 def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_samples: int, logger: "TrialLogger",
           run_name: str, objectives: list[str], param_space: dict[str, Any] | None = None) -> tune.Tuner:
-    """The Tuner of ``num_samples`` trials drawn by ``search_alg``, each a :func:`_trainable`
+    """The Tuner of ``num_samples`` trials drawn by ``search_alg``, each a :func:`sweeps.worker.trainable`
     (with the sweep's resources, its CPU share as torch threads) mirrored into MLflow by ``logger``.
 
     A trial that fails (an error, a lost worker or node) is retried ``search.max_failures``
@@ -251,55 +281,10 @@ def restore(sweep: SweepConfig, folder: Path, logger: "TrialLogger", objectives:
 def _resourced_trainable(sweep: SweepConfig, objectives: list[str]) -> Any:
     cache_dir, threads = sweep.storage.cache_dir(), max(1, int(sweep.resources.cpu))
     return tune.with_resources(
-        tune.with_parameters(_trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
+        tune.with_parameters(trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
                              threads=threads, objectives=objectives, every=sweep.search.checkpoint_every),
         {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
     )
-
-
-class _TuneCheckpointer:
-    """The training loop's state kept in Tune's checkpoints: saved with the epoch's report, so
-    a trial that Tune restarts (a lost worker, a retried error) goes on from its last epoch."""
-
-    def __init__(self, every: int) -> None:
-        self.every, self.pending = every, None
-
-    def load(self) -> dict[str, Any] | None:
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return read_state(folder)
-
-    def save(self, state: dict[str, Any]) -> None:
-        self.pending = state
-
-    def report(self, metrics: dict[str, float]) -> None:
-        if self.pending is None:
-            tune.report({"epoch_metrics": metrics})
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            write_state(folder, self.pending)
-            self.pending = None
-            tune.report({"epoch_metrics": metrics}, checkpoint=tune.Checkpoint.from_directory(folder))
-
-
-def _trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_dir: str,
-               threads: int, objectives: list[str], every: int = 1) -> None:
-    """One Tune trial: resolve the config, train (on from its last checkpoint when Tune
-    restarted it), report epochs with their checkpoints, then the final metrics."""
-    config = for_worker(resolve(raw, dims, values), threads)
-    saver = _TuneCheckpointer(every)
-    result = run_trial(config, cache_dir=cache_dir, on_epoch=saver.report, checkpointer=saver if every else None)
-    bad = [k for k in objectives if not _finite(result.metrics.get(k))]
-    if bad:  # Optuna must be told FAIL, not given a NaN
-        raise FloatingPointError(f"objective(s) {', '.join(bad)} not finite: "
-                                 f"{ {k: result.metrics.get(k) for k in bad} }")
-    with tempfile.TemporaryDirectory() as folder:
-        pq.write_table(result.plan, Path(folder) / PLAN_FILE)
-        (Path(folder) / METRICS_FILE).write_text(json.dumps(result.metrics, indent=1))
-        (Path(folder) / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        tune.report(result.metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def clean_first(sweep: SweepConfig, seeds: list[int] | None = None) -> list[dict[str, Any]]:
@@ -311,32 +296,11 @@ def clean_first(sweep: SweepConfig, seeds: list[int] | None = None) -> list[dict
     """
     largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
     cpus = max(sweep.resources.cpu, min(sweep.resources.cpu * sweep.search.max_concurrent, largest_node))
-    task = _train_clean.options(num_cpus=cpus, num_gpus=min(sweep.resources.gpu, 1) if sweep.resources.gpu else 0)
+    task = train_clean.options(num_cpus=cpus, num_gpus=min(sweep.resources.gpu, 1) if sweep.resources.gpu else 0)
     default = sweep.default_trial
     configs = [default] if seeds is None else [default.model_copy(update={"seed": s}) for s in seeds]
     cache_dir, threads = sweep.storage.cache_dir(), max(1, int(cpus))
     return ray.get([task.remote(c.model_dump(mode="json"), cache_dir, threads) for c in configs])
-
-
-@ray.remote
-def _train_clean(config: dict[str, Any], cache_dir: str, threads: int) -> dict[str, Any]:
-    model = clean_model(for_worker(TrialConfig.model_validate(config), threads), cache_dir=cache_dir)
-    return {"utility": model.metrics["utility"], "cached": model.cached}
-
-
-def for_worker(config: TrialConfig, threads: int) -> TrialConfig:
-    """The trial's config inside a Ray worker: its CPU share as torch threads, and the CPU
-    when Ray gave it no GPU (Ray no longer hides a node's GPUs from CPU-only tasks)."""
-    update: dict[str, Any] = {}
-    if config.train.threads is None:
-        update["threads"] = threads
-    if config.train.device == "auto" and not ray.get_gpu_ids():
-        update["device"] = "cpu"
-    return config.model_copy(update={"train": config.train.model_copy(update=update)}) if update else config
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 _LIVE_LOGGER: "TrialLogger | None" = None
@@ -361,7 +325,7 @@ class TrialLogger(tune.Callback):
 
     def __init__(self, sweep: SweepConfig, tracker: Tracker, printer: Printer, *, total: int | None = None) -> None:
         self.sweep, self.tracker, self.printer = sweep, tracker, printer
-        self.total = total or sweep.search.num_samples
+        self.total = total or trial_count(sweep)
         self.mirror = Mirror(sweep, tracker)
         self.backoff = Backoff()
         self.behind: dict[str, Any] = {}  # trials whose MLflow run lags Tune's record
@@ -464,7 +428,7 @@ class TrialLogger(tune.Callback):
         restarted = trial.trial_id in self.order
         number = self.order.setdefault(trial.trial_id, len(self.order) + 1)
         self._write(trial, lambda: self.mirror.start(trial.trial_id, dict(trial.config), number))
-        values = " ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        values = " ".join(f"{'replicate' if k == REPLICATE else k}={_fmt(v)}" for k, v in trial.config.items())
         self.say(f"{self._label(trial)} {'restarted' if restarted else 'started'}: {values or 'defaults'}")
         self._catch_up_behind()
 

@@ -25,7 +25,7 @@ from poison import ConfigError
 from sweeps.tracking import ROLE_TAG
 
 DEFAULT_OBJECTIVES = {"attack_success": "max", "utility": "max", "poison_count": "min"}
-REPLICATE_PARAMS = ("seed", "search.seed")
+REPLICATE_PARAMS = ("seed", "search.seed", "search.replicate")
 SEARCH_PAGE = 5000  # configurations differing only here are replicates
 
 

@@ -24,8 +24,8 @@ from mlflow.exceptions import MlflowException
 from poison import plan_hash
 from sweeps.config import SweepConfig
 from sweeps.tracking import Tracker
+from sweeps.worker import CONFIG_FILE, METRICS_FILE, PLAN_FILE
 
-PLAN_FILE, METRICS_FILE, CONFIG_FILE = "poison_plan.parquet", "metrics.json", "trial_config.yaml"
 LAUNCH_FILE = "poisonsweep.json"
 #: what an unreachable or failing tracking store raises through MlflowClient
 TRACKING_ERRORS = (MlflowException, OSError)

@@ -14,7 +14,7 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from sweeps.config import SweepConfig, flatten
+from sweeps.config import REPLICATE, SweepConfig, flatten
 from trainers.config import TrialConfig
 
 ROLE_TAG = "poisonsweep.role"
@@ -103,7 +103,7 @@ class Tracker:
             tags["mlflow.parentRunId"] = self.parent_id
         run = self.client.create_run(self.experiment_id, run_name=name or trial_id, tags=tags)
         params = flatten(config.to_dict())
-        params.update({f"search.{k}": v for k, v in values.items()})
+        params.update({f"search.{'replicate' if k == REPLICATE else k}": v for k, v in values.items()})
         self._batch(run.info.run_id, params=params)
         return run.info.run_id
 

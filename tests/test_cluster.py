@@ -322,7 +322,7 @@ def _placement(cluster: _Cluster) -> dict[str, set[str]]:
     tasks = cluster.api("/api/v0/tasks?detail=1&limit=1000")["data"]["result"]["result"]
     return {
         "trials": {role[a["node_id"]] for a in actors if a["class_name"] == "ImplicitFunc"},  # Tune's trainable
-        "clean model": {role[t["node_id"]] for t in tasks if t["name"] == "_train_clean"},
+        "clean model": {role[t["node_id"]] for t in tasks if t["name"] == "train_clean"},
         "driver": {role[a["node_id"]] for a in actors if a["class_name"] == "JobSupervisor"},
     }
 

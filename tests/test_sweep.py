@@ -2,6 +2,7 @@
 import json
 
 import optuna
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -16,9 +17,10 @@ SWEEP = {
     "data": {"size": 600, "test_size": 96},
     "train": {"epochs": 1, "batch_size": 64, "lr": {"choices": [2.0e-3, 1.0e30], "default": 2.0e-3}},
     "attack": {**backdoor(), "poison_count": {"low": 10, "high": 120, "log": True, "default": 40}},
-    # the lr of 1e30 makes the loss NaN: that trial must fail (after its one retry) without
-    # stopping the sweep
-    "search": {"num_samples": 4, "max_concurrent": 2, "points": [{"train.lr": 1.0e30}], "max_failures": 1},
+    # the lr of 1e30 makes the loss NaN: those trials must fail (after one retry each) without
+    # stopping the sweep; each configuration runs with two seeds (replicates)
+    "search": {"num_samples": 2, "replicates": 2, "max_concurrent": 2, "points": [{"train.lr": 1.0e30}],
+               "max_failures": 1},
     "resources": {"cpu": 1},
 }
 
@@ -36,10 +38,15 @@ def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
 
     finished = [c for c in children if c.info.status == "FINISHED"]
     failed = [c for c in children if c.info.status == "FAILED"]
-    assert len(finished) + len(failed) == 4 and finished and failed
-    # exactly the trials drawn with the NaN-making lr failed, each with its reason
+    assert len(finished) == len(failed) == 2
+    # exactly the trials drawn with the NaN-making lr failed, each with its reason; each
+    # configuration ran as two replicates: seeds 0 and 1, everything else equal
     assert all(c.data.params["train.lr"] == "1e+30" for c in failed)
     assert all(c.data.params["train.lr"] == "0.002" for c in finished)
+    for pair in (finished, failed):
+        assert sorted(c.data.params["seed"] for c in pair) == ["0", "1"]
+        assert sorted(c.data.params["search.replicate"] for c in pair) == ["0", "1"]
+        assert len({c.data.params["attack.poison_count"] for c in pair}) == 1
     assert all("training loss became nan" in c.data.tags["error"] for c in failed)
     for child in finished:
         m, p, t = child.data.metrics, child.data.params, child.data.tags
@@ -54,20 +61,20 @@ def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
         assert [h.step for h in history] == [1]  # one epoch, logged once
         plan_file = client.download_artifacts(child.info.run_id, "poison_plan.parquet", str(tmp_path))
         assert pq.read_table(plan_file).num_rows == m["poison_count"]
-    # every finished trial was judged against the same clean model
-    assert len({c.data.metrics["clean_utility"] for c in finished}) == 1
+    # each replicate was judged against the clean model of its own seed
+    assert all(c.data.metrics["utility_drop"] == pytest.approx(c.data.metrics["clean_utility"] - c.data.metrics["utility"])
+               for c in finished)
 
-    # Optuna was told: three complete trials with their objective values, one failure with none
+    # Optuna was told one configuration per pair of replicates: the complete one with the mean
+    # of its two replicates' objectives, the failed one as a failure with no values
     study_name, _, study_url = parent.data.params["optuna.study"].partition(" in ")
     study = optuna.load_study(study_name=study_name, storage=study_url)
-    states = sorted(t.state.name for t in study.trials)
-    assert states == sorted(["COMPLETE"] * len(finished) + ["FAIL"] * len(failed))
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]
     for fail in (t for t in study.trials if t.state.name == "FAIL"):
         assert fail.values is None and fail.params["train.lr"] == 1e30
-    complete = sorted(t.values for t in study.trials if t.state.name == "COMPLETE")
-    logged = sorted([c.data.metrics["attack_success"], c.data.metrics["utility"], c.data.metrics["poison_count"]]
-                    for c in finished)
-    assert complete == logged
+    complete = next(t.values for t in study.trials if t.state.name == "COMPLETE")
+    objectives = ("attack_success", "utility", "poison_count")
+    assert complete == pytest.approx([sum(c.data.metrics[k] for c in finished) / 2 for k in objectives])
     out = capsys.readouterr().out
     assert "FAILED" in out and "clean model" in out and "Pareto front" in out
     # each failing trial was retried once (search.max_failures), then failed; one run each
@@ -78,6 +85,8 @@ def test_four_trial_sweep_lands_in_mlflow(tmp_path, ray_local, capsys):
     assert {client.get_run(c.info.run_id).data.tags.get("pareto") for c in finished} <= {"true", "false"}
     assert any(client.get_run(c.info.run_id).data.tags["pareto"] == "true" for c in finished)
     assert "analysis/pareto.csv" in {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")}
+    front = client.download_artifacts(parent.info.run_id, "analysis/pareto.csv", str(tmp_path))
+    assert pd.read_csv(front)["replicates"].tolist() == [2]  # the two seeds, averaged
 
 
 MIXED = {
@@ -167,3 +176,44 @@ def test_fashion_mnist_backdoor_preset_learns_and_the_attack_works(tmp_path):
     m = json.loads(out.read_text())
     assert m["clean_utility"] > 0.5 and m["utility"] > 0.5  # chance is 0.1
     assert m["attack_success"] > 0.8 and m["clean_attack_success"] < 0.2
+
+
+def test_replicates_tell_the_searcher_each_objectives_mean_over_the_seeds_that_finished():
+    from ray.tune.search import Searcher
+
+    from sweeps.config import REPLICATE, validate_config
+    from sweeps.driver import Replicates
+
+    class Recorder(Searcher):
+        def __init__(self):
+            super().__init__(metric=["attack_success", "utility"], mode=["max", "max"])
+            self.told, self.n = [], 0
+
+        def suggest(self, trial_id):
+            self.n += 1
+            return {"attack.poison_count": 10 * self.n}
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            self.told.append((trial_id, result, error))
+
+    inner = Recorder()
+    searcher = Replicates(inner, repeat=3)
+    configs = [searcher.suggest(f"t{i}") for i in range(6)]
+    assert configs[:3] == [{"attack.poison_count": 10, REPLICATE: r} for r in range(3)]
+    assert configs[3][REPLICATE] == 0 and configs[3]["attack.poison_count"] == 20
+    searcher.on_trial_complete("t0", {"attack_success": 0.5, "utility": 0.9})
+    searcher.on_trial_complete("t1", {"attack_success": 1.0, "utility": 0.6})
+    assert inner.told == []  # not before every replicate reported
+    searcher.on_trial_complete("t2", None, error=True)  # a failed replicate does not count
+    assert inner.told == [("t0", {"attack_success": 0.75, "utility": 0.75}, False)]
+    for trial in ("t3", "t4", "t5"):
+        searcher.on_trial_complete(trial, None, error=True)
+    assert inner.told[-1] == ("t3", None, True)  # no replicate finished: a failure
+
+    # replicate r of a configuration runs with seed + r, its drawn values otherwise the same
+    sweep = validate_config({"seed": 7, "data": {"size": 400, "test_size": 40}, "attack": {
+        "kind": "backdoor", "target": "blue circle", "poison_count": {"low": 10, "high": 40},
+        "trigger": {"kind": "patch", "size": 4}}}, check_data=False)
+    second = sweep.resolve({"attack.poison_count": 20, REPLICATE: 2})
+    assert second.seed == 9 and second.attack.poison_count == 20
+    assert sweep.resolve({"attack.poison_count": 20}).seed == 7
