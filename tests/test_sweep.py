@@ -217,3 +217,16 @@ def test_replicates_tell_the_searcher_each_objectives_mean_over_the_seeds_that_f
     second = sweep.resolve({"attack.poison_count": 20, REPLICATE: 2})
     assert second.seed == 9 and second.attack.poison_count == 20
     assert sweep.resolve({"attack.poison_count": 20}).seed == 7
+
+
+@pytest.mark.slow
+def test_a_trial_no_node_can_hold_is_refused_before_any_mlflow_run(tmp_path, ray_local, capsys):
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP, "resources": {"cpu": 64},
+                                    "storage": {"path": str(tmp_path / "results")}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", str(path), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("poisonsweep: error: resources.cpu: no node can hold a trial of 64 CPU and 0 GPU")
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the tracking store was touched
