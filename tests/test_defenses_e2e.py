@@ -1,6 +1,7 @@
 """A defense sweep on the CPU through Ray Tune + Optuna + MLflow: ``defense.kind`` drawn with each
 defense's own dimensions, against a real backdoor. Each defense cuts attack success far below the
-undefended model's while utility holds, and the attack trains once for its post-training defenses.
+undefended model's; utility holds for all but RoCLIP, and the attack trains once for its
+post-training defenses.
 
 The backdoor: 150 of 2,150 Fashion-MNIST pairs (7%) are non-bag images with a 6 px checkerboard,
 captioned as bags; 3 epochs of tiny-rn plant it (ASR 1.0). The undefended numbers are the
@@ -28,13 +29,14 @@ SWEEP = {
     "train": {"epochs": 3, "batch_size": 64, "lr": 2.0e-3, "warmup": 0.05},
     "attack": {"kind": "backdoor", "target": "bag", "poison_count": 150, "caption_source": "dataset",
                "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}},
-    "defense": {"kind": {"choices": ["clean-finetune", "similarity-filter", "outlier-filter"]},
-                "clean_pairs": 2000, "epochs": 2, "lr": {"choices": [2.0e-3, 1.0e-3]},  # clean-finetune
-                "fraction": 0.1},                                                       # both filters
-    # the default point (clean-finetune at lr 2e-3) and these three: every defense, two fine-tunings
-    "search": {"objectives": {"attack_success": "min", "utility": "max"}, "num_samples": 4, "max_concurrent": 2,
+    "defense": {"kind": {"choices": ["clean-finetune", "cleanclip", "similarity-filter", "outlier-filter", "roclip"]},
+                "clean_pairs": 2000, "epochs": 2, "lr": {"choices": [2.0e-3, 1.0e-3]},  # both fine-tunings
+                "fraction": 0.1,                                                        # both filters
+                "pool_size": 512},                                                      # roclip
+    # the default point (clean-finetune at lr 2e-3) and these four: every defense
+    "search": {"objectives": {"attack_success": "min", "utility": "max"}, "num_samples": 5, "max_concurrent": 2,
                "points": [{"defense.kind": "similarity-filter"}, {"defense.kind": "outlier-filter"},
-                          {"defense.kind": "clean-finetune", "defense.lr": 1.0e-3}]},
+                          {"defense.kind": "cleanclip", "defense.lr": 2.0e-3}, {"defense.kind": "roclip"}]},
     "resources": {"cpu": 1},
 }
 
@@ -48,35 +50,49 @@ def sweep(tmp_path_factory, ray_local):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     assert main(["run", str(path), "--tracking-uri", uri]) == 0
     client, _, trials = launch_runs(uri, "defenses", "sweep")
-    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    assert len(trials) == 5 and all(t.info.status == "FINISHED" for t in trials)
     by_kind: dict[str, list] = {}
     for t in trials:
         assert t.data.params["defense.kind"] == t.data.tags["defense"]
         by_kind.setdefault(t.data.tags["defense"], []).append(t)
-    finetunes = sorted(by_kind["clean-finetune"], key=lambda t: -float(t.data.params["defense.lr"]))
-    return {"folder": folder, "client": client, "finetunes": finetunes,
-            "filters": by_kind["similarity-filter"] + by_kind["outlier-filter"]}
+    return {"folder": folder, "client": client, "finetunes": by_kind["clean-finetune"] + by_kind["cleanclip"],
+            "filters": by_kind["similarity-filter"] + by_kind["outlier-filter"], "roclip": by_kind["roclip"][0]}
 
 
 def test_the_attack_trains_once_for_both_fine_tunings(sweep):
-    fast, slow = sweep["finetunes"]
-    assert (fast.data.params["defense.lr"], slow.data.params["defense.lr"]) == ("0.002", "0.001")
-    assert "defense.fraction" not in fast.data.params  # conditional: only the filters draw it
-    assert sorted(t.data.metrics["poisoned_cache_hit"] for t in (fast, slow)) == [0.0, 1.0]
-    predefense = [{k: v for k, v in t.data.metrics.items() if k.startswith("predefense_")} for t in (fast, slow)]
+    plain, clean_clip = sweep["finetunes"]
+    assert plain.data.params["defense.lr"] == clean_clip.data.params["defense.lr"] == "0.002"
+    assert "defense.fraction" not in plain.data.params  # conditional: only the filters draw it
+    assert "defense.inmodal_weight" in clean_clip.data.params and "defense.inmodal_weight" not in plain.data.params
+    assert sorted(t.data.metrics["poisoned_cache_hit"] for t in (plain, clean_clip)) == [0.0, 1.0]
+    predefense = [{k: v for k, v in t.data.metrics.items() if k.startswith("predefense_")} for t in (plain, clean_clip)]
     assert predefense[0] == predefense[1]
-    for t in (fast, slow):  # the loaded trial replayed the attack's epochs: both curves have all five
+    for t in (plain, clean_clip):  # the loaded trial replayed the attack's epochs: both curves have all five
         history = sweep["client"].get_metric_history(t.info.run_id, "utility")
         assert sorted({h.step for h in history}) == [1, 2, 3, 4, 5]
         # the final metrics land at the last epoch's step (training's 3 + fine-tuning's 2)
         assert [h.step for h in sweep["client"].get_metric_history(t.info.run_id, "poison_count")] == [5]
 
 
-def test_clean_finetune_removes_the_backdoor_and_keeps_utility(sweep):
-    m = sweep["finetunes"][0].data.metrics  # 2 epochs at the training lr on 2,000 clean pairs
+@pytest.mark.parametrize("kind", ["clean-finetune", "cleanclip"])
+def test_fine_tuning_removes_the_backdoor_and_keeps_utility(sweep, kind):
+    (m,) = [t.data.metrics for t in sweep["finetunes"] if t.data.tags["defense"] == kind]
+    # 2 epochs at the training lr on 2,000 clean pairs (CleanCLIP: plus its in-modal losses)
     assert m["predefense_attack_success"] >= 0.9 and m["attack_success"] <= 0.1
     assert m["utility"] >= m["predefense_utility"] - 0.03
     assert m["defense_seconds"] > 0 and "utility_drop" in m
+
+
+def test_roclip_cuts_the_backdoor_at_a_utility_cost(sweep):
+    """RoCLIP (pool 512, epoch 2 of 3 matched to pool captions) against the same attack, seed and
+    recipe undefended (the fine-tunings' ``predefense_*``). Measured: attack success 1.0 → 0.04,
+    utility 0.70 → 0.57. At this scale RoCLIP's matching epochs cost utility well beyond the
+    0.03 the other defenses keep to; the README reports it; this test holds both numbers."""
+    undefended = sweep["finetunes"][0].data.metrics
+    m = sweep["roclip"].data.metrics
+    assert m["attack_success"] <= 0.3 < 0.9 <= undefended["predefense_attack_success"]
+    assert undefended["predefense_utility"] - 0.2 <= m["utility"] < undefended["predefense_utility"]
+    assert "poisoned_cache_hit" not in m  # a training-stage defense trains a model of its own
 
 
 def test_filters_drop_the_poison_before_training(sweep):

@@ -168,11 +168,14 @@ class _Crash(RuntimeError):
 
 def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_path):
     """The worker 'dies' after epoch 2 of 3; the trial run again with the same checkpointer goes
-    on from epoch 2 and ends with the uninterrupted trial's weights and metrics, exactly."""
+    on from epoch 2 and ends with the uninterrupted trial's weights and metrics, exactly.
+    Under RoCLIP (period 3) epoch 3 matches images to the caption pool of epochs 1-2, so the
+    objective's state must come back with the checkpoint too."""
     from trainers.resume import FolderCheckpointer, read_state
 
     config = parse_trial_config({"data": {"size": 256, "test_size": 48},
-                                 "train": {"epochs": 3, "batch_size": 64, "threads": 2}, "attack": backdoor(30)})
+                                 "train": {"epochs": 3, "batch_size": 64, "threads": 2}, "attack": backdoor(30),
+                                 "defense": {"kind": "roclip", "pool_size": 100, "period": 3}})
     whole = run_trial(config, baseline=False)
 
     def crash_after_two(epoch):
@@ -181,7 +184,8 @@ def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_pa
     saver = FolderCheckpointer(tmp_path / "state")
     with pytest.raises(_Crash):
         run_trial(config, baseline=False, checkpointer=saver, on_epoch=crash_after_two)
-    assert read_state(tmp_path / "state")["epoch"] == 2  # saved before the epoch was reported
+    saved = read_state(tmp_path / "state")
+    assert saved["epoch"] == 2 and saved["objective"]["pool"].shape[0] == 100  # saved before the epoch was reported
     epochs = []
     resumed = run_trial(config, baseline=False, checkpointer=saver, on_epoch=epochs.append)
     assert [e["epoch"] for e in epochs] == [3]  # epochs 1-2 are not trained or reported again

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
+import torch
 
 from poison import Dataset, DataError, load_dataset, make_attack
 from poison.attacks import empty_plan
@@ -17,8 +18,10 @@ from trainers.config import TrialConfig
 from trainers.data import TrainingSet
 from trainers.evaluate import Evaluator, evaluate_trial
 from trainers.loop import DEFENSE_BATCH_STREAM, EpochCallback, autocast_for, fit
+from trainers.objectives import Objective
 
 EMBED_CHUNK = 4096  # rows stamped and embedded at a time
+TORCH_STREAM = 23   # the seed's stream that seeds torch before a post-training defense trains
 
 
 def trusted_dataset(config: TrialConfig, pairs: int, key: str, cache_dir: str | None) -> Dataset:
@@ -67,16 +70,20 @@ class PostTraining:
         """``pairs`` clean pairs disjoint from the trial's training pairs (errors name ``key``)."""
         return trusted_dataset(self.config, pairs, key, self.cache_dir)
 
-    def fit(self, data: Dataset, *, epochs: int, lr: float) -> dict[str, float]:
+    def fit(self, data: Dataset, *, epochs: int, lr: float, objective: Objective | None = None) -> dict[str, float]:
         """Trains the model on ``data``'s training pairs with the trial's recipe but ``epochs`` and
-        ``lr``, evaluating on the trial's test split after each epoch (reported as the epochs after
-        the trial's own); returns the last evaluation."""
+        ``lr`` (minimising ``objective``, default CLIP's loss), evaluating on the trial's test split
+        after each epoch (reported as the epochs after the trial's own); returns the last evaluation.
+
+        torch's random state is seeded from the trial's seed first, so an objective's random
+        augmentations are the same whether the trained model was just trained or loaded."""
         recipe = self.config.train.model_copy(update={"epochs": epochs, "lr": lr})
         pairs = TrainingSet(data, make_attack(None), empty_plan(), self.built.tokenize)
         rng = np.random.default_rng([self.config.seed, DEFENSE_BATCH_STREAM, self.epochs_done])
+        torch.manual_seed(int(np.random.default_rng([self.config.seed, TORCH_STREAM, self.epochs_done]).integers(2**62)))
         fitted = fit(self.built, pairs, self.config, recipe=recipe, rng=rng, on_epoch=self.on_epoch,
                      evaluate=lambda: evaluate_trial(self._evaluator, self.config.attack, self.dataset, self.config.seed),
-                     first_epoch=self.epochs_done + 1)
+                     first_epoch=self.epochs_done + 1, objective=objective)
         self.epochs_done += epochs
         self.metrics = fitted.last
         return fitted.last

@@ -15,7 +15,8 @@ import torch
 
 from trainers.config import TrainConfig, TrialConfig
 from trainers.data import TrainingSet, to_tensor
-from trainers.models import Built, clip_loss
+from trainers.models import Built
+from trainers.objectives import Objective, Step
 from trainers.resume import Checkpointer, rng_state, set_rng_state
 
 EpochCallback = Callable[[dict[str, float]], None]
@@ -58,7 +59,8 @@ def autocast_for(config: TrialConfig, device: torch.device) -> contextlib.Abstra
 
 def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Callable[[], dict[str, float]],
         rng: np.random.Generator, recipe: TrainConfig | None = None, on_epoch: EpochCallback | None = None,
-        first_epoch: int = 1, checkpointer: Checkpointer | None = None) -> Fitted:
+        first_epoch: int = 1, checkpointer: Checkpointer | None = None,
+        objective: Objective | None = None) -> Fitted:
     """Trains ``built`` on ``data`` for ``recipe`` (default ``config.train``), then ``evaluate()``s
     after every epoch; epochs are numbered from ``first_epoch`` in the reports to ``on_epoch``.
 
@@ -66,26 +68,31 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
     epochs (and the last), before the epoch is reported; a state it already holds is loaded
     first and training goes on after that epoch, as it would have without the interruption
     (its epochs are not reported again).
+
+    ``objective`` is the loss minimised (default: CLIP's on the batch's own pairs); a defense
+    that acts during training supplies its own (``trainers.objectives``).
     """
     recipe = recipe or config.train
     device = built.mean.device
     steps_per_epoch = max(1, len(data) // recipe.batch_size)
     optimizer, schedule = _optimizer(built.model, recipe, steps_per_epoch * recipe.epochs)
     scaler = torch.amp.GradScaler(enabled=recipe.precision == "fp16" and device.type == "cuda")
-    autocast, loss_fn = autocast_for(config, device), clip_loss()
+    autocast, objective = autocast_for(config, device), objective or Objective()
+    to_input = lambda images: to_tensor(images, built.mean, built.std)  # noqa: E731
     fitted = Fitted(last={})
     last_epoch = first_epoch + recipe.epochs - 1
     saved = checkpointer.load() if checkpointer is not None else None
     if saved is not None:
         first_epoch = _restore(saved, built, optimizer, schedule, scaler, rng, fitted, last_epoch) + 1
+        objective.load_state_dict(saved.get("objective", {}))
     for epoch in range(first_epoch, last_epoch + 1):
         start, losses = time.perf_counter(), []
         built.model.train()
         for images, tokens in data.epoch(recipe.batch_size, rng):
-            x = to_tensor(images, built.mean, built.std)
+            tokens = tokens.to(device, non_blocking=True)
             with autocast:
-                out = built.model(x, tokens.to(device, non_blocking=True))
-                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+                out = built.model(to_input(images), tokens)
+                loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input))
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
@@ -106,7 +113,8 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "rng": rng_state(rng), "epoch": epoch,
                 "last": fitted.last, "history": fitted.history, "seconds": fitted.seconds,
-                "samples": fitted.samples, "resumed_from": fitted.resumed_from})
+                "samples": fitted.samples, "resumed_from": fitted.resumed_from,
+                "objective": objective.state_dict()})
         if on_epoch is not None:
             on_epoch(fitted.history[-1])
     return fitted

@@ -2,7 +2,7 @@
 and loaded back, so a trial whose worker died goes on from its last finished epoch.
 
 The state is everything the next epoch depends on: the weights, AdamW's moments, the
-schedule's step, the fp16 scaler, the batch order's random stream and torch's, and the
+schedule's step, the fp16 scaler, the objective's own state (a defense's caption pool), the batch order's random stream and torch's, and the
 epochs' reports so far. Resumed, the loop trains on exactly as it would have (a test
 compares a resumed trial with an uninterrupted one, metric for metric).
 
@@ -40,7 +40,8 @@ def write_state(folder: str | Path, state: dict[str, Any]) -> None:
     """Writes a loop state (see :func:`trainers.loop.fit`) into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: state[k] for k in ("model", "optimizer", "schedule", "scaler", "torch_rng")}
+    tensors = {k: state[k] for k in ("model", "optimizer", "schedule", "scaler", "torch_rng", "objective")
+               if k in state}
     torch.save(tensors, folder / TENSORS)
     meta = {k: v for k, v in state.items() if k not in tensors}
     tmp = folder / (META + ".tmp")

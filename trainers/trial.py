@@ -119,7 +119,7 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: Epoc
     evaluator = Evaluator(built, dataset, autocast=autocast_for(config, device))
     fitted = fit(built, data, config, rng=np.random.default_rng([config.seed, BATCH_STREAM]), on_epoch=on_epoch,
                  evaluate=lambda: evaluate_trial(evaluator, config.attack, dataset, config.seed),
-                 checkpointer=checkpointer)
+                 checkpointer=checkpointer, objective=config.defense.objective(config.seed))
     model = TrainedModel(built.model.state_dict(), fitted.last, history=fitted.history, seconds=fitted.seconds,
                          samples=fitted.samples)
     if fitted.resumed_from:

@@ -8,8 +8,10 @@ trainers/ (each defaults to doing nothing, so a defense implements only its own)
 2. ``keep_mask(pairs, seed)``: before training, which rows of the poisoned training
    set to train on. Data-side filters score the rows on a clean reference model's
    embeddings, asked of :class:`TrainingPairs`, so they need no torch and live here;
-3. ``after_training(session)``: changes the trained model (clean fine-tuning); such
-   defenses need the model, so they live in ``trainers.defenses``, registered here.
+3. ``objective(seed)``: during training, the loss the loop minimises instead of CLIP's
+   (RoCLIP's nearest-caption matching), a ``trainers.objectives.Objective``;
+4. ``after_training(session)``: changes the trained model (clean fine-tuning, CleanCLIP).
+   Defenses with hooks 3 or 4 need torch, so they live in ``trainers.defenses``, registered here.
 
 ``stage`` tells the trainer when a defense acts. Under ``none`` and ``post`` the
 model is trained exactly as without a defense, so one poisoned checkpoint serves
@@ -70,6 +72,10 @@ class Defense(Section):
 
     def keep_mask(self, pairs: TrainingPairs, seed: int) -> np.ndarray | None:
         """Before training: a boolean keep-mask over the rows of ``pairs`` (None: keep all)."""
+        return None
+
+    def objective(self, seed: int) -> Any | None:
+        """During training: the ``trainers.objectives.Objective`` the loop minimises (None: CLIP's loss)."""
         return None
 
     def after_training(self, session: Any) -> dict[str, float] | None:

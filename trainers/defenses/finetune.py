@@ -16,6 +16,7 @@ from poison.manifest import Dataset
 
 if TYPE_CHECKING:
     from trainers.hooks import PostTraining
+    from trainers.objectives import Objective
 
 #: Reported by every post-training defense (the trainer adds all ``predefense_*``).
 POST_TRAINING_METRICS = ("predefense_attack_success", "predefense_utility", "defense_seconds")
@@ -40,5 +41,10 @@ class CleanFinetune(Defense):
 
     def after_training(self, session: "PostTraining") -> dict[str, float]:
         clean = session.trusted(self.clean_pairs, "defense.clean_pairs")
-        session.fit(clean, epochs=self.epochs, lr=self.lr or session.config.train.lr)
+        session.fit(clean, epochs=self.epochs, lr=self.lr or session.config.train.lr,
+                    objective=self.finetune_objective(session.config.seed))
         return {}
+
+    def finetune_objective(self, seed: int) -> "Objective | None":
+        """The loss fine-tuning minimises (None: CLIP's); CleanCLIP adds in-modal terms."""
+        return None

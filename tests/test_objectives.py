@@ -1,0 +1,128 @@
+"""Training objectives of the defenses that change the loss, checked by hand: RoCLIP's
+nearest-caption matching and its caption pool, CleanCLIP's weighted in-modal loss and its
+caption views. (tests/test_trial.py resumes a RoCLIP trial bit for bit; tests/test_defenses_e2e.py
+runs both defenses against a real backdoor.)"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from poison import ConfigError
+from trainers import parse_trial_config
+from trainers.defenses.cleanclip import InModal, augment_tokens
+from trainers.defenses.roclip import NearestCaption
+from trainers.objectives import Objective, Step
+
+
+def info_nce(a, b, scale):
+    """CLIP's loss written out: cross-entropy of row i against row i, both ways, averaged."""
+    logits = scale * a @ b.T
+    target = torch.arange(len(a))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def step(images, texts, epoch, model=None, raw=None, tokens=None):
+    out = {"image_features": images, "text_features": texts, "logit_scale": torch.tensor(10.0)}
+    return Step(model, raw, tokens, out, epoch, lambda x: torch.as_tensor(x))
+
+
+def unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def test_the_default_objective_is_clips_loss():
+    images, texts = unit([1, 0], [0, 1], [1, 1]), unit([1, 0.2], [0.1, 1], [-1, 1])
+    assert Objective().loss(step(images, texts, 1)).item() == pytest.approx(info_nce(images, texts, 10.0).item(), rel=1e-5)
+
+
+def test_roclip_pairs_each_image_with_its_nearest_pool_caption_in_matching_epochs():
+    roclip = NearestCaption(pool_size=3, period=2)
+    images = unit([1, 0], [0, 1])
+    first = unit([0.6, 0.8], [1, 0])
+    # epoch 1 is not a matching epoch: own captions; the pool then holds them
+    assert roclip.loss(step(images, first, 1)).item() == pytest.approx(info_nce(images, first, 10.0).item(), rel=1e-5)
+    assert torch.equal(roclip.pool, first)
+    # epoch 2 matches: image [1,0] → pool caption [1,0]; image [0,1] → [0.6,0.8] (cosine 0.8 > 0)
+    texts = unit([0, 1], [-1, 0]).requires_grad_()
+    images = images.clone().requires_grad_()
+    loss = roclip.loss(step(images, texts, 2))
+    expected = info_nce(images.detach(), unit([1, 0], [0.6, 0.8]), 10.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert images.grad is not None and texts.grad is None  # pool captions carry no gradient to the text tower
+    # first in, first out: of the 4 captions seen, the last 3 remain, oldest first
+    assert torch.equal(roclip.pool, torch.cat([first[1:], texts.detach()]))
+
+
+def test_roclip_trains_on_own_captions_before_it_has_a_pool_and_keeps_the_pool_in_its_state():
+    roclip = NearestCaption(pool_size=8, period=1)
+    images, texts = unit([1, 0], [0, 1]), unit([1, 0.5], [0.5, 1])
+    assert roclip.loss(step(images, texts, 1)).item() == pytest.approx(info_nce(images, texts, 10.0).item(), rel=1e-5)
+    again = NearestCaption(pool_size=8, period=1)
+    again.load_state_dict(roclip.state_dict())
+    assert torch.equal(again.pool, roclip.pool)
+    assert again.loss(step(images, texts, 2)).item() == roclip.loss(step(images, texts, 2)).item()
+    assert NearestCaption(8, 1).state_dict() == {}
+
+
+class Views(torch.nn.Module):
+    """A model whose augmented views' embeddings are given."""
+
+    def __init__(self, image_views, text_views):
+        super().__init__()
+        self.image_views, self.text_views, self.calls = image_views, text_views, []
+
+    def encode_image(self, x, normalize=False):
+        self.calls.append(("image", tuple(x.shape)))
+        return self.image_views
+
+    def encode_text(self, tokens, normalize=False):
+        self.calls.append(("text", tuple(tokens.shape)))
+        return self.text_views
+
+
+def test_cleanclip_loss_is_the_weighted_sum_of_cross_modal_and_in_modal_terms():
+    images, texts = unit([1, 0], [0, 1]), unit([1, 0.5], [0.2, 1])
+    image_views, text_views = unit([1, 0.1], [0.3, 1]), unit([0.9, 0.4], [0, 1])
+    raw = np.zeros((2, 8, 8, 3), np.uint8)
+    tokens = torch.tensor([[9, 5, 6, 10, 0], [9, 7, 10, 0, 0]])
+    model = Views(image_views, text_views)
+    loss = InModal(clip_weight=0.5, inmodal_weight=2.0, token_drop=0.0).loss(
+        step(images, texts, 1, model=model, raw=raw, tokens=tokens))
+    expected = 0.5 * info_nce(images, texts, 10.0) + 2.0 * (
+        info_nce(images, image_views, 10.0) + info_nce(texts, text_views, 10.0)) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model.calls == [("image", (2, 8, 8, 3)), ("text", (2, 5))]  # the views of this batch
+    plain = InModal(clip_weight=1.0, inmodal_weight=0.0, token_drop=0.0)
+    assert plain.loss(step(images, texts, 1, model=Views(None, None))).item() == \
+        pytest.approx(info_nce(images, texts, 10.0).item(), rel=1e-5)
+
+
+def test_caption_views_delete_and_swap_tokens_between_start_and_end():
+    torch.manual_seed(0)
+    tokens = torch.tensor([[49406, 11, 12, 13, 14, 15, 49407, 0, 0], [49406, 21, 49407, 0, 0, 0, 0, 0, 0]])
+    for _ in range(20):
+        view = augment_tokens(tokens, drop=0.0)  # no deletion: one swap
+        assert view[:, 0].tolist() == [49406, 49406] and view[:, 6].tolist() == [49407, 0]
+        assert sorted(view[0, 1:6].tolist()) == [11, 12, 13, 14, 15]
+        assert int((view[0, 1:6] != tokens[0, 1:6]).sum()) == 2  # exactly two tokens traded places
+        assert torch.equal(view[1], tokens[1])  # one inner token: nothing to swap
+    for _ in range(20):
+        view = augment_tokens(tokens, drop=0.9)[0]
+        end = int(view.argmax())
+        inner = view[1:end].tolist()
+        assert 1 <= len(inner) <= 5 and set(inner) <= {11, 12, 13, 14, 15}  # one is always kept
+        assert view[end] == 49407 and not view[end + 1 :].any()  # then zero padding
+
+
+@pytest.mark.parametrize("defense, expected", [
+    ({"kind": "roclip", "period": 0}, "defense.period: expected greater than or equal to 1"),
+    ({"kind": "roclip", "pool_size": 0}, "defense.pool_size: expected greater than or equal to 1"),
+    ({"kind": "cleanclip", "inmodal_weight": -1}, "defense.inmodal_weight: expected greater than or equal to 0"),
+    ({"kind": "cleanclip", "token_drop": 1}, "defense.token_drop: expected less than 1"),
+    ({"kind": "roclip", "clean_pairs": 10}, "defense.clean_pairs: unknown key"),
+])
+def test_bad_objective_defense_input_names_the_key(defense, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_trial_config({"defense": defense})
+    assert str(info.value).startswith(expected), str(info.value)

@@ -1,0 +1,54 @@
+"""What the training loop minimises. By default CLIP's contrastive loss; a defense that acts
+during training (``roclip``) or fine-tunes after it (``cleanclip``) hands the loop an
+:class:`Objective` of its own, so the loop (``trainers.loop.fit``) knows no defense.
+
+An objective sees one :class:`Step`: the model, the batch (uint8 images as loaded, triggers
+stamped, and token ids) and the model's outputs on it. It may keep state between steps (a
+caption pool): ``state_dict``/``load_state_dict`` put it in the loop's checkpoints, so a
+resumed trial goes on exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from trainers.models import clip_loss
+
+
+@dataclass
+class Step:
+    """One training step, as an objective sees it."""
+
+    model: torch.nn.Module
+    images: np.ndarray                   # uint8 (B, H, W, 3), triggers stamped
+    tokens: torch.Tensor                 # (B, L) token ids, on the model's device
+    out: dict[str, torch.Tensor]         # model(images, tokens): normalised features and logit_scale
+    epoch: int                           # 1-based, as reported
+    to_input: Callable[[np.ndarray], torch.Tensor]  # uint8 images → the model's normalised input
+
+
+class Objective:
+    """CLIP's symmetric InfoNCE loss (open_clip's ``ClipLoss``) on the batch's own pairs."""
+
+    def __init__(self) -> None:
+        self.clip = clip_loss()
+
+    def pair_loss(self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of row i of ``a`` against row i of ``b``, both ways, averaged."""
+        return self.clip(a, b, logit_scale)
+
+    def loss(self, step: Step) -> torch.Tensor:
+        out = step.out
+        return self.pair_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+__all__ = ["Objective", "Step"]
