@@ -25,14 +25,17 @@ TEST_ENV := OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 SHARD_A  := tests/test_attacks_e2e.py tests/test_budget.py tests/test_trial.py \
             tests/test_pareto.py tests/test_defenses_table.py
 
+# the docstrings' examples run too (the packages' modules, beside tests/)
+DOCTESTS := --doctest-modules tests poison trainers sweeps
+
 test: install
 	@$(TEST_ENV) $(PY) -m pytest $(SHARD_A) > .test-shard-a.log 2>&1 & a=$$!; \
-	$(TEST_ENV) $(PY) -m pytest $(addprefix --ignore=,$(SHARD_A)); b=$$?; \
+	$(TEST_ENV) $(PY) -m pytest $(addprefix --ignore=,$(SHARD_A)) $(DOCTESTS); b=$$?; \
 	wait $$a; a=$$?; echo; echo "=== $(SHARD_A)"; cat .test-shard-a.log; \
 	echo "exit status: shard A $$a, the rest $$b"; test $$a -eq 0 -a $$b -eq 0
 
 test-fast: install
-	$(TEST_ENV) $(PY) -m pytest -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(DOCTESTS)
 
 clean:
 	rm -rf $(VENV) poisonsweep_results

@@ -34,7 +34,7 @@ def validate_section(cls: type[M], data: Any, path: str) -> M:
         >>> validate_section(Train, {"epochs": "x"}, "train")
         Traceback (most recent call last):
         ...
-        poison.config.ConfigError: train.epochs: expected a valid integer, got 'x'
+        poison.config.ConfigError: train.epochs: expected a valid integer, unable to parse string as an integer, got 'x'
     """
     if data is None:
         data = {}

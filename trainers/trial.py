@@ -51,7 +51,8 @@ def run_trial(config: TrialConfig, *, cache_dir: str | None = None, on_epoch: Ep
     of the same attack; ``poisoned_cache_hit`` says whether it was loaded.
 
     Example:
-        >>> cfg = parse_trial_config({"data": {"size": 512}, "train": {"epochs": 1}})
+        >>> from trainers import parse_trial_config
+        >>> cfg = parse_trial_config({"data": {"size": 512}, "train": {"epochs": 1}})  # doctest: +SKIP
         >>> run_trial(cfg).metrics["utility"]  # doctest: +SKIP
     """
     dataset = load_dataset(config.data_spec(cache_dir))

@@ -111,7 +111,7 @@ def backdoor_asr(predicted: np.ndarray, true_labels: np.ndarray, target: int) ->
 
     Example:
         >>> backdoor_asr(np.array([3, 3, 1, 3]), np.array([0, 1, 1, 3]), target=3)
-        0.3333333333333333
+        0.6666666666666666
     """
     victims = np.asarray(true_labels) != target
     if not victims.any():
