@@ -239,6 +239,7 @@ def test_a_trial_trains_on_the_rows_its_filter_keeps(monkeypatch):
     assert metrics["filter_removed"] == 20 and metrics["filter_poison_recall"] == 1.0
     assert metrics["filter_precision"] == 1.0 and metrics["poison_count"] == 20
     assert metrics["samples_per_second"] * metrics["train_seconds"] == pytest.approx(192)  # 3 batches of 64
+    assert 0 < metrics["data_seconds"] < metrics["train_seconds"]  # getting batches ready is part of training
 
 
 # --- attack once, evaluate many defenses ---

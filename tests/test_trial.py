@@ -190,7 +190,7 @@ def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_pa
     resumed = run_trial(config, baseline=False, checkpointer=saver, on_epoch=epochs.append)
     assert [e["epoch"] for e in epochs] == [3]  # epochs 1-2 are not trained or reported again
     assert resumed.metrics.pop("resumed_from_epoch") == 2
-    timing = ("train_seconds", "samples_per_second")
+    timing = ("train_seconds", "samples_per_second", "data_seconds")
     assert {k: v for k, v in resumed.metrics.items() if k not in timing} == \
         {k: v for k, v in whole.metrics.items() if k not in timing}
     for name, tensor in whole.state_dict.items():

@@ -37,6 +37,7 @@ class TrainedModel:
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's report
     seconds: float = 0.0  # training time, evaluation excluded
     samples: int = 0
+    data_seconds: float = 0.0  # the part of ``seconds`` spent getting batches ready
     cached: bool = False  # loaded from the cache rather than trained now
 
     def build(self, config: TrialConfig) -> Built:
@@ -92,7 +93,8 @@ def _load(folder: Path) -> TrainedModel | None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         record = json.loads(meta.read_text())
         return TrainedModel(state, record["metrics"], history=record.get("history", []),
-                            seconds=record.get("seconds", 0.0), samples=record.get("samples", 0), cached=True)
+                            seconds=record.get("seconds", 0.0), samples=record.get("samples", 0),
+                            data_seconds=record.get("data_seconds", 0.0), cached=True)
     except Exception:  # partial or corrupt entry: rebuild it, never use it
         return None
 
@@ -100,7 +102,7 @@ def _load(folder: Path) -> TrainedModel | None:
 def _store(folder: Path, model: TrainedModel, meta: dict[str, Any]) -> None:
     _atomic_write(folder / "model.pt", lambda fh: torch.save(model.state_dict, fh))
     record = {"metrics": model.metrics, "history": model.history, "seconds": model.seconds,
-              "samples": model.samples, **meta}
+              "samples": model.samples, "data_seconds": model.data_seconds, **meta}
     _atomic_write(folder / "metrics.json", lambda fh: fh.write(json.dumps(record, indent=1).encode()))
 
 

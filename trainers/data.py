@@ -65,12 +65,14 @@ class TrainingSet:
         """uint8 images (B, H, W, 3) with triggers stamped, and token ids (B, L)."""
         return self.images(rows), self.tokens[self.caption[rows]]
 
-    def epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Shuffled full batches (a contrastive batch needs its negatives)."""
+    def epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+        """Shuffled full batches (a contrastive batch needs its negatives): each its rows,
+        uint8 images (triggers stamped) and token ids."""
         order = rng.permutation(len(self))
         usable = len(order) - len(order) % batch_size if len(order) >= batch_size else len(order)
         for start in range(0, usable, batch_size):
-            yield self.batch(order[start : start + batch_size])
+            rows = order[start : start + batch_size]
+            yield (rows, *self.batch(rows))
 
 
 def to_tensor(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ class Fitted:
     last: dict[str, float]  # the last epoch's evaluation
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's report
     seconds: float = 0.0    # training time, evaluation excluded
+    data_seconds: float = 0.0  # the part of it spent getting batches ready (see _next_batch)
     samples: int = 0
     resumed_from: int = 0   # the saved epoch training went on from (0: none)
 
@@ -87,12 +88,14 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
         objective.load_state_dict(saved.get("objective", {}))
     for epoch in range(first_epoch, last_epoch + 1):
         start, losses = time.perf_counter(), []
+        objective.start_epoch(epoch, TrainingEmbeddings(built, data, autocast))
         built.model.train()
-        for images, tokens in data.epoch(recipe.batch_size, rng):
-            tokens = tokens.to(device, non_blocking=True)
+        batches = data.epoch(recipe.batch_size, rng)
+        while (batch := _next_batch(batches, to_input, device, fitted)) is not None:
+            rows, images, x, tokens = batch
             with autocast:
-                out = built.model(to_input(images), tokens)
-                loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input))
+                out = built.model(x, tokens)
+                loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input, rows))
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
@@ -113,11 +116,55 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "rng": rng_state(rng), "epoch": epoch,
                 "last": fitted.last, "history": fitted.history, "seconds": fitted.seconds,
+                "data_seconds": fitted.data_seconds,
                 "samples": fitted.samples, "resumed_from": fitted.resumed_from,
                 "objective": objective.state_dict()})
         if on_epoch is not None:
             on_epoch(fitted.history[-1])
     return fitted
+
+
+class TrainingEmbeddings:
+    """The training pairs under the model as it is now, for an objective that looks at all of
+    them between epochs (``Objective.start_epoch``): computed only when asked."""
+
+    CHUNK = 1024
+
+    def __init__(self, built: Built, data: TrainingSet, autocast) -> None:
+        self.built, self.data, self.autocast = built, data, autocast
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @torch.no_grad()
+    def embed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised (N, D) image and caption embeddings of every training row, triggers
+        stamped, in eval mode (the model is left in eval mode: the loop sets train mode after)."""
+        model, data = self.built.model, self.data
+        model.eval()
+        images, texts = [], []
+        with self.autocast:
+            for start in range(0, len(data), self.CHUNK):
+                rows = np.arange(start, min(start + self.CHUNK, len(data)))
+                batch, tokens = data.batch(rows)
+                x = to_tensor(batch, self.built.mean, self.built.std)
+                images.append(model.encode_image(x, normalize=True).float())
+                texts.append(model.encode_text(tokens.to(x.device), normalize=True).float())
+        return torch.cat(images), torch.cat(texts)
+
+
+def _next_batch(batches, to_input, device: torch.device, fitted: Fitted):
+    """The next batch as (rows, uint8 images, model input, tokens on the device), or None at the
+    epoch's end; the time it took (reading, stamping triggers, normalising, copying to the
+    device) is added to ``fitted.data_seconds``."""
+    start = time.perf_counter()
+    try:
+        rows, images, tokens = next(batches)
+    except StopIteration:
+        return None
+    batch = rows, images, to_input(images), tokens.to(device, non_blocking=True)
+    fitted.data_seconds += time.perf_counter() - start
+    return batch
 
 
 def _restore(saved: dict, built: Built, optimizer: torch.optim.Optimizer, schedule, scaler,
@@ -134,6 +181,7 @@ def _restore(saved: dict, built: Built, optimizer: torch.optim.Optimizer, schedu
     set_rng_state(rng, saved["rng"])
     fitted.last, fitted.history = saved["last"], saved["history"]
     fitted.seconds, fitted.samples, fitted.resumed_from = saved["seconds"], saved["samples"], epoch
+    fitted.data_seconds = saved.get("data_seconds", 0.0)
     return epoch
 
 

@@ -28,6 +28,7 @@ class Step:
     out: dict[str, torch.Tensor]         # model(images, tokens): normalised features and logit_scale
     epoch: int                           # 1-based, as reported
     to_input: Callable[[np.ndarray], torch.Tensor]  # uint8 images → the model's normalised input
+    rows: np.ndarray | None = None       # the batch's rows of the training set
 
 
 class Objective:
@@ -43,6 +44,10 @@ class Objective:
     def loss(self, step: Step) -> torch.Tensor:
         out = step.out
         return self.pair_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    def start_epoch(self, epoch: int, pairs: Any) -> None:
+        """Before each epoch: ``pairs`` (``trainers.loop.TrainingEmbeddings``) embeds every
+        training pair under the current model when asked (``pairs.embed()``)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

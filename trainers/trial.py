@@ -63,7 +63,7 @@ def run_trial(config: TrialConfig, *, cache_dir: str | None = None, on_epoch: Ep
              if baseline and config.attack.kind != "none" else None)
     model, metrics = trained_model(config, dataset, plan, cache_dir=cache_dir, on_epoch=on_epoch,
                                    checkpointer=checkpointer)
-    metrics.update(model.metrics, train_seconds=model.seconds,
+    metrics.update(model.metrics, train_seconds=model.seconds, data_seconds=model.data_seconds,
                    samples_per_second=model.samples / max(model.seconds, 1e-9))
     state = model.state_dict
     defended = _after_training(config, dataset, model, cache_dir=cache_dir, on_epoch=on_epoch)
@@ -122,7 +122,7 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: Epoc
                  evaluate=lambda: evaluate_trial(evaluator, config.attack, dataset, config.seed),
                  checkpointer=checkpointer, objective=config.defense.objective(config.seed))
     model = TrainedModel(built.model.state_dict(), fitted.last, history=fitted.history, seconds=fitted.seconds,
-                         samples=fitted.samples)
+                         samples=fitted.samples, data_seconds=fitted.data_seconds)
     if fitted.resumed_from:
         defense_metrics = {**defense_metrics, "resumed_from_epoch": float(fitted.resumed_from)}
     return model, defense_metrics
