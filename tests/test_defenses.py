@@ -50,7 +50,8 @@ def embeddings_with_distance(distance: np.ndarray) -> tuple[np.ndarray, np.ndarr
 # --- registry and config ---
 
 def test_every_defense_is_registered_with_a_none_default():
-    assert {"none", "similarity-filter", "outlier-filter", "clean-finetune", "cleanclip", "roclip"} <= set(DEFENSES.names())
+    assert {"none", "similarity-filter", "outlier-filter", "clean-finetune", "cleanclip", "roclip",
+            "safeclip"} <= set(DEFENSES.names())
     assert make_defense(None).kind == "none" and parse_trial_config({}).defense.kind == "none"
     for kind in DEFENSES:
         cls = DEFENSES.get(kind)
@@ -61,7 +62,7 @@ def test_every_defense_is_registered_with_a_none_default():
 
 @pytest.mark.parametrize("defense, expected", [
     ({"kind": "bogus"}, "defense.kind: unknown defense 'bogus'; valid: clean-finetune, cleanclip, none, "
-                        "outlier-filter, roclip, similarity-filter"),
+                        "outlier-filter, roclip, safeclip, similarity-filter"),
     ({"kind": "similarity-filter", "fraction": 1.5}, "defense.fraction: expected less than 1, got 1.5"),
     ({"kind": "outlier-filter", "fraction": 0}, "defense.fraction: expected greater than 0, got 0"),
     ({"kind": "similarity-filter", "threshold": 2.5}, "defense.threshold: expected less than or equal to 2"),
@@ -240,6 +241,19 @@ def test_a_trial_trains_on_the_rows_its_filter_keeps(monkeypatch):
     assert metrics["filter_precision"] == 1.0 and metrics["poison_count"] == 20
     assert metrics["samples_per_second"] * metrics["train_seconds"] == pytest.approx(192)  # 3 batches of 64
     assert 0 < metrics["data_seconds"] < metrics["train_seconds"]  # getting batches ready is part of training
+
+
+def test_a_training_stage_defense_trains_its_own_model_and_reports_its_split():
+    """SafeCLIP through a real trial: epoch 1 trains every pair with CLIP's loss, epoch 2 splits
+    the pairs by the model's similarities; its last split comes back scored against the plan."""
+    from trainers.trial import run_trial
+
+    config = parse_trial_config({**TINY, "train": {**TINY["train"], "epochs": 2}, "attack": backdoor(20),
+                                 "defense": {"kind": "safeclip", "safe_fraction": 0.5}})
+    m = run_trial(config, baseline=False).metrics
+    assert 0 < m["filter_removed"] < 220 and 0 <= m["filter_poison_recall"] <= 1
+    assert m["filter_removed"] >= 110  # at most half of the 220 pairs were safe
+    assert "poisoned_cache_hit" not in m
 
 
 # --- attack once, evaluate many defenses ---

@@ -121,8 +121,57 @@ def test_caption_views_delete_and_swap_tokens_between_start_and_end():
     ({"kind": "cleanclip", "inmodal_weight": -1}, "defense.inmodal_weight: expected greater than or equal to 0"),
     ({"kind": "cleanclip", "token_drop": 1}, "defense.token_drop: expected less than 1"),
     ({"kind": "roclip", "clean_pairs": 10}, "defense.clean_pairs: unknown key"),
+    ({"kind": "safeclip", "safe_fraction": 0}, "defense.safe_fraction: expected greater than 0"),
+    ({"kind": "safeclip", "safe_growth": 2}, "defense.safe_growth: expected less than or equal to 1"),
 ])
 def test_bad_objective_defense_input_names_the_key(defense, expected):
     with pytest.raises(ConfigError) as info:
         parse_trial_config({"defense": defense})
     assert str(info.value).startswith(expected), str(info.value)
+
+
+class Pairs:
+    """What SafeCLIP asks of the training set before an epoch: given embeddings, known poison."""
+
+    def __init__(self, images, texts, poisoned):
+        self.images, self.texts, self.calls = images, texts, 0
+        self.data = type("Data", (), {"poisoned": np.asarray(poisoned)})()
+
+    def embed(self):
+        self.calls += 1
+        return self.images, self.texts
+
+
+def test_safeclip_phases_and_the_safe_pairs_alone_in_the_cross_modal_loss():
+    from trainers.defenses.safeclip import SafeClip
+
+    objective = SafeClip(inmodal_epochs=1, clip_epochs=1, safe_fraction=0.5, safe_growth=0.25).objective(seed=0)
+    # six pairs: cosine similarities 0.95, 0.9, 0.85, 0.8 (clean) and 0.0, -0.1 (the poison)
+    sims = np.array([0.95, 0.9, 0.85, 0.8, 0.0, -0.1])
+    texts = torch.tensor([[1.0, 0.0]] * 6)
+    images = torch.tensor([[s, float(np.sqrt(1 - s * s))] for s in sims], dtype=torch.float32)
+    pairs = Pairs(images, texts, [False, False, False, False, True, True])
+    objective.start_epoch(1, pairs)   # in-modal only: nothing embedded, no pair safe
+    assert pairs.calls == 0 and objective.safe is None and not objective.clip_all
+    objective.start_epoch(2, pairs)   # CLIP's loss on every pair
+    assert pairs.calls == 0 and objective.clip_all
+    objective.start_epoch(3, pairs)   # first split: the most similar half, within the high component
+    assert pairs.calls == 1 and objective.safe.tolist() == [True, True, True, False, False, False]
+    assert objective.metrics() == {"filter_removed": 3.0, "filter_poison_recall": 1.0, "filter_precision": 2 / 3}
+    objective.start_epoch(4, pairs)   # grows by a quarter: the poison stays out (low component)
+    assert objective.safe.tolist() == [True, True, True, True, False, False]
+
+    # a batch of rows 5, 0, 1, 4: CLIP's loss on rows 0 and 1, in-modal on rows 5 and 4, half each
+    feats_i, feats_t = unit([1, 0], [0, 1], [1, 1], [-1, 1]), unit([1, 0.5], [0.2, 1], [1, -1], [0, 1])
+    views_i, views_t = unit([1, 0.1], [0.3, 1]), unit([0.9, 0.4], [0, 1])
+    model = Views(views_i, views_t)
+    tokens = torch.tensor([[9, 5, 10], [9, 6, 10], [9, 7, 10], [9, 8, 10]])
+    raw = np.zeros((4, 8, 8, 3), np.uint8)
+    batch = Step(model, raw, tokens, {"image_features": feats_i, "text_features": feats_t,
+                                      "logit_scale": torch.tensor(10.0)}, 4, lambda x: torch.as_tensor(x),
+                 rows=np.array([5, 0, 1, 4]))
+    safe, risky = torch.tensor([1, 2]), torch.tensor([0, 3])
+    expected = 0.5 * info_nce(feats_i[safe], feats_t[safe], 10.0) + 0.5 * (
+        info_nce(feats_i[risky], views_i, 10.0) + info_nce(feats_t[risky], views_t, 10.0)) / 2
+    assert objective.loss(batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model.calls == [("image", (2, 8, 8, 3)), ("text", (2, 3))]  # views of the risky rows only

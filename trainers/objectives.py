@@ -49,6 +49,10 @@ class Objective:
         """Before each epoch: ``pairs`` (``trainers.loop.TrainingEmbeddings``) embeds every
         training pair under the current model when asked (``pairs.embed()``)."""
 
+    def metrics(self) -> dict[str, float]:
+        """What it reports at the end of training (added to the trial's metrics)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

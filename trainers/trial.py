@@ -23,6 +23,7 @@ from poison.defenses import Defense, filter_metrics
 from trainers.cache import TrainedModel, cached, model_key
 from trainers.config import TrialConfig
 from trainers.data import TrainingSet
+from trainers.distributed import Ranks
 from trainers.evaluate import Evaluator, evaluate_trial
 from trainers.hooks import PostTraining, ReferencePairs, trusted_dataset
 from trainers.loop import BATCH_STREAM, EpochCallback, autocast_for, device_for, fit, freeze_tower
@@ -118,11 +119,14 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: Epoc
                         image_size=config.data.image_size)
     freeze_tower(built.model, config.train.trainable)
     evaluator = Evaluator(built, dataset, autocast=autocast_for(config, device))
+    objective = config.defense.objective(config.seed)
     fitted = fit(built, data, config, rng=np.random.default_rng([config.seed, BATCH_STREAM]), on_epoch=on_epoch,
                  evaluate=lambda: evaluate_trial(evaluator, config.attack, dataset, config.seed),
-                 checkpointer=checkpointer, objective=config.defense.objective(config.seed))
+                 checkpointer=checkpointer, objective=objective)
     model = TrainedModel(built.model.state_dict(), fitted.last, history=fitted.history, seconds=fitted.seconds,
                          samples=fitted.samples, data_seconds=fitted.data_seconds)
+    if objective is not None:
+        defense_metrics = {**defense_metrics, **objective.metrics()}
     if fitted.resumed_from:
         defense_metrics = {**defense_metrics, "resumed_from_epoch": float(fitted.resumed_from)}
     return model, defense_metrics
@@ -133,6 +137,7 @@ def _keep(config: TrialConfig, dataset: Dataset, data: TrainingSet,
     """The rows the defense's ``keep_mask`` keeps, scored against the plan (``filter_*``)."""
     start, reference = time.perf_counter(), _ReferenceSupplier(config, dataset, cache_dir)
     keep = config.defense.keep_mask(ReferencePairs(data, reference), config.seed)
+    keep = Ranks.current().share(keep)  # data-parallel: every rank trains on rank 0's rows
     if keep is None:
         return data, {}
     keep = np.asarray(keep, bool)

@@ -5,4 +5,4 @@ objectives (``trainers.objectives``) through the one loop.
 This package only defines configs, objectives and hook bodies: importing it pulls in no
 training loop, so ``trainers.config`` can import it to register them.
 """
-from trainers.defenses import cleanclip, finetune, roclip  # noqa: F401  (registration on import)
+from trainers.defenses import cleanclip, finetune, roclip, safeclip  # noqa: F401  (registration on import)
