@@ -47,7 +47,7 @@ def defense_table(runs: pd.DataFrame) -> pd.DataFrame:
         [['none', 0.9, 1.0, True], ['similarity-filter', 0.9, 1.2, True]]
     """
     trials = _trials(runs)
-    rows = replicate_stats(trials, KEYS, list(METRICS), student_t=True)
+    rows = replicate_stats(trials, KEYS, list(METRICS))
     rows = _with_baselines(rows)
     rows["pareto"] = _front(rows)
     labels = trials.groupby(KEYS, sort=False)[["attack_params", "defense_params"]].first().reset_index()

@@ -117,10 +117,11 @@ def config_key(runs: pd.DataFrame, params: list[str]) -> pd.Series:
 
 
 def replicate_stats(frame: pd.DataFrame, keys: list[str], metrics: list[str], *,
-                    student_t: bool = False) -> pd.DataFrame:
+                    student_t: bool = True) -> pd.DataFrame:
     """Per group of rows sharing ``keys``: each metric's mean, ``_std`` and ``_ci95`` (half-width
-    of the mean's 95% interval: normal approximation, or Student's t with ``student_t``; 0 for one
-    value), ``replicates`` (rows) and their sorted ``run_id`` joined by commas. NaNs are skipped.
+    of the mean's 95% interval: Student's t with n - 1 degrees of freedom, as a handful of seeds
+    needs, or the normal approximation without ``student_t``; 0 for one value), ``replicates``
+    (rows) and their sorted ``run_id`` joined by commas. NaNs are skipped.
 
     Example:
         >>> f = pd.DataFrame({"run_id": ["a", "b"], "k": [1, 1], "m": [0.5, 0.7]})
@@ -149,7 +150,7 @@ def _average_replicates(runs: pd.DataFrame, objectives: dict[str, str], group_by
     for name in objectives:
         frame[name] = runs[f"metrics.{name}"].astype(float)
     frame = frame.dropna(subset=list(objectives))
-    return replicate_stats(frame, ["group", "config"], list(objectives))  # normal approximation
+    return replicate_stats(frame, ["group", "config"], list(objectives))
 
 
 def _group_column(runs: pd.DataFrame, group_by: str | None) -> pd.Series:

@@ -26,7 +26,9 @@ def test_replicates_are_averaged_before_the_front():
     ]), OBJ).table.set_index("run_id")
     assert front.loc["a1,a2", "attack_success"] == pytest.approx(0.8)
     assert front.loc["a1,a2", "replicates"] == 2
-    assert front.loc["a1,a2", "attack_success_ci95"] == pytest.approx(1.96 * np.std([0.9, 0.7], ddof=1) / np.sqrt(2))
+    # Student's t with 1 degree of freedom (12.706): two seeds say little
+    assert front.loc["a1,a2", "attack_success_ci95"] == pytest.approx(12.7062 * np.std([0.9, 0.7], ddof=1) / np.sqrt(2),
+                                                                      rel=1e-4)
     assert front["pareto"].to_dict() == {"a1,a2": True, "b1": True, "c1": False}
 
 
