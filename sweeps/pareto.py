@@ -3,8 +3,10 @@
 ``pareto_front`` averages replicate seeds of one configuration, then marks the
 non-dominated configurations per group (moocore's ``is_nondominated``) and
 measures each group's front by its hypervolume against one common reference
-point: the worst mean value of each objective over all groups, so groups
-compare on the same scale.
+point, so groups compare on the same scale: the worst mean value of each objective
+over all groups, moved a further tenth of the objective's range (REFERENCE_MARGIN)
+away, so a front's extreme points count too (against the worst values themselves,
+a two-point front would measure 0).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from sweeps.tracking import ROLE_TAG
 DEFAULT_OBJECTIVES = {"attack_success": "max", "utility": "max", "poison_count": "min"}
 REPLICATE_PARAMS = ("seed", "search.seed", "search.replicate")
 SEARCH_PAGE = 5000  # configurations differing only here are replicates
+
+REFERENCE_MARGIN = 0.1  # the hypervolume reference lies this fraction of each range beyond the worst
 
 
 @dataclass
@@ -93,7 +97,9 @@ def pareto_front(runs: pd.DataFrame, objectives: dict[str, str], group_by: str |
     configs = _average_replicates(runs, objectives, group_by)
     values = configs[list(objectives)].to_numpy(dtype=float)
     maximise = [d == "max" for d in objectives.values()]
-    reference = np.where(maximise, values.min(axis=0), values.max(axis=0))
+    span = values.max(axis=0) - values.min(axis=0)
+    margin = REFERENCE_MARGIN * np.where(span > 0, span, np.maximum(np.abs(values.max(axis=0)), 1.0))
+    reference = np.where(maximise, values.min(axis=0) - margin, values.max(axis=0) + margin)
     configs["pareto"] = False
     volumes = {}
     for group, rows in configs.groupby("group", sort=True).groups.items():

@@ -37,9 +37,10 @@ def test_directions_and_hypervolume_by_hand():
     table["metrics.poison_count"] = [100.0, 10.0, 50.0]
     front = pareto_front(table, {"attack_success": "max", "poison_count": "min"})
     assert front.table.set_index("run_id")["pareto"].to_dict() == {"p": True, "q": True, "r": False}
-    # reference = worst of each: attack_success 0.4, poison_count 100.
-    # p adds (0.9-0.4)*(100-100)=0; q adds (0.5-0.4)*(100-10)=9 → the union is 9.0
-    assert front.hypervolume == {"all": pytest.approx(9.0)}
+    # reference = worst of each, a tenth of the range further: attack_success 0.4 - 0.05 = 0.35,
+    # poison_count 100 + 9 = 109. p: (0.9-0.35)*(109-100) = 4.95; q: (0.5-0.35)*(109-10) = 14.85;
+    # their overlap (0.5-0.35)*(109-100) = 1.35 → the union is 18.45
+    assert front.hypervolume == {"all": pytest.approx(18.45)}
 
 
 def test_one_front_per_group_on_a_common_scale():
