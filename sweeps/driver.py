@@ -26,9 +26,11 @@ from sweeps.config import REPLICATE, SweepConfig
 from sweeps.space import define_by_run, make_sampler
 from sweeps.sync import LAUNCH_FILE, TRACKING_ERRORS, Backoff, Launch, Mirror, trial_folder
 from sweeps.tracking import Tracker
-from sweeps.worker import METRICS_FILE, finite, train_clean, trainable
+from sweeps.worker import METRICS_FILE, finite, train_clean
+from sweeps.worker import trainable as trial_trainable
 from trainers import TrialConfig
 Printer = Callable[[str], None]
+Trainable = Callable[..., None]  # a trial function with sweeps.worker.trainable's signature
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
              "RAY_TRAIN_V2_ENABLED": "0",
              # a tracking server that is down must not hold Tune's event loop for minutes
@@ -72,12 +74,16 @@ def optuna_storage(sweep: SweepConfig) -> str:
 
 
 def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = None,
-              printer: Printer = print, resume: bool = False) -> SweepOutcome:
+              printer: Printer = print, resume: bool = False, trainable: Trainable | None = None) -> SweepOutcome:
     """Runs the sweep to the end; failed trials are recorded as failed, never fatal.
 
     With ``resume``, the sweep's last interrupted launch goes on where it stopped (Tune
     restores its trials and search state; finished trials are not run again, unfinished
     ones go on from their last checkpoint) under its own parent run.
+
+    ``trainable`` replaces :func:`sweeps.worker.trainable` as each trial's function (same
+    signature and reports); only for measuring the sweep machinery with trials of known
+    cost (``benchmarks/sweep_overhead.py``).
     """
     found = find_launch(sweep) if resume else None  # before Ray starts: nothing to resume is bad input
     start_driver(sweep, address, printer)  # before any MLflow run exists: a bad address leaves nothing behind
@@ -105,9 +111,9 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
         objectives = list(sweep.search.objectives)
         if found is None:
             tuner(sweep, _searcher(sweep, launch.run_name, launch.study_url), trial_count(sweep), logger,
-                  launch.run_name, objectives).fit()
+                  launch.run_name, objectives, trainable=trainable).fit()
         else:
-            restore(sweep, folder, logger, objectives).fit()
+            restore(sweep, folder, logger, objectives, trainable=trainable).fit()
     except BaseException:
         tracker.finish_parent(None, status="FAILED")
         raise
@@ -240,7 +246,8 @@ class Replicates(Repeater):
 
 
 def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_samples: int, logger: "TrialLogger",
-          run_name: str, objectives: list[str], param_space: dict[str, Any] | None = None) -> tune.Tuner:
+          run_name: str, objectives: list[str], param_space: dict[str, Any] | None = None, *,
+          trainable: Trainable | None = None) -> tune.Tuner:
     """The Tuner of ``num_samples`` trials drawn by ``search_alg``, each a :func:`sweeps.worker.trainable`
     (with the sweep's resources, its CPU share as torch threads) mirrored into MLflow by ``logger``.
 
@@ -248,7 +255,7 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
     times, from its last per-epoch checkpoint."""
     storage = Path(sweep.storage.path).resolve()
     return tune.Tuner(
-        _resourced_trainable(sweep, objectives),
+        _resourced_trainable(sweep, objectives, trainable),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
@@ -266,22 +273,23 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
     )
 
 
-def restore(sweep: SweepConfig, folder: Path, logger: "TrialLogger", objectives: list[str]) -> tune.Tuner:
+def restore(sweep: SweepConfig, folder: Path, logger: "TrialLogger", objectives: list[str], *,
+            trainable: Trainable | None = None) -> tune.Tuner:
     """The interrupted launch in ``folder``, restored by Tune with its searcher's state: finished
     trials stay finished, unfinished ones go on from their last checkpoint, failed ones stay failed."""
     global _LIVE_LOGGER
     _LIVE_LOGGER = logger  # the pickled Tuner's callback unpickles as this launch's logger
     try:
-        return tune.Tuner.restore(str(folder), trainable=_resourced_trainable(sweep, objectives),
+        return tune.Tuner.restore(str(folder), trainable=_resourced_trainable(sweep, objectives, trainable),
                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
     finally:
         _LIVE_LOGGER = None
 
 
-def _resourced_trainable(sweep: SweepConfig, objectives: list[str]) -> Any:
+def _resourced_trainable(sweep: SweepConfig, objectives: list[str], trainable: Trainable | None = None) -> Any:
     cache_dir, threads = sweep.storage.cache_dir(), max(1, int(sweep.resources.cpu))
     return tune.with_resources(
-        tune.with_parameters(trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
+        tune.with_parameters(trainable or trial_trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
                              threads=threads, objectives=objectives, every=sweep.search.checkpoint_every),
         {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 from typing import Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from sweeps.config import REPLICATE, SweepConfig, flatten
@@ -107,17 +107,16 @@ class Tracker:
         self._batch(run.info.run_id, params=params)
         return run.info.run_id
 
-    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int, tags: dict[str, str] | None = None) -> None:
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
-        if rows:
-            self.client.log_batch(run_id, metrics=rows)
+        labels = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if rows or labels:
+            self.client.log_batch(run_id, metrics=rows, tags=labels)
 
     def finish_trial(self, run_id: str, metrics: dict[str, Any], step: int, artifacts: list[Path],
                      tags: dict[str, str] | None = None) -> None:
-        self.log_metrics(run_id, metrics, step)
-        for key, value in (tags or {}).items():
-            self.client.set_tag(run_id, key, value)
+        self.log_metrics(run_id, metrics, step, tags)  # one request for both
         for path in artifacts:
             self.client.log_artifact(run_id, str(path))
         self.client.set_terminated(run_id, "FINISHED")
