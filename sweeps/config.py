@@ -154,14 +154,29 @@ class SearchConfig(Section):
 
 
 class ResourcesConfig(Section):
+    """A trial's resources: ``cpu`` and ``gpu`` for each of its ``workers`` (data-parallel
+    processes; more than one trains through Ray Train, each on its slice of every batch)."""
+
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)  # fractions share a GPU between trials
+    workers: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _gpu(self) -> "ResourcesConfig":
         if self.gpu > 1 and not float(self.gpu).is_integer():
             raise ValueError(f"gpu: a fraction must be below 1, or a whole number of GPUs, got {self.gpu}")
+        if self.workers > 1 and self.gpu and not float(self.gpu).is_integer():
+            # NCCL cannot put two ranks of one process group on the same GPU
+            raise ValueError(f"gpu: the {self.workers} workers of a trial need whole GPUs each, got {self.gpu}")
         return self
+
+    def fits(self, nodes: list[dict[str, float]]) -> bool:
+        """Whether ``nodes`` (Ray's resources of each node) can hold one trial: its one process,
+        or all its workers, spread over the nodes (Ray Train's PACK placement)."""
+        want = {k: v for k, v in (("CPU", self.cpu), ("GPU", self.gpu)) if v}
+        if self.workers == 1:
+            return any(all(node.get(k, 0) >= v for k, v in want.items()) for node in nodes)
+        return sum(min(int(node.get(k, 0) // v) for k, v in want.items()) for node in nodes) >= self.workers
 
 
 class TrackingConfig(Section):
@@ -284,6 +299,7 @@ def validate_config(raw: dict[str, Any], *, check_data: bool = True) -> SweepCon
     trial_raw = {k: copy.deepcopy(v) for k, v in raw.items() if k in TRIAL_KEYS}
     dims = find_dimensions(trial_raw)
     default = resolve(trial_raw, dims, {})
+    _check_workers(sections["resources"].workers, default, dims)
     _check_objectives(sections["search"], default, dims)
     points = sections["search"].points
     # with the sweep's image cache: files a real-data loader decodes now are not decoded again by the trials
@@ -474,6 +490,28 @@ def _kind_metrics(section: str, registry: Registry, default: Any, dims: dict[str
     kinds = list(dim.choices) if dim is not None and dim.kind == "categorical" else [default.kind]
     return {k: default.metric_names if k == default.kind else _metric_names(registry.get(k))
             for k in kinds if k == default.kind or k in registry}
+
+
+def _check_workers(workers: int, default: TrialConfig, dims: dict[str, Dimension]) -> None:
+    """Each of a trial's ``workers`` trains on an equal slice of every batch: every batch size a
+    trial may draw must divide evenly."""
+    if workers == 1:
+        return
+    dim = dims.get("train.batch_size")
+    if dim is None:
+        sizes = [default.train.batch_size]
+    elif dim.kind == "categorical":
+        sizes = list(dim.choices)
+    elif dim.kind == "int" and not dim.log and dim.step is not None:
+        sizes = [dim.low, dim.step]  # low, low + step, ...: all multiples when these are
+    else:
+        raise ConfigError(f"train.batch_size: with resources.workers {workers}, a range needs an int step "
+                          f"(low and step multiples of {workers}), so that every drawn batch splits evenly")
+    bad = next((s for s in sizes if not isinstance(s, int) or s % workers), None)
+    if bad is not None:
+        what = "batch size" if dim is None or dim.kind == "categorical" else "range's low/step"
+        raise ConfigError(f"train.batch_size: {what} {bad} does not split evenly over resources.workers "
+                          f"{workers}; give a multiple of {workers}")
 
 
 def _check_extremes(raw: dict[str, Any], dims: dict[str, Dimension], default: TrialConfig, *,

@@ -26,7 +26,7 @@ from sweeps.config import REPLICATE, SweepConfig
 from sweeps.space import define_by_run, make_sampler
 from sweeps.sync import LAUNCH_FILE, TRACKING_ERRORS, Backoff, Launch, Mirror, trial_folder
 from sweeps.tracking import Tracker
-from sweeps.worker import METRICS_FILE, finite, train_clean
+from sweeps.worker import METRICS_FILE, finite, train_clean, trial_parameters, trial_resources
 from sweeps.worker import trainable as trial_trainable
 from trainers import TrialConfig
 Printer = Callable[[str], None]
@@ -191,12 +191,15 @@ def _check_resources(sweep: SweepConfig, *, local: bool, printer: Printer) -> No
     (whose autoscaler may still add such a node)."""
     want = {"CPU": sweep.resources.cpu, "GPU": sweep.resources.gpu}
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    if any(all(node.get(k, 0) >= v for k, v in want.items() if v) for node in nodes):
+    if sweep.resources.fits(nodes):  # one process, or all of resources.workers
         return
     have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "no nodes"
     key = "resources.gpu" if want["GPU"] and not any(n.get("GPU", 0) >= want["GPU"] for n in nodes) else "resources.cpu"
     message = (f"{key}: no node can hold a trial of {want['CPU']:g} CPU and {want['GPU']:g} GPU "
                f"(nodes: {have})")
+    if sweep.resources.workers > 1:
+        message = (f"resources.workers: the nodes cannot hold the {sweep.resources.workers} workers of a trial, "
+                   f"{want['CPU']:g} CPU and {want['GPU']:g} GPU each (nodes: {have})")
     if local:
         raise ConfigError(message)
     printer(f"warning: {message}; trials wait until the autoscaler adds such a node")
@@ -290,8 +293,9 @@ def _resourced_trainable(sweep: SweepConfig, objectives: list[str], trainable: T
     cache_dir, threads = sweep.storage.cache_dir(), max(1, int(sweep.resources.cpu))
     return tune.with_resources(
         tune.with_parameters(trainable or trial_trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
-                             threads=threads, objectives=objectives, every=sweep.search.checkpoint_every),
-        {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
+                             threads=threads, objectives=objectives, every=sweep.search.checkpoint_every,
+                             **trial_parameters(sweep.resources)),
+        trial_resources(sweep.resources),
     )
 
 

@@ -9,6 +9,7 @@ atomically, and a partial or corrupt entry is rebuilt, never used.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -23,6 +24,7 @@ import torch
 from poison import Dataset, plan_hash
 from poison.manifest import cache_key
 from trainers.config import TrialConfig
+from trainers.distributed import Ranks
 from trainers.evaluate import Evaluator
 from trainers.loop import autocast_for, device_for, freeze_tower
 from trainers.models import Built, architecture_fingerprint, build_model
@@ -69,9 +71,15 @@ def cached(folder: Path | None, train: Callable[[], TrainedModel], *, meta: dict
            store: bool = True) -> TrainedModel:
     """The model stored in ``folder``, else ``train()``'s, stored there with ``meta`` (once: under a
     lock, so concurrent callers wait for one training). ``store=False`` only reads an entry that
-    is already there, without waiting; ``folder=None``: no cache."""
+    is already there, without waiting; ``folder=None``: no cache.
+
+    In a data-parallel trial (``trainers.distributed``) every rank calls it: rank 0 alone locks,
+    reads and stores, and the ranks train together when it found nothing."""
     if folder is None:
         return train()
+    ranks = Ranks.current()
+    if ranks.parallel:
+        return _cached_together(folder, train, meta=meta, store=store, ranks=ranks)
     if not store:
         return _load(folder) or train()
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,6 +91,28 @@ def cached(folder: Path | None, train: Callable[[], TrainedModel], *, meta: dict
         model = train()
         _store(folder, model, meta)
         return model
+
+
+def _cached_together(folder: Path, train: Callable[[], TrainedModel], *, meta: dict[str, Any], store: bool,
+                     ranks: Ranks) -> TrainedModel:
+    """:func:`cached` for the ranks of one data-parallel trial: rank 0's finding decides for all
+    (a rank waiting on the lock while the others train together would wait forever)."""
+    if store and ranks.lead:
+        folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") if store and ranks.lead else contextlib.nullcontext() as lock:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        loaded = _load(folder) if ranks.lead else None
+        if ranks.share(loaded is not None):  # complete files, written atomically: the others read them too
+            return loaded if ranks.lead else (_load(folder) or _unreadable(folder))
+        model = train()
+        if store and ranks.lead:
+            _store(folder, model, meta)
+        return model
+
+
+def _unreadable(folder: Path) -> TrainedModel:
+    raise RuntimeError(f"{folder}: cached model rank 0 loaded is unreadable on this rank")
 
 
 def _load(folder: Path) -> TrainedModel | None:

@@ -15,6 +15,7 @@ import torch
 
 from trainers.config import TrainConfig, TrialConfig
 from trainers.data import TrainingSet, to_tensor
+from trainers.distributed import Ranks
 from trainers.models import Built
 from trainers.objectives import Objective, Step
 from trainers.resume import Checkpointer, rng_state, set_rng_state
@@ -72,9 +73,14 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
 
     ``objective`` is the loss minimised (default: CLIP's on the batch's own pairs); a defense
     that acts during training supplies its own (``trainers.objectives``).
+
+    In an initialised process group of several ranks it trains data-parallel
+    (``trainers.distributed``): each rank computes its slice of every global batch, the
+    objective sees the whole batch's features; rank 0 evaluates (every rank gets the result and
+    calls ``on_epoch`` with the same report) and alone saves to the ``checkpointer``.
     """
     recipe = recipe or config.train
-    device = built.mean.device
+    device, ranks = built.mean.device, Ranks.current()
     steps_per_epoch = max(1, len(data) // recipe.batch_size)
     optimizer, schedule = _optimizer(built.model, recipe, steps_per_epoch * recipe.epochs)
     scaler = torch.amp.GradScaler(enabled=recipe.precision == "fp16" and device.type == "cuda")
@@ -86,15 +92,16 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
     if saved is not None:
         first_epoch = _restore(saved, built, optimizer, schedule, scaler, rng, fitted, last_epoch) + 1
         objective.load_state_dict(saved.get("objective", {}))
+    model = ranks.wrap(built.model, device)  # what forward passes go through
     for epoch in range(first_epoch, last_epoch + 1):
         start, losses = time.perf_counter(), []
         objective.start_epoch(epoch, TrainingEmbeddings(built, data, autocast))
         built.model.train()
         batches = data.epoch(recipe.batch_size, rng)
-        while (batch := _next_batch(batches, to_input, device, fitted)) is not None:
-            rows, images, x, tokens = batch
+        while (batch := _next_batch(batches, to_input, device, fitted, ranks)) is not None:
+            rows, images, x, tokens = batch  # x: this rank's slice; the rest: the global batch
             with autocast:
-                out = built.model(x, tokens)
+                out = ranks.gather(model(x, tokens[ranks.local(len(rows))]))
                 loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input, rows))
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
@@ -108,9 +115,10 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
             losses.append(loss.item())
             fitted.samples += len(images)
         fitted.seconds += time.perf_counter() - start
-        fitted.last = evaluate()
+        fitted.last = ranks.from_lead(evaluate)
         fitted.history.append({"epoch": epoch, "loss": float(np.mean(losses)), **fitted.last})
-        if checkpointer is not None and checkpointer.every and (epoch % checkpointer.every == 0 or epoch == last_epoch):
+        if (checkpointer is not None and checkpointer.every and ranks.lead
+                and (epoch % checkpointer.every == 0 or epoch == last_epoch)):
             checkpointer.save({
                 "model": built.model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
@@ -153,16 +161,20 @@ class TrainingEmbeddings:
         return torch.cat(images), torch.cat(texts)
 
 
-def _next_batch(batches, to_input, device: torch.device, fitted: Fitted):
+def _next_batch(batches, to_input, device: torch.device, fitted: Fitted, ranks: Ranks = Ranks()):
     """The next batch as (rows, uint8 images, model input, tokens on the device), or None at the
     epoch's end; the time it took (reading, stamping triggers, normalising, copying to the
-    device) is added to ``fitted.data_seconds``."""
+    device) is added to ``fitted.data_seconds``. With several ranks the model input is this
+    rank's slice only, the rest the global batch (cut to a multiple of the ranks)."""
     start = time.perf_counter()
     try:
         rows, images, tokens = next(batches)
     except StopIteration:
         return None
-    batch = rows, images, to_input(images), tokens.to(device, non_blocking=True)
+    if ranks.parallel:
+        n = ranks.usable(len(rows))
+        rows, images, tokens = rows[:n], images[:n], tokens[:n]
+    batch = rows, images, to_input(images[ranks.local(len(rows))]), tokens.to(device, non_blocking=True)
     fitted.data_seconds += time.perf_counter() - start
     return batch
 

@@ -23,6 +23,7 @@ from poison.defenses import Defense, filter_metrics
 from trainers.cache import TrainedModel, cached, model_key
 from trainers.config import TrialConfig
 from trainers.data import TrainingSet
+from trainers.distributed import Ranks
 from trainers.evaluate import Evaluator, evaluate_trial
 from trainers.hooks import PostTraining, ReferencePairs, trusted_dataset
 from trainers.loop import BATCH_STREAM, EpochCallback, autocast_for, device_for, fit, freeze_tower
@@ -136,6 +137,7 @@ def _keep(config: TrialConfig, dataset: Dataset, data: TrainingSet,
     """The rows the defense's ``keep_mask`` keeps, scored against the plan (``filter_*``)."""
     start, reference = time.perf_counter(), _ReferenceSupplier(config, dataset, cache_dir)
     keep = config.defense.keep_mask(ReferencePairs(data, reference), config.seed)
+    keep = Ranks.current().share(keep)  # data-parallel: every rank trains on rank 0's rows
     if keep is None:
         return data, {}
     keep = np.asarray(keep, bool)
