@@ -51,6 +51,10 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
+    # the model's memory layout: channels_last speeds convolutions (on this 2-core CPU a tiny
+    # ResNet trains 1.25x faster: benchmarks/throughput.py); auto: channels_last when the image
+    # tower has convolutions beyond a patch embedding (ResNets), contiguous for ViTs
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     # which CLIP towers train; the other stays at its initial (or pretrained) weights:
     # Yang et al.'s frozen-encoder ablation (image / text encoder poisoned alone)
     trainable: Literal["both", "image", "text"] = "both"

@@ -81,6 +81,7 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
     """
     recipe = recipe or config.train
     device, ranks = built.mean.device, Ranks.current()
+    set_memory_format(built.model, config.train.memory_format)
     steps_per_epoch = max(1, len(data) // recipe.batch_size)
     optimizer, schedule = _optimizer(built.model, recipe, steps_per_epoch * recipe.epochs)
     scaler = torch.amp.GradScaler(enabled=recipe.precision == "fp16" and device.type == "cuda")
@@ -159,6 +160,17 @@ class TrainingEmbeddings:
                 images.append(model.encode_image(x, normalize=True).float())
                 texts.append(model.encode_text(tokens.to(x.device), normalize=True).float())
         return torch.cat(images), torch.cat(texts)
+
+
+def set_memory_format(model: torch.nn.Module, memory_format: str) -> None:
+    """Puts ``model``'s weights in channels-last layout when asked, or under ``auto`` when its image
+    tower has more than one convolution (a ResNet, not a ViT's patch embedding). Batches come
+    from ``to_tensor`` already channels-last (a permuted view of the NHWC images), so no copy."""
+    if memory_format == "auto":
+        convs = sum(isinstance(m, torch.nn.Conv2d) for m in getattr(model, "visual", model).modules())
+        memory_format = "channels_last" if convs > 1 else "contiguous"
+    if memory_format == "channels_last":
+        model.to(memory_format=torch.channels_last)
 
 
 def _next_batch(batches, to_input, device: torch.device, fitted: Fitted, ranks: Ranks = Ranks()):
