@@ -46,7 +46,8 @@ class Oracle:
     """Runs trials ``workers`` at a time, each (count, seed) once."""
 
     def __init__(self, pool, cache: str) -> None:
-        self.pool, self.cache, self.results, self.trained = pool, cache, {}, 0
+        self.pool, self.cache, self.trained = pool, cache, 0
+        self.results: dict[tuple[int, int], float] = {}
 
     def run(self, points: list[Point]) -> list[float]:
         todo = sorted({(p.count, p.seed) for p in points} - self.results.keys())
@@ -99,9 +100,17 @@ def main() -> None:
     print(f"\nbracket [{args.low}, {args.high}], threshold {args.threshold}, {args.replicates} seeds per count, "
           f"{args.confidence:.0%} interval; {oracle.trained} trainings in {time.perf_counter() - start:.0f} s")
     print(_show("sequential search", found))
-    print(_show("smallest grid as precise", grid) if grid.rel_width <= found.rel_width
-          else _show("largest grid tried (not as precise)", grid))
-    print(f"ratio search / grid trials: {found.trials / grid.trials:.2f} (target: at most 0.33)")
+    if grid.rel_width <= found.rel_width:
+        print(_show("smallest grid as precise", grid))
+        print(f"ratio search / grid trials: {found.trials / grid.trials:.2f} (target: at most 0.33)")
+    else:
+        print(_show("largest grid tried, not as precise", grid))
+        print(f"no grid of up to {grid.trials} trials reached the search's width: the ratio is below "
+              f"{found.trials / grid.trials:.2f} (target: at most 0.33)")
+    by_count: dict[int, list[str]] = {}
+    for (count, seed), success in sorted(oracle.results.items()):
+        by_count.setdefault(count, []).append(f"{success:.2f}")
+    print("attack_success by count (seeds 0, 1, ...): " + "; ".join(f"{c}: {' '.join(v)}" for c, v in by_count.items()))
 
 
 if __name__ == "__main__":
