@@ -26,7 +26,7 @@ from sweeps.config import REPLICATE, SweepConfig
 from sweeps.space import define_by_run, make_sampler
 from sweeps.sync import LAUNCH_FILE, TRACKING_ERRORS, Backoff, Launch, Mirror, trial_folder
 from sweeps.tracking import Tracker
-from sweeps.worker import METRICS_FILE, finite, train_clean, trial_parameters, trial_resources
+from sweeps.worker import METRICS_FILE, finite, train_clean, train_reference, trial_parameters, trial_resources
 from sweeps.worker import trainable as trial_trainable
 from trainers import TrialConfig
 Printer = Callable[[str], None]
@@ -108,6 +108,9 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
                                clean_first(sweep, seeds=list(range(base, base + sweep.search.replicates)))):
             logger.say(f"clean model{f' (seed {seed})' if sweep.search.replicates > 1 else ''}: utility "
                        f"{clean['utility']:.3f} ({'from the cache' if clean['cached'] else 'trained'})")
+        for reference in references_first(sweep):
+            logger.say(f"filters' reference model ({reference['pairs']:,} trusted pairs): utility "
+                       f"{reference['utility']:.3f} ({'from the cache' if reference['cached'] else 'trained'})")
         objectives = list(sweep.search.objectives)
         if found is None:
             tuner(sweep, _searcher(sweep, launch.run_name, launch.study_url), trial_count(sweep), logger,
@@ -306,13 +309,49 @@ def clean_first(sweep: SweepConfig, seeds: list[int] | None = None) -> list[dict
     Each runs as one Ray task with the CPUs of all concurrent trials (a running task
     beside the Tuner starves Tune's placement groups), so trials only load it.
     """
-    largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
-    cpus = max(sweep.resources.cpu, min(sweep.resources.cpu * sweep.search.max_concurrent, largest_node))
-    task = train_clean.options(num_cpus=cpus, num_gpus=min(sweep.resources.gpu, 1) if sweep.resources.gpu else 0)
+    task, threads = _upfront(sweep, train_clean)
     default = sweep.default_trial
     configs = [default] if seeds is None else [default.model_copy(update={"seed": s}) for s in seeds]
-    cache_dir, threads = sweep.storage.cache_dir(), max(1, int(cpus))
-    return ray.get([task.remote(c.model_dump(mode="json"), cache_dir, threads) for c in configs])
+    return ray.get([task.remote(c.model_dump(mode="json"), sweep.storage.cache_dir(), threads) for c in configs])
+
+
+def _upfront(sweep: SweepConfig, remote: Any) -> tuple[Any, int]:
+    """``remote`` as a task with the CPUs of all concurrent trials (at most a node's), and its threads."""
+    largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    cpus = max(sweep.resources.cpu, min(sweep.resources.cpu * sweep.search.max_concurrent, largest_node))
+    task = remote.options(num_cpus=cpus, num_gpus=min(sweep.resources.gpu, 1) if sweep.resources.gpu else 0)
+    return task, max(1, int(cpus))
+
+
+def reference_configs(sweep: SweepConfig) -> list[TrialConfig]:
+    """The trial configs whose data-side filter needs an offline reference model (no
+    ``model.pretrained``), one per distinct model: the default point, every ``search.points``
+    entry, and the default point under each data-side kind ``defense.kind`` may draw."""
+    kinds = getattr(sweep.dimensions.get("defense.kind"), "choices", None) or []
+    candidates = [sweep.resolve(point) for point in sweep.initial_points() or [{}]]
+    candidates += [sweep.resolve({"defense.kind": kind}) for kind in kinds]
+    found: dict[str, TrialConfig] = {}
+    for config in candidates:
+        if config.defense.stage == "data" and config.model.pretrained is None:
+            reference = config.clean().to_dict()  # what the reference model depends on, with its pairs
+            key = json.dumps([reference["seed"], reference["data"], reference["model"], reference["train"],
+                              getattr(config.defense, "reference_pairs", None)], sort_keys=True, default=str)
+            found.setdefault(key, config)
+    return list(found.values())
+
+
+def references_first(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Trains (or finds in the cache) the filters' reference models before the trials start, like
+    :func:`clean_first` but with one trial's resources: otherwise the first filter trial trains
+    one inside its own budget while the others wait on the cache's lock."""
+    configs = reference_configs(sweep)
+    if not configs:
+        return []
+    # with a trial's own CPUs and threads: the model is then the one a trial would have trained
+    # (thread counts change float summation order, and the cache key leaves them out)
+    task = train_reference.options(num_cpus=sweep.resources.cpu, num_gpus=min(sweep.resources.gpu, 1))
+    threads = max(1, int(sweep.resources.cpu))
+    return [ray.get(task.remote(c.model_dump(mode="json"), sweep.storage.cache_dir(), threads)) for c in configs]
 
 
 _LIVE_LOGGER: "TrialLogger | None" = None

@@ -20,7 +20,9 @@ import yaml
 from ray import tune
 
 from sweeps.config import ResourcesConfig, resolve
+from poison import load_dataset
 from trainers import TrialConfig, clean_model, run_trial
+from trainers.trial import reference_model
 from trainers.resume import read_state, write_state
 
 #: A trial's final checkpoint: its poison plan, final metrics and resolved config.
@@ -242,6 +244,16 @@ def _to_cpu(value: Any) -> Any:
 def train_clean(config: dict[str, Any], cache_dir: str, threads: int) -> dict[str, Any]:
     model = clean_model(for_worker(TrialConfig.model_validate(config), threads), cache_dir=cache_dir)
     return {"utility": model.metrics["utility"], "cached": model.cached}
+
+
+@ray.remote
+def train_reference(config: dict[str, Any], cache_dir: str, threads: int) -> dict[str, Any]:
+    """The offline reference model a data-side filter of ``config`` embeds with, trained once on
+    trusted pairs and cached (``trainers.trial.reference_model``), as its trials would train it."""
+    trial = for_worker(TrialConfig.model_validate(config), threads)
+    pairs = trial.defense.reference_pairs or load_dataset(trial.data_spec(cache_dir)).num_train
+    model = reference_model(trial, pairs, cache_dir=cache_dir)
+    return {"utility": model.metrics["utility"], "cached": model.cached, "pairs": pairs}
 
 
 def for_worker(config: TrialConfig, threads: int) -> TrialConfig:

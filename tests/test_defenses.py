@@ -309,6 +309,23 @@ def test_a_corrupt_poisoned_checkpoint_is_rebuilt(tmp_path):
 
 # --- defenses in a sweep config ---
 
+def test_the_driver_trains_one_reference_model_per_distinct_filter_recipe():
+    from sweeps.config import validate_config
+    from sweeps.driver import reference_configs
+
+    base = {"data": {"size": 200, "test_size": 20}, "attack": backdoor(20)}
+    kinds = {"kind": {"choices": ["clean-finetune", "similarity-filter", "outlier-filter"]}}
+    # both filters embed with one reference model: one to train up front
+    sweep = validate_config({**base, "defense": kinds})
+    assert [c.defense.kind for c in reference_configs(sweep)] == ["similarity-filter"]
+    # a filter with its own trusted-pair count (a search point) needs its own
+    sweep = validate_config({**base, "defense": {**kinds, "reference_pairs": {"choices": [100, 150]}},
+                             "search": {"points": [{"defense.kind": "outlier-filter", "defense.reference_pairs": 150}]}})
+    assert sorted(c.defense.reference_pairs for c in reference_configs(sweep)) == [100, 150]
+    assert reference_configs(validate_config({**base, "defense": {"kind": "clean-finetune"}})) == []
+
+
+
 def test_defense_metrics_are_objectives_without_a_list_of_them(monkeypatch):
     from sweeps.config import objective_names, validate_config
 

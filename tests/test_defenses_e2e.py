@@ -104,8 +104,9 @@ def test_filters_drop_the_poison_before_training(sweep):
         assert m["filter_poison_recall"] >= 0.8 and m["filter_precision"] >= 0.5, trial.data.tags["defense"]
         assert m["attack_success"] <= 0.2 and m["utility"] >= undefended["predefense_utility"] - 0.03
         assert m["reference_utility"] > 0.4  # chance is 0.1
-    # the reference model (2,000 trusted pairs) was trained by one filter trial, loaded by the other
-    assert sorted(t.data.metrics["reference_cache_hit"] for t in sweep["filters"]) == [0.0, 1.0]
+    # the reference model (2,000 trusted pairs) was trained once by the driver before the trials
+    # (sweeps.driver.references_first): both filters loaded it
+    assert [t.data.metrics["reference_cache_hit"] for t in sweep["filters"]] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("defense, floor", [
