@@ -29,6 +29,8 @@ from sweeps.tracking import Tracker
 from sweeps.worker import METRICS_FILE, finite, train_clean, train_reference, trial_parameters, trial_resources
 from sweeps.worker import trainable as trial_trainable
 from trainers import TrialConfig
+from trainers.cache import model_key
+from trainers.trial import reference_config
 Printer = Callable[[str], None]
 Trainable = Callable[..., None]  # a trial function with sweeps.worker.trainable's signature
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
@@ -309,18 +311,13 @@ def clean_first(sweep: SweepConfig, seeds: list[int] | None = None) -> list[dict
     Each runs as one Ray task with the CPUs of all concurrent trials (a running task
     beside the Tuner starves Tune's placement groups), so trials only load it.
     """
-    task, threads = _upfront(sweep, train_clean)
-    default = sweep.default_trial
-    configs = [default] if seeds is None else [default.model_copy(update={"seed": s}) for s in seeds]
-    return ray.get([task.remote(c.model_dump(mode="json"), sweep.storage.cache_dir(), threads) for c in configs])
-
-
-def _upfront(sweep: SweepConfig, remote: Any) -> tuple[Any, int]:
-    """``remote`` as a task with the CPUs of all concurrent trials (at most a node's), and its threads."""
     largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
     cpus = max(sweep.resources.cpu, min(sweep.resources.cpu * sweep.search.max_concurrent, largest_node))
-    task = remote.options(num_cpus=cpus, num_gpus=min(sweep.resources.gpu, 1) if sweep.resources.gpu else 0)
-    return task, max(1, int(cpus))
+    task = train_clean.options(num_cpus=cpus, num_gpus=min(sweep.resources.gpu, 1) if sweep.resources.gpu else 0)
+    default = sweep.default_trial
+    configs = [default] if seeds is None else [default.model_copy(update={"seed": s}) for s in seeds]
+    cache_dir, threads = sweep.storage.cache_dir(), max(1, int(cpus))
+    return ray.get([task.remote(c.model_dump(mode="json"), cache_dir, threads) for c in configs])
 
 
 def reference_configs(sweep: SweepConfig) -> list[TrialConfig]:
@@ -332,10 +329,8 @@ def reference_configs(sweep: SweepConfig) -> list[TrialConfig]:
     candidates += [sweep.resolve({"defense.kind": kind}) for kind in kinds]
     found: dict[str, TrialConfig] = {}
     for config in candidates:
-        if config.defense.stage == "data" and config.model.pretrained is None:
-            reference = config.clean().to_dict()  # what the reference model depends on, with its pairs
-            key = json.dumps([reference["seed"], reference["data"], reference["model"], reference["train"],
-                              getattr(config.defense, "reference_pairs", None)], sort_keys=True, default=str)
+        if config.defense.stage == "data" and config.model.pretrained is None:  # the reference cache's key
+            key = model_key(reference_config(config), trusted=getattr(config.defense, "reference_pairs", None))
             found.setdefault(key, config)
     return list(found.values())
 
