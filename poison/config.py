@@ -61,7 +61,7 @@ def _format(err: ValidationError, path: str) -> str:
             elif e["type"] == "value_error" and msg.startswith(f"{key}."):
                 lines.append(msg)  # a nested ConfigError already names its full key path
             elif e["type"] == "value_error" and isinstance(e["input"], dict):
-                lines.append(f"{key}: {msg}")  # a check across keys: the message names the values
+                lines.append(f"{key}: {msg}" if key else msg)  # a check across keys: the message names the values
             else:
                 lines.append(f"{key}: {msg}, got {e['input']!r}")
     return "; ".join(lines)

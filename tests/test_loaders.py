@@ -102,6 +102,31 @@ def test_csv_columns_are_recognised_by_name_and_separator_by_extension(tmp_path)
     assert sorted(ds.manifest["caption"].to_pylist()) == [f"green, number {i}" for i in range(4)]
 
 
+def test_csv_columns_named_in_the_config(tmp_path):
+    """``data.image_column``/``data.caption_column`` pick columns the usual names would not (or
+    would pick wrongly: here ``caption`` is a photographer's credit, ``alt`` the description)."""
+    from trainers.config import parse_trial_config
+
+    for i in range(4):
+        _write(tmp_path / "shots" / f"{i}.png", COLOURS["green"], seed=i)
+    (tmp_path / "pairs.tsv").write_text("shot\tcaption\talt\n" + "".join(
+        f"shots/{i}.png\tphoto by someone\ta green square number {i}\n" for i in range(4)))
+    data = {"dataset": "csv", "path": str(tmp_path / "pairs.tsv"), "size": 3, "test_size": 1, "image_size": 32,
+            "image_column": "shot", "caption_column": "alt"}
+    config = parse_trial_config({"data": data})
+    ds = load_dataset(config.data_spec())
+    assert sorted(ds.manifest["caption"].to_pylist()) == [f"a green square number {i}" for i in range(4)]
+    assert ds.skipped == 0 and ds.images.shape == (4, 32, 32, 3)
+    with pytest.raises(DataError, match=r"data.caption_column: .*pairs.tsv has no column 'Alt'; its columns: shot, caption, alt"):
+        load_dataset(parse_trial_config({"data": {**data, "caption_column": "Alt"}}).data_spec())
+    with pytest.raises(ConfigError, match="data.image_column: only the csv dataset reads named columns, not synthetic"):
+        parse_trial_config({"data": {"image_column": "shot"}})
+    # the columns are part of what a model is trained on: another caption column, another model
+    from trainers.cache import model_key
+
+    assert model_key(config) != model_key(parse_trial_config({"data": {**data, "caption_column": "caption"}}))
+
+
 def test_csv_subsets_are_seeded(tsv):
     spec = DataSpec(dataset="csv", path=str(tsv), size=6, test_size=2, image_size=8, seed=1)
     a, b = load_dataset(spec), load_dataset(spec)

@@ -20,6 +20,10 @@ class DataConfig(Section):
     size: int | None = Field(20000, ge=1)  # None: all the dataset has
     test_size: int | None = Field(None, ge=1)
     image_size: int = Field(32, ge=8)
+    # csv only: the header's names of the image-path and caption columns (None: the first
+    # of the usual names the file has, poison.datasets.csv_pairs.IMAGE_COLUMNS/CAPTION_COLUMNS)
+    image_column: str | None = Field(None, min_length=1)
+    caption_column: str | None = Field(None, min_length=1)
 
     @field_validator("dataset")
     @classmethod
@@ -27,6 +31,13 @@ class DataConfig(Section):
         if value not in DATASETS:
             raise ValueError(f"unknown dataset {value!r}; valid: {', '.join(DATASETS.names())}")
         return value
+
+    @model_validator(mode="after")
+    def _columns_only_for_csv(self) -> "DataConfig":
+        for key in ("image_column", "caption_column"):
+            if getattr(self, key) is not None and self.dataset != "csv":
+                raise ConfigError(f"data.{key}: only the csv dataset reads named columns, not {self.dataset}")
+        return self
 
 
 class ModelConfig(Section):
@@ -96,7 +107,8 @@ class TrialConfig(Section):
     def data_spec(self, cache_dir: str | None = None) -> DataSpec:
         d = self.data
         return DataSpec(dataset=d.dataset, path=d.path, size=d.size, test_size=d.test_size,
-                        image_size=d.image_size, seed=self.seed, cache_dir=cache_dir)
+                        image_size=d.image_size, seed=self.seed, cache_dir=cache_dir,
+                        columns=(d.image_column, d.caption_column))
 
     def clean(self) -> "TrialConfig":
         """The same data, model and recipe without poison or defense."""

@@ -31,6 +31,8 @@ class DataSpec:
             data of defenses: a filter's reference model, clean fine-tuning). Each
             dataset says how it keeps them apart (a loader that can sets ``TRUSTED``;
             others refuse); ``Dataset.trusted_capacity`` says how many it has.
+        columns: the names of the image-path and caption columns of a table of pairs
+            (``csv``); ``None`` in either place: the loader finds it by its usual names.
     """
 
     dataset: str = "synthetic"
@@ -41,6 +43,7 @@ class DataSpec:
     seed: int = 0
     cache_dir: str | None = None
     trusted: int | None = None
+    columns: tuple[str | None, str | None] = (None, None)
 
     def cache_file(self, **extra: object) -> Path | None:
         from poison.manifest import cache_key
@@ -50,7 +53,8 @@ class DataSpec:
         key = cache_key(
             dataset=self.dataset, path=self.path, size=self.size, test_size=self.test_size,
             image_size=self.image_size, seed=self.seed, version=DATASETS.get(self.dataset).VERSION,
-            **({"trusted": self.trusted} if self.trusted is not None else {}), **extra,
+            **({"trusted": self.trusted} if self.trusted is not None else {}),
+            **({"columns": list(self.columns)} if self.columns != (None, None) else {}), **extra,
         )
         return Path(self.cache_dir) / "images" / f"{self.dataset}-{key}.npy"
 

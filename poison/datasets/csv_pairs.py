@@ -5,7 +5,7 @@ else: tab when the header line has one, else comma); ``.gz``/``.bz2`` files are 
 they are. The header names the columns: the image path is the first of
 ``IMAGE_COLUMNS`` the file has (``filepath``, ``image``, ``url``, ...), the caption the
 first of ``CAPTION_COLUMNS`` (``caption``, ``title``, ``text``, ...), matched without
-regard to case; :func:`read_index` takes other names. A relative path is relative to the
+regard to case; ``data.image_column`` and ``data.caption_column`` name others. A relative path is relative to the
 file's folder. A row with the wrong number of fields is skipped as ``malformed``; a
 missing or undecodable image and an empty caption are skipped as everywhere
 (``poison.datasets.files``). The pairs have no classes, so attacks that need labels
@@ -41,7 +41,9 @@ def load(spec: DataSpec) -> Dataset:
     path = require_path(spec, "a CSV or TSV file of image paths and captions")
     if path.is_dir():
         raise DataError(f"data.path: {path} is a folder; the csv dataset needs a CSV or TSV file")
-    return load_index(read_index(path), spec, sources=[path])
+    image_column, caption_column = spec.columns
+    return load_index(read_index(path, image_column=image_column, caption_column=caption_column),
+                      spec, sources=[path])
 
 
 def read_index(path: Path, *, image_column: str | None = None, caption_column: str | None = None) -> pa.Table:
@@ -59,9 +61,9 @@ def read_index(path: Path, *, image_column: str | None = None, caption_column: s
     header = _header(path, sep)
     image = image_column or _pick(header, IMAGE_COLUMNS, path, "image-path")
     caption = caption_column or _pick(header, CAPTION_COLUMNS, path, "caption")
-    for name in (image, caption):
+    for key, name in (("data.image_column", image), ("data.caption_column", caption)):
         if name not in header:
-            raise DataError(f"data.path: {path} has no column {name!r}; its columns: {', '.join(header)}")
+            raise DataError(f"{key}: {path} has no column {name!r}; its columns: {', '.join(header)}")
     malformed: list[object] = []
     try:
         table = _read(path, sep, [image, caption], None)
