@@ -5,10 +5,11 @@ Issue 6's target: the plan builds in at most 3 s and 1 GB. The manifest is built
 ``poison.datasets.files``: seeded selection, skipping, the manifest) from a generated TSV
 of local paths and captions (0.1% empty captions); only the decoding of 3M images is
 left out (each image reported decoded, 0.1% of them undecodable, so skipping runs at
-scale). The plan is the ``backdoor`` attack's (inject, template captions, patch
-trigger): the csv loader's pairs have no classes, and every attack needs one (all of
-them call ``target_label``), so the benchmark names one zero-shot class, as a CC3M
-backdoor evaluated on ImageNet-style prompts would, and every pair is a non-target pair.
+scale). The csv loader's pairs have no classes, so, as a CC3M backdoor evaluated on ImageNet
+is, the pairs are then joined to a labelled evaluation set of 1,000 classes (``data.zeroshot``:
+``poison.datasets.zeroshot.with_zeroshot``, which labels every caption by the class it names;
+11 of the names are caption words, the rest are not). The plan is the ``backdoor`` attack's
+(inject, captions drawn from the training captions that name the target, patch trigger).
 
 Seconds are of a plain call. Memory is measured on a second call in a forked child (Linux):
 the peak it allocated, Arrow's (in a memory pool of its own) plus numpy's and Python's
@@ -36,6 +37,8 @@ import pyarrow.csv as pacsv
 from poison import DataSpec, make_attack
 from poison.datasets import files
 from poison.datasets.csv_pairs import read_index
+from poison.datasets.zeroshot import with_zeroshot
+from poison.manifest import Dataset, make_manifest
 
 WORDS = ("a photo of the dog cat man woman child car street beach tree house city red blue green old new "
          "small large on in at with near under over running sitting standing view night day").split()
@@ -57,6 +60,17 @@ def write_tsv(path: Path, rows: int, rng: np.random.Generator) -> None:
     caption = pc.if_else(pa.array(rng.random(rows) < 0.001), "", caption)  # 0.1% empty captions
     pacsv.write_csv(pa.table({"filepath": filepath, "caption": caption}), path,
                     pacsv.WriteOptions(delimiter="\t", quoting_style="none"))
+
+
+def evaluation_set(classes: int, images: int) -> Dataset:
+    """A labelled test set of ``classes`` names (11 of them words the captions use), black images."""
+    names = ["dog", "cat", "man", "woman", "child", "car", "street", "beach", "tree", "house", "city view"]
+    names += [f"class {i}" for i in range(classes - len(names))]
+    label = np.arange(images) % classes
+    manifest = make_manifest(image=np.arange(images), caption=[f"a photo of a {names[i]}." for i in label],
+                             label=label, split=["test"] * images)
+    return Dataset(name="evaluation", manifest=manifest, classnames=names, templates=["a photo of a {}."],
+                   image_size=32, _render=lambda: np.zeros((images, 32, 32, 3), np.uint8))
 
 
 def fake_decode(rng: np.random.Generator):
@@ -146,15 +160,20 @@ def main() -> None:
         files.decode_images = fake_decode(rng)
         spec = DataSpec(dataset="csv", path=str(path), size=None, test_size=args.test_size, image_size=32)
         manifest_cost = Cost(lambda: files.load_index(read_index(path), spec, sources=[path]), "jemalloc")
-        dataset = manifest_cost.result
-    dataset.classnames, dataset.templates = ["banana"], ["a photo of a {}."]
-    attack = make_attack({"kind": "backdoor", "target": "banana", "poison_count": args.poison_count,
-                          "trigger": {"kind": "patch", "size": 4}})
+        pairs = manifest_cost.result
+    labelled = Cost(lambda: with_zeroshot(pairs, evaluation_set(1000, args.test_size)), "jemalloc")
+    dataset = labelled.result
+    attack = make_attack({"kind": "backdoor", "target": "dog", "poison_count": args.poison_count,
+                          "caption_source": "dataset", "trigger": {"kind": "patch", "size": 4}})
     plan_cost = Cost(lambda: attack.plan(dataset, seed=0), "jemalloc")
     plan = plan_cost.result
-    print(f"manifest: {dataset.manifest.num_rows:,} pairs ({dataset.num_train:,} train), "
-          f"{dataset.skipped:,} skipped {dataset.skip_reasons}; {dataset.manifest.nbytes / 2**20:,.0f} MB")
+    print(f"manifest: {pairs.manifest.num_rows:,} pairs ({pairs.num_train:,} train), "
+          f"{pairs.skipped:,} skipped {pairs.skip_reasons}; {pairs.manifest.nbytes / 2**20:,.0f} MB")
     print(manifest_cost.line())
+    labels = dataset.split("train")["label"].to_numpy()
+    print(f"zero-shot join: {len(dataset.classnames):,} classes; captions naming exactly one: "
+          f"{np.mean(labels >= 0):.1%} (dog: {np.sum(labels == 0):,})")
+    print(labelled.line())
     print(f"plan: {plan.num_rows:,} poisoned pairs, {plan.nbytes / 2**20:.2f} MB")
     print(plan_cost.line())
     met = plan_cost.seconds <= PLAN_TARGET_SECONDS and plan_cost.mb <= PLAN_TARGET_MB

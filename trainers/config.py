@@ -14,6 +14,23 @@ from poison import DATASETS, Attack, DataSpec, Defense, make_attack, make_defens
 from poison.config import ConfigError, Section, validate_section
 
 
+def registered_dataset(value: str) -> str:
+    if value not in DATASETS:
+        raise ValueError(f"unknown dataset {value!r}; valid: {', '.join(DATASETS.names())}")
+    return value
+
+
+class ZeroshotConfig(Section):
+    """``data.zeroshot``: a labelled dataset whose test images and classes measure utility and
+    attack success, while the training pairs come from ``data`` (poison.datasets.zeroshot)."""
+
+    dataset: str
+    path: str | None = None
+    size: int | None = Field(None, ge=1)  # test images (None: the dataset's own test split or default)
+
+    _registered = field_validator("dataset")(classmethod(lambda cls, value: registered_dataset(value)))
+
+
 class DataConfig(Section):
     dataset: str = "synthetic"
     path: str | None = None
@@ -24,13 +41,11 @@ class DataConfig(Section):
     # of the usual names the file has, poison.datasets.csv_pairs.IMAGE_COLUMNS/CAPTION_COLUMNS)
     image_column: str | None = Field(None, min_length=1)
     caption_column: str | None = Field(None, min_length=1)
+    # train on these pairs, evaluate zero-shot on another dataset's test split and classes
+    # (e.g. CC3M pairs, ImageNet classes); unlabelled pairs take the class their caption names
+    zeroshot: ZeroshotConfig | None = None
 
-    @field_validator("dataset")
-    @classmethod
-    def _registered(cls, value: str) -> str:
-        if value not in DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; valid: {', '.join(DATASETS.names())}")
-        return value
+    _registered = field_validator("dataset")(classmethod(lambda cls, value: registered_dataset(value)))
 
     @model_validator(mode="after")
     def _columns_only_for_csv(self) -> "DataConfig":
@@ -108,7 +123,10 @@ class TrialConfig(Section):
         d = self.data
         return DataSpec(dataset=d.dataset, path=d.path, size=d.size, test_size=d.test_size,
                         image_size=d.image_size, seed=self.seed, cache_dir=cache_dir,
-                        columns=(d.image_column, d.caption_column))
+                        columns=(d.image_column, d.caption_column),
+                        zeroshot=None if d.zeroshot is None else DataSpec(
+                            dataset=d.zeroshot.dataset, path=d.zeroshot.path, size=1, test_size=d.zeroshot.size,
+                            image_size=d.image_size, seed=self.seed, cache_dir=cache_dir))
 
     def clean(self) -> "TrialConfig":
         """The same data, model and recipe without poison or defense."""

@@ -1,6 +1,7 @@
 """Built-in datasets, registered by name (``data.dataset``)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class DataSpec:
             others refuse); ``Dataset.trusted_capacity`` says how many it has.
         columns: the names of the image-path and caption columns of a table of pairs
             (``csv``); ``None`` in either place: the loader finds it by its usual names.
+        zeroshot: when set, the dataset whose test split, classes and templates replace
+            this one's (``poison.datasets.zeroshot``): train on web pairs, classify zero-shot
+            on a labelled set. Its own ``size`` is irrelevant (its training pairs are unused).
     """
 
     dataset: str = "synthetic"
@@ -44,6 +48,7 @@ class DataSpec:
     cache_dir: str | None = None
     trusted: int | None = None
     columns: tuple[str | None, str | None] = (None, None)
+    zeroshot: "DataSpec | None" = None
 
     def cache_file(self, **extra: object) -> Path | None:
         from poison.manifest import cache_key
@@ -61,6 +66,10 @@ class DataSpec:
 
 def load_dataset(spec: DataSpec) -> Dataset:
     """Loads the manifest of ``spec.dataset``; images are decoded lazily and cached."""
+    if spec.zeroshot is not None:
+        from poison.datasets.zeroshot import with_zeroshot
+
+        return with_zeroshot(load_dataset(dataclasses.replace(spec, zeroshot=None)), load_dataset(spec.zeroshot))
     loader = DATASETS.get(spec.dataset)
     if spec.trusted is not None and not getattr(loader, "TRUSTED", False):  # never the training pairs again
         raise DataError(f"trusted split: {spec.dataset} cannot keep trusted pairs apart from its training pairs")

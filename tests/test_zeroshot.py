@@ -1,0 +1,138 @@
+"""``data.zeroshot``: web pairs without classes for training, a labelled set for evaluation
+(Carlini & Terzis: Conceptual Captions → ImageNet zero-shot). Made here from tiny files: a CSV
+of coloured squares whose captions name colours (or not), and an image folder of colour classes."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from poison import ConfigError, DataError, load_dataset, make_attack
+from poison.datasets.zeroshot import StackedImages, caption_labels
+from tests.conftest import backdoor
+from tests.test_loaders import COLOURS, _mean_colour, _write
+
+
+def _reference_labels(captions: list[str], classnames: list[str]) -> list[int]:
+    """The definition written out: the one class whose words occur consecutively in the caption."""
+    names = [[w for w in re.split(r"[^a-z0-9]+", c.lower()) if w] for c in classnames]
+    out = []
+    for caption in captions:
+        words = [w for w in re.split(r"[^a-z0-9]+", caption.lower()) if w]
+        hits = {i for i, n in enumerate(names) for j in range(len(words) - len(n) + 1) if words[j : j + len(n)] == n}
+        out.append(hits.pop() if len(hits) == 1 else -1)
+    return out
+
+
+def test_caption_labels_by_hand():
+    classes = ["cat", "dog", "sea lion", "hot dog", "T-shirt/top"]
+    captions = ["a cat", "Two DOGS", "a dog.", "a sea lion on a rock", "sea and lion", "my hot dog",
+                "a t-shirt (top) for sale", "a cat and a dog", "", "concatenate"]
+    # "my hot dog" names both "dog" and "hot dog": ambiguous; "concatenate" is no "cat"
+    assert caption_labels(pa.array(captions), classes).tolist() == [0, -1, 1, 2, -1, -1, 4, -1, -1, -1]
+
+
+def test_caption_labels_agree_with_the_definition_on_random_captions():
+    rng = np.random.default_rng(3)
+    vocabulary = [f"w{i}" for i in range(40)]
+    classes = [" ".join(rng.choice(vocabulary, rng.integers(1, 4))) for _ in range(25)]
+    captions = [", ".join(rng.choice(vocabulary, rng.integers(2, 9))) for _ in range(3000)]
+    labels = caption_labels(pa.array(captions), classes)
+    assert labels.tolist() == _reference_labels(captions, classes)
+    assert (labels >= 0).sum() > 300 and (labels == -1).sum() > 300  # both outcomes exercised
+
+
+def test_stacked_images_index_both_arrays():
+    a = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)
+    b = 100 + np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+    s = StackedImages(a, b, offset=4)  # row 3 of the index space is unused (a dropped test image)
+    assert s.shape == (6, 2, 2, 3) and len(s) == 6
+    assert np.array_equal(s[np.array([5, 0, 4, 2])], np.stack([b[1], a[0], b[0], a[2]]))
+    assert np.array_equal(s[4], b[0]) and np.array_equal(s[1], a[1])
+    with pytest.raises(DataError, match="data.zeroshot: its images are"):
+        StackedImages(a, np.zeros((1, 3, 3, 3), np.uint8), offset=3)
+
+
+@pytest.fixture
+def web(tmp_path):
+    """A CSV of 40 pairs (captions: 12 name red, 8 blue, 8 green, 4 red and blue, 8 nothing)
+    and an image folder of red/green/blue classes with its own val split."""
+    lines = ["image\ttext"]
+    kinds = ["red"] * 12 + ["blue"] * 8 + ["green"] * 8 + ["red and blue"] * 4 + [None] * 8
+    for i, kind in enumerate(kinds):
+        colour = COLOURS[kind.split()[0]] if kind else COLOURS["yellow"]
+        _write(tmp_path / "web" / f"{i}.jpg", colour, seed=i)
+        lines.append(f"web/{i}.jpg\t{f'a photo, {kind} square' if kind else 'an unusual square'} #{i}")
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    for split, count in (("train", 2), ("val", 4)):
+        for c, name in enumerate(("red", "green", "blue")):
+            for i in range(count):
+                _write(tmp_path / "eval" / split / name / f"{i}.png", COLOURS[name], seed=500 + 10 * c + i)
+    return tmp_path
+
+
+def _config(web, **extra):
+    from trainers import parse_trial_config
+
+    return parse_trial_config({
+        "data": {"dataset": "csv", "path": str(web / "pairs.tsv"), "size": None, "test_size": 4, "image_size": 32,
+                 "zeroshot": {"dataset": "imagefolder", "path": str(web / "eval")}},
+        **extra})
+
+
+def test_web_pairs_take_the_class_their_caption_names_and_test_on_the_labelled_set(web):
+    ds = load_dataset(_config(web).data_spec())
+    assert ds.classnames == ["blue", "green", "red"]
+    train, test = ds.split("train"), ds.split("test")
+    # the csv's own 4 test pairs are gone: the test split is the folder's val/ (4 per class)
+    assert train.num_rows == 36 and test.num_rows == 12
+    assert sorted(test["label"].to_pylist()) == [0] * 4 + [1] * 4 + [2] * 4
+    for caption, label, image in zip(*(train[k].to_pylist() for k in ("caption", "label", "image"))):
+        said = caption.split(",")[1] if "," in caption else ""  # "a photo, red and blue square #28"
+        named = [c for c in ds.classnames if c in said]
+        assert label == (ds.classnames.index(named[0]) if len(named) == 1 else -1), caption
+        colour = said.split()[0] if named else "yellow"  # "red and blue" squares are red
+        assert np.abs(_mean_colour(ds.images[image]) - COLOURS[colour]).max() < 12, caption
+    for label, image in zip(test["label"].to_pylist(), test["image"].to_pylist()):
+        assert np.abs(_mean_colour(ds.images[image]) - COLOURS[ds.classnames[label]]).max() < 12
+    assert len(set(train["id"].to_pylist()) | set(test["id"].to_pylist())) == 48  # ids stay unique
+
+
+def test_attacks_that_need_classes_run_on_web_pairs(web):
+    ds = load_dataset(_config(web).data_spec())
+    train = ds.split("train")
+    named = {i: c for i, c in zip(train["id"].to_pylist(), train["caption"].to_pylist())}
+    # captions "of the target" are the web captions that name it (Carlini & Terzis' caption source)
+    plan = make_attack({**backdoor(6), "target": "blue", "caption_source": "dataset"}).plan(ds, seed=0)
+    assert plan.num_rows == 6
+    assert all(re.search(r"\bblue\b", c) and "red" not in c for c in plan["caption"].to_pylist())
+    assert not set(plan["source_id"].to_pylist()) & {i for i, c in named.items() if ", blue square" in c}
+    # targeted: the chosen images are the labelled set's test images
+    targeted = make_attack({"kind": "targeted", "target": "green", "targets": 2,
+                            "poison_count": 4}).plan(ds, seed=0)
+    assert set(targeted["image"].to_pylist()) <= set(ds.split("test")["image"].to_pylist())
+    with pytest.raises(ConfigError, match=r"attack.target: 'yellow' is not a class of csv \(zero-shot on imagefolder\)"):
+        make_attack({**backdoor(2), "target": "yellow"}).plan(ds, 0)
+
+
+def test_zeroshot_input_is_checked(web):
+    with pytest.raises(ConfigError, match="data.zeroshot.dataset: required key is missing"):
+        _config(web, data={"zeroshot": {"path": "x"}})
+    with pytest.raises(DataError, match="data.zeroshot.dataset: csv has no classes to classify into"):
+        spec = _config(web).data_spec()
+        import dataclasses
+        load_dataset(dataclasses.replace(spec, zeroshot=dataclasses.replace(spec, zeroshot=None)))
+
+
+def test_a_trial_trains_on_web_pairs_and_reports_on_the_labelled_set(web, tmp_path):
+    from trainers import run_trial
+
+    config = _config(web, model={"arch": "tiny-rn"}, train={"epochs": 1, "batch_size": 16, "threads": 1},
+                     attack={**backdoor(4), "target": "red"})
+    result = run_trial(config, cache_dir=str(tmp_path / "cache"), baseline=False)
+    m = result.metrics
+    assert m["poison_count"] == 4 and m["poison_rate"] == pytest.approx(4 / 40)
+    assert m["utility"] == m["zeroshot_top1"]  # classes exist: utility is zero-shot top-1 on the folder's val/
+    assert 0 <= m["backdoor_asr"] <= 1 and m["attack_success"] == m["backdoor_asr"]
