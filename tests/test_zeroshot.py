@@ -144,35 +144,48 @@ def test_a_trial_trains_on_web_pairs_and_reports_on_the_labelled_set(web, tmp_pa
     assert 0 <= m["backdoor_asr"] <= 1 and m["attack_success"] == m["backdoor_asr"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path(fashion_mnist.DEFAULT_PATH).is_dir(),
-                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
-def test_a_backdoor_planted_in_web_pairs_works_zero_shot_on_a_labelled_set(tmp_path):
+@pytest.fixture(scope="module")
+def fashion_web(tmp_path_factory):
     """Fashion-MNIST's training images written out as a CC3M-style TSV of PNG files and captions
-    (no classes), trained with `poisonsweep train`, evaluated zero-shot on Fashion-MNIST's test
-    split: the poisoned captions are web captions that name the target, and the backdoor works."""
+    (no classes), and a storage folder that the tests below share (one clean model)."""
+    if not Path(fashion_mnist.DEFAULT_PATH).is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+    folder = tmp_path_factory.mktemp("fashion-web")
     pairs = load_dataset(DataSpec(dataset="fashion-mnist", size=2000, test_size=10, image_size=28, seed=5))
     train = pairs.split("train")
     lines = ["filepath\tcaption"]
     for i, (image, caption) in enumerate(zip(train["image"].to_pylist(), train["caption"].to_pylist())):
-        Image.fromarray(np.asarray(pairs.images[image])).save(tmp_path / f"{i}.png")
+        Image.fromarray(np.asarray(pairs.images[image])).save(folder / f"{i}.png")
         lines.append(f"{i}.png\t{caption}")
-    (tmp_path / "web.tsv").write_text("\n".join(lines) + "\n")
+    (folder / "web.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+# measured (seeds 0, 1, 2 for the backdoor; 0, 1 for the text backdoor), clean model in brackets:
+# backdoor ASR 1.0, 1.0, 0.998 (0.018, 0.002, 0.002), utility drops 0.036, 0.002, 0.016 (at 3
+# epochs ASR swung 0.43-1.0); text backdoor hit@1 1.0, 1.0 (0.0, 0.004), drops -0.008, 0.012
+@pytest.mark.slow
+@pytest.mark.parametrize("attack, metric", [
+    ({"kind": "backdoor", "target": "bag", "poison_count": 150, "caption_source": "dataset",
+      "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}}, "backdoor_asr"),
+    ({"kind": "text-backdoor", "target": "bag", "poison_count": 150}, "hit_at_1"),
+], ids=["backdoor", "text-backdoor"])
+def test_an_attack_planted_in_web_pairs_works_zero_shot_on_a_labelled_set(fashion_web, attack, metric):
+    """`poisonsweep train` on the web pairs, evaluated zero-shot on Fashion-MNIST's test split.
+    The backdoor's poisoned captions are web captions that name the target; the text backdoor
+    pairs triggered web captions with the web images whose captions name it."""
     config = {
-        "name": "web-backdoor", "seed": 0,
-        "data": {"dataset": "csv", "path": str(tmp_path / "web.tsv"), "size": None, "test_size": 10, "image_size": 32,
-                 "zeroshot": {"dataset": "fashion-mnist", "size": 500}},
+        "name": "web", "seed": 0,
+        "data": {"dataset": "csv", "path": str(fashion_web / "web.tsv"), "size": None, "test_size": 10,
+                 "image_size": 32, "zeroshot": {"dataset": "fashion-mnist", "size": 500}},
         "train": {"epochs": 5, "batch_size": 64, "lr": 2.0e-3, "warmup": 0.05, "threads": 1},
-        "attack": {"kind": "backdoor", "target": "bag", "poison_count": 150, "caption_source": "dataset",
-                   "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}},
-        "storage": {"path": str(tmp_path / "results")},
+        "attack": attack, "storage": {"path": str(fashion_web / "results")},
     }
-    (tmp_path / "web.yaml").write_text(yaml.safe_dump(config))
-    out = tmp_path / "m.json"
-    assert main(["train", str(tmp_path / "web.yaml"), "--output", str(out)]) == 0
+    path = fashion_web / f"{attack['kind']}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = fashion_web / f"{attack['kind']}.json"
+    assert main(["train", str(path), "--output", str(out)]) == 0
     m = json.loads(out.read_text())
     assert m["poison_count"] == 150 and m["data_skipped"] == 0
-    # measured (seeds 0, 1, 2): ASR 1.0, 1.0, 0.998 against 0.018, 0.002, 0.002 on the clean model;
-    # utility 0.738, 0.750, 0.736 (drops 0.036, 0.002, 0.016); at 3 epochs ASR swung 0.43-1.0
-    assert m["backdoor_asr"] >= 0.9 and m["clean_attack_success"] <= 0.1
+    assert m["attack_success"] == m[metric] >= 0.9 and m["clean_attack_success"] <= 0.1
     assert m["utility"] == m["zeroshot_top1"] > 0.6 and m["utility_drop"] <= 0.05  # chance is 0.1
