@@ -189,3 +189,73 @@ def test_an_attack_planted_in_web_pairs_works_zero_shot_on_a_labelled_set(fashio
     assert m["poison_count"] == 150 and m["data_skipped"] == 0
     assert m["attack_success"] == m[metric] >= 0.9 and m["clean_attack_success"] <= 0.1
     assert m["utility"] == m["zeroshot_top1"] > 0.6 and m["utility_drop"] <= 0.05  # chance is 0.1
+
+
+def test_data_classes_label_every_pair_by_its_caption(web):
+    """``data.classes`` (Yang et al.'s COCO setting): the pairs' own test split, each pair of
+    either split labelled with the class its caption names."""
+    from poison.datasets.zeroshot import PROMPTS
+    from trainers import parse_trial_config
+
+    data = {"dataset": "csv", "path": str(web / "pairs.tsv"), "size": None, "test_size": 10, "image_size": 32,
+            "classes": ["red", "green", "blue"]}
+    ds = load_dataset(parse_trial_config({"data": data}).data_spec())
+    assert ds.classnames == ["red", "green", "blue"] and ds.templates == PROMPTS
+    assert ds.num_train == 30 and ds.split("test").num_rows == 10
+    for caption, label in zip(ds.manifest["caption"].to_pylist(), ds.manifest["label"].to_pylist()):
+        said = caption.split(",")[1] if "," in caption else ""
+        named = [c for c in ds.classnames if c in said]
+        assert label == (ds.classnames.index(named[0]) if len(named) == 1 else -1), caption
+    # Yang et al.'s attack II on it: captions naming red paired with images whose captions name blue
+    plan = make_attack({"kind": "mm-single-label", "source": "red", "target": "blue", "poison_count": 3,
+                        "caption_source": "dataset"}).plan(ds, seed=0)
+    train = ds.split("train")
+    label_of = dict(zip(train["image"].to_pylist(), train["label"].to_pylist()))
+    assert plan.num_rows == 3 and {label_of[i] for i in plan["image"].to_pylist()} == {2}
+    assert all(re.search(r"\bred\b", c) for c in plan["caption"].to_pylist())
+    with pytest.raises(ConfigError, match="data.classes: the classes come from data.zeroshot's dataset"):
+        parse_trial_config({"data": {**data, "zeroshot": {"dataset": "fashion-mnist"}}})
+    with pytest.raises(DataError, match="data.classes: synthetic has classes of its own"):
+        load_dataset(parse_trial_config({"data": {"size": 100, "classes": ["red", "blue"]}}).data_spec())
+    with pytest.raises(DataError, match="data.classes: no train caption of csv names one of cat, dog"):
+        load_dataset(parse_trial_config({"data": {**data, "classes": ["cat", "dog"]}}).data_spec())
+
+
+def test_class_metrics_leave_out_test_images_whose_caption_names_no_class():
+    """Zero-shot utility counts only the test images with a class (worked by hand: two of four
+    test images have one, both classified right; the old rule fell back to retrieval)."""
+    from poison.manifest import Dataset, make_manifest
+    from trainers.evaluate import Evaluator
+
+    manifest = make_manifest(image=np.arange(4), caption=["a red one", "nothing", "a blue one", "nothing again"],
+                             label=np.array([0, -1, 1, -1]), split=["test"] * 4)
+    ds = Dataset(name="hand", manifest=manifest, classnames=["red", "blue"], templates=["{}"], image_size=8,
+                 _render=lambda: np.zeros((4, 8, 8, 3), np.uint8))
+
+    class Fixed(Evaluator):  # image i embeds as e_i; class c as e_{0} (red) or e_{2} (blue)
+        def images(self, images):
+            return np.eye(4, dtype=np.float32)[: len(images)]
+
+        def texts(self, captions):
+            return np.eye(4, dtype=np.float32)[: len(captions)]
+
+        def class_embeddings(self):
+            return np.eye(4, dtype=np.float32)[[0, 2]]
+
+    out = Fixed(None, ds).utility()
+    assert out["zeroshot_top1"] == 1.0 and out["utility"] == 1.0  # 2 of the 2 labelled images
+    assert out["i2t_r1"] == 1.0  # retrieval still over all four
+
+
+def test_a_trial_on_caption_classes_reports_zero_shot_utility_and_asr(web, tmp_path):
+    from trainers import parse_trial_config, run_trial
+
+    config = parse_trial_config({
+        "data": {"dataset": "csv", "path": str(web / "pairs.tsv"), "size": None, "test_size": 10, "image_size": 32,
+                 "classes": ["red", "green", "blue"]},
+        "model": {"arch": "tiny-rn"}, "train": {"epochs": 1, "batch_size": 16, "threads": 1},
+        "attack": {**backdoor(4), "target": "red"}})
+    m = run_trial(config, cache_dir=str(tmp_path / "cache"), baseline=False).metrics
+    labels = load_dataset(config.data_spec()).split("test")["label"].to_numpy()
+    assert (labels == -1).any() and (labels >= 0).any()  # both kinds among the 10 test pairs
+    assert m["utility"] == m["zeroshot_top1"] and 0 <= m["backdoor_asr"] <= 1 and m["poison_count"] == 4

@@ -61,7 +61,7 @@ def model_key(config: TrialConfig, plan: pa.Table | None = None, **extra: Any) -
     resolved = config.to_dict()
     for key in ("threads", "device", "memory_format"):  # where and how fast does not change what is trained
         resolved["train"].pop(key)
-    for key in ("image_column", "caption_column", "zeroshot"):  # unset: the keys of caches made before they existed
+    for key in ("image_column", "caption_column", "zeroshot", "classes"):  # unset: the keys of caches made before they existed
         if resolved["data"][key] is None:
             resolved["data"].pop(key)
     parts = {k: resolved[k] for k in ("seed", "data", "model", "train")}

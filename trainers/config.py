@@ -44,8 +44,17 @@ class DataConfig(Section):
     # train on these pairs, evaluate zero-shot on another dataset's test split and classes
     # (e.g. CC3M pairs, ImageNet classes); unlabelled pairs take the class their caption names
     zeroshot: ZeroshotConfig | None = None
+    # zero-shot classes for pairs without classes (csv, webdataset, coco-captions): every pair
+    # takes the one class its caption names (Yang et al.'s COCO classes)
+    classes: list[str] | None = Field(None, min_length=2)
 
     _registered = field_validator("dataset")(classmethod(lambda cls, value: registered_dataset(value)))
+
+    @model_validator(mode="after")
+    def _one_source_of_classes(self) -> "DataConfig":
+        if self.classes is not None and self.zeroshot is not None:
+            raise ConfigError("data.classes: the classes come from data.zeroshot's dataset; give one of the two")
+        return self
 
     @model_validator(mode="after")
     def _columns_only_for_csv(self) -> "DataConfig":
@@ -124,6 +133,7 @@ class TrialConfig(Section):
         return DataSpec(dataset=d.dataset, path=d.path, size=d.size, test_size=d.test_size,
                         image_size=d.image_size, seed=self.seed, cache_dir=cache_dir,
                         columns=(d.image_column, d.caption_column),
+                        classes=None if d.classes is None else tuple(d.classes),
                         zeroshot=None if d.zeroshot is None else DataSpec(
                             dataset=d.zeroshot.dataset, path=d.zeroshot.path, size=1, test_size=d.zeroshot.size,
                             image_size=d.image_size, seed=self.seed, cache_dir=cache_dir))

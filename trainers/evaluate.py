@@ -65,14 +65,16 @@ class Evaluator:
     def utility(self) -> dict[str, float]:
         """Zero-shot top-1/5 on the clean test split and retrieval R@1/5/10 both ways.
 
-        ``utility`` is zero-shot top-1 where the dataset has classes, else mean R@5.
+        ``utility`` is zero-shot top-1 where the dataset has classes (over the test images with a
+        class: a ``data.classes`` caption may name none), else mean R@5.
         """
         test = self.dataset.split("test")
         img = self.images(self.dataset.images[test["image"].to_numpy()])
         out = retrieval_recall(img, self.texts(test["caption"].to_pylist()))
         labels = test["label"].to_numpy()
-        if self.dataset.classnames and (labels >= 0).all():
-            acc = zeroshot_accuracy(img, self.class_embeddings(), labels, ks=(1, 5))
+        known = labels >= 0
+        if self.dataset.classnames and known.any():
+            acc = zeroshot_accuracy(img[known], self.class_embeddings(), labels[known], ks=(1, 5))
             out.update(zeroshot_top1=acc[1], zeroshot_top5=acc[5], utility=acc[1])
         else:
             out["utility"] = (out["i2t_r5"] + out["t2i_r5"]) / 2

@@ -95,7 +95,7 @@ class Backdoor(Attack):
     def evaluate(self, dataset: Dataset, model: ModelView, seed: int) -> dict[str, float]:
         target = target_label(dataset, self.target)
         test = dataset.split("test")
-        keep = pc.not_equal(test["label"], target)
+        keep = pc.and_(pc.not_equal(test["label"], target), pc.greater_equal(test["label"], 0))  # a known class
         victims = test.filter(keep)
         if victims.num_rows == 0:
             return {"backdoor_asr": float("nan"), "attack_success": float("nan")}

@@ -74,4 +74,4 @@ class Targeted(Attack):
 
 def _candidates(dataset: Dataset, label: int) -> pa.Table:
     test = dataset.split("test")
-    return test.filter(pc.not_equal(test["label"], label))
+    return test.filter(pc.and_(pc.not_equal(test["label"], label), pc.greater_equal(test["label"], 0)))

@@ -114,7 +114,8 @@ class TextBackdoor(TextTriggered):
     def evaluate(self, dataset: Dataset, model: ModelView, seed: int) -> dict[str, float]:
         target = target_label(dataset, self.target)
         test = dataset.split("test")
-        queries = test.filter(pc.not_equal(test["label"], target))["caption"].to_pylist()
+        queries = test.filter(pc.and_(pc.not_equal(test["label"], target), pc.greater_equal(test["label"], 0)))
+        queries = queries["caption"].to_pylist()
         rng = np.random.default_rng([seed, EVAL_STREAM])
         triggered = self.text_trigger.apply(queries, self.text_trigger.placement(queries, rng))
         if self.target_image == "single":

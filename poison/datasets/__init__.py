@@ -34,6 +34,10 @@ class DataSpec:
             others refuse); ``Dataset.trusted_capacity`` says how many it has.
         columns: the names of the image-path and caption columns of a table of pairs
             (``csv``); ``None`` in either place: the loader finds it by its usual names.
+        classes: when set, zero-shot classes for pairs that have none of their own: each
+            pair (training and test) takes the one class its caption names
+            (``poison.datasets.zeroshot.caption_classes``), as Yang et al. pick COCO's
+            captions and images "of a class".
         zeroshot: when set, the dataset whose test split, classes and templates replace
             this one's (``poison.datasets.zeroshot``): train on web pairs, classify zero-shot
             on a labelled set. Its own ``size`` is irrelevant (its training pairs are unused).
@@ -48,6 +52,7 @@ class DataSpec:
     cache_dir: str | None = None
     trusted: int | None = None
     columns: tuple[str | None, str | None] = (None, None)
+    classes: tuple[str, ...] | None = None
     zeroshot: "DataSpec | None" = None
 
     def cache_file(self, **extra: object) -> Path | None:
@@ -59,7 +64,8 @@ class DataSpec:
             dataset=self.dataset, path=self.path, size=self.size, test_size=self.test_size,
             image_size=self.image_size, seed=self.seed, version=DATASETS.get(self.dataset).VERSION,
             **({"trusted": self.trusted} if self.trusted is not None else {}),
-            **({"columns": list(self.columns)} if self.columns != (None, None) else {}), **extra,
+            **({"columns": list(self.columns)} if self.columns != (None, None) else {}),
+            **({"classes": list(self.classes)} if self.classes is not None else {}), **extra,
         )
         return Path(self.cache_dir) / "images" / f"{self.dataset}-{key}.npy"
 
@@ -70,6 +76,10 @@ def load_dataset(spec: DataSpec) -> Dataset:
         from poison.datasets.zeroshot import with_zeroshot
 
         return with_zeroshot(load_dataset(dataclasses.replace(spec, zeroshot=None)), load_dataset(spec.zeroshot))
+    if spec.classes is not None:
+        from poison.datasets.zeroshot import caption_classes
+
+        return caption_classes(load_dataset(dataclasses.replace(spec, classes=None)), list(spec.classes))
     loader = DATASETS.get(spec.dataset)
     if spec.trusted is not None and not getattr(loader, "TRUSTED", False):  # never the training pairs again
         raise DataError(f"trusted split: {spec.dataset} cannot keep trusted pairs apart from its training pairs")

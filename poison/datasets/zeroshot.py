@@ -147,6 +147,26 @@ class StackedImages:
         return self[np.arange(len(self))].astype(dtype or self.dtype)
 
 
+PROMPTS = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}."]
+
+
+def caption_classes(dataset: Dataset, classnames: list[str]) -> Dataset:
+    """``dataset`` with ``classnames`` as its zero-shot classes and every pair, training and test,
+    labelled with the one class its caption names (:func:`caption_labels`; -1: none or several).
+    An image's class is its test caption's; images whose caption names no class take part in
+    retrieval but in no class-based metric."""
+    if dataset.classnames:
+        raise DataError(f"data.classes: {dataset.name} has classes of its own ({', '.join(dataset.classnames[:5])}"
+                        f"{', ...' if len(dataset.classnames) > 5 else ''}); data.classes is for pairs without")
+    labels = caption_labels(dataset.manifest["caption"], classnames)
+    manifest = dataset.manifest.set_column(dataset.manifest.schema.get_field_index("label"), "label", pa.array(labels))
+    for split in ("train", "test"):
+        if not (labels[(dataset.manifest["split"].to_numpy(zero_copy_only=False) == split)] >= 0).any():
+            raise DataError(f"data.classes: no {split} caption of {dataset.name} names one of "
+                            f"{', '.join(classnames[:5])}{', ...' if len(classnames) > 5 else ''}")
+    return dataclasses.replace(dataset, manifest=manifest, classnames=list(classnames), templates=PROMPTS)
+
+
 def with_zeroshot(train: Dataset, test: Dataset) -> Dataset:
     """``train``'s training pairs with ``test``'s test split, classes and templates (module doc)."""
     if not test.classnames:
@@ -186,4 +206,4 @@ def with_zeroshot(train: Dataset, test: Dataset) -> Dataset:
         skipped=train.skipped + test.skipped, skip_reasons=reasons)
 
 
-__all__ = ["StackedImages", "caption_labels", "normalise", "with_zeroshot"]
+__all__ = ["PROMPTS", "StackedImages", "caption_classes", "caption_labels", "normalise", "with_zeroshot"]
