@@ -13,6 +13,7 @@ from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from sweeps.config import REPLICATE, SweepConfig, flatten
 from trainers.config import TrialConfig
@@ -135,9 +136,25 @@ class Tracker:
         self.client.set_terminated(self.parent_id, status)
 
     def _batch(self, run_id: str, *, params: dict[str, Any]) -> None:
-        items = [Param(k, str(v)) for k, v in params.items()]
+        items = [Param(k, param_value(v)) for k, v in params.items()]
         for s in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=items[s : s + MAX_PARAMS_PER_BATCH])
+
+
+def param_value(value: Any) -> str:
+    """``value`` as an MLflow param: cut to MLflow's limit with a note where it is longer (a
+    ``data.classes`` list of ImageNet's 1,000 names runs to 12,000 characters); the whole config
+    is the parent run's ``config.yaml``.
+
+    Example:
+        >>> len(param_value("x" * 7000)) == MAX_PARAM_VAL_LENGTH, param_value(["dog", "cat"])
+        (True, "['dog', 'cat']")
+    """
+    text = str(value)
+    if len(text) <= MAX_PARAM_VAL_LENGTH:
+        return text
+    note = f" ... ({len(text):,} characters; all in the parent run's config.yaml)"
+    return text[: MAX_PARAM_VAL_LENGTH - len(note)] + note
 
 
 def _is_number(value: Any) -> bool:
