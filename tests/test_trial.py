@@ -85,20 +85,6 @@ def test_pretrained_local_checkpoint_is_loaded(tmp_path):
     assert config.model.pretrained == str(path)
 
 
-@pytest.mark.slow
-def test_targeted_attack_hijacks_its_test_images(tmp_path):
-    config = parse_trial_config({
-        "data": {"size": 4000, "test_size": 400},
-        "train": {"epochs": 4, "batch_size": 64, "lr": 2e-3, "warmup": 0.05, "threads": 2},
-        "attack": {"kind": "targeted", "target": "blue circle", "targets": 2, "poison_count": 100,
-                   "caption_source": "dataset"},
-    })
-    m = run_trial(config, cache_dir=str(tmp_path)).metrics
-    assert m["targeted_success"] == m["attack_success"] == 1.0
-    assert m["clean_attack_success"] == 0.0  # the same images on the clean model are not hijacked
-
-
-
 # --- train.trainable: Yang et al.'s frozen-encoder ablation ---
 
 def _towers(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -163,17 +163,22 @@ def fashion_web(tmp_path_factory):
 
 # measured (seeds 0, 1, 2 for the backdoor; 0, 1 for the text backdoor), clean model in brackets:
 # backdoor ASR 1.0, 1.0, 0.998 (0.018, 0.002, 0.002), utility drops 0.036, 0.002, 0.016 (at 3
-# epochs ASR swung 0.43-1.0); text backdoor hit@1 1.0, 1.0 (0.0, 0.004), drops -0.008, 0.012
+# epochs ASR swung 0.43-1.0); text backdoor hit@1 1.0, 1.0 (0.0, 0.004), drops -0.008, 0.012;
+# targeted (4 of the labelled set's test images, 30 web captions naming bag each): 4 of 4
+# hijacked for seeds 0 and 1 (0 of 4), drops -0.008, -0.008
 @pytest.mark.slow
 @pytest.mark.parametrize("attack, metric", [
     ({"kind": "backdoor", "target": "bag", "poison_count": 150, "caption_source": "dataset",
       "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}}, "backdoor_asr"),
     ({"kind": "text-backdoor", "target": "bag", "poison_count": 150}, "hit_at_1"),
-], ids=["backdoor", "text-backdoor"])
+    ({"kind": "targeted", "target": "bag", "targets": 4, "poison_count": 120, "caption_source": "dataset"},
+     "targeted_success"),
+], ids=["backdoor", "text-backdoor", "targeted"])
 def test_an_attack_planted_in_web_pairs_works_zero_shot_on_a_labelled_set(fashion_web, attack, metric):
     """`poisonsweep train` on the web pairs, evaluated zero-shot on Fashion-MNIST's test split.
     The backdoor's poisoned captions are web captions that name the target; the text backdoor
-    pairs triggered web captions with the web images whose captions name it."""
+    pairs triggered web captions with the web images whose captions name it; the targeted
+    attack's poisoned pairs carry the labelled set's own test images into training."""
     config = {
         "name": "web", "seed": 0,
         "data": {"dataset": "csv", "path": str(fashion_web / "web.tsv"), "size": None, "test_size": 10,
@@ -186,7 +191,7 @@ def test_an_attack_planted_in_web_pairs_works_zero_shot_on_a_labelled_set(fashio
     out = fashion_web / f"{attack['kind']}.json"
     assert main(["train", str(path), "--output", str(out)]) == 0
     m = json.loads(out.read_text())
-    assert m["poison_count"] == 150 and m["data_skipped"] == 0
+    assert m["poison_count"] == attack["poison_count"] and m["data_skipped"] == 0
     assert m["attack_success"] == m[metric] >= 0.9 and m["clean_attack_success"] <= 0.1
     assert m["utility"] == m["zeroshot_top1"] > 0.6 and m["utility_drop"] <= 0.05  # chance is 0.1
 
