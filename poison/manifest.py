@@ -95,7 +95,7 @@ class Dataset:
     @property
     def images(self) -> np.ndarray:
         if self._images is None:
-            self._images = _cached_array(self._cache_file, self._render)
+            self._images = cached_array(self._cache_file, self._render)
         return self._images
 
     def split(self, name: str) -> pa.Table:
@@ -112,7 +112,10 @@ def cache_key(**parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _cached_array(path: Path | None, render: Callable[[], np.ndarray]) -> np.ndarray:
+def cached_array(path: Path | None, render: Callable[[], np.ndarray], dtype: type = np.uint8) -> np.ndarray:
+    """``render()`` as ``dtype``, kept at ``path`` as a ``.npy`` and memory-mapped: built once per
+    node, read by every later caller; a partial or corrupt file is rebuilt, a new one written
+    atomically (``None``: no file)."""
     if path is None:
         return render()
     if path.exists():
@@ -120,7 +123,7 @@ def _cached_array(path: Path | None, render: Callable[[], np.ndarray]) -> np.nda
             return np.load(path, mmap_mode="r")
         except (ValueError, OSError):
             path.unlink(missing_ok=True)  # partial or corrupt: rebuild
-    array = np.ascontiguousarray(render(), dtype=np.uint8)
+    array = np.ascontiguousarray(render(), dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
     with os.fdopen(fd, "wb") as fh:

@@ -2,6 +2,7 @@
 import math
 
 import pyarrow.compute as pc
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,46 @@ def test_replace_mode_keeps_the_number_of_training_pairs(small_synthetic):
     images, _ = data2.batch(rows.nonzero()[0][:3])
     assert (images != small_synthetic.images[data2.image[rows][:3]]).any()  # triggers stamped at load
     assert pc.sum(pc.equal(plan["op"], "replace")).as_py() == 10
+
+
+def test_captions_are_tokenized_once_per_node(small_synthetic, tmp_path):
+    """The dataset's captions go through the tokenizer once per node (the token cache); a later
+    trial tokenizes only its plan's own captions, and every row still gets its caption's ids."""
+    import open_clip
+
+    from poison import make_attack
+    from trainers.data import TrainingSet
+    from trainers.models import build_model
+
+    tokenizer = build_model("tiny-rn", None, device=torch.device("cpu"), image_size=32).tokenize
+    seen: list[str] = []
+
+    def tokenize(captions):
+        seen.extend(captions)
+        return tokenizer(captions)
+
+    attack = make_attack({**backdoor(10), "caption_source": "templates"})  # captions the data lacks
+    plan = attack.plan(small_synthetic, 0)
+    first = TrainingSet(small_synthetic, attack, plan, tokenize, token_cache=tmp_path)
+    train_captions = set(small_synthetic.split("train")["caption"].to_pylist())
+    assert train_captions <= set(seen)
+    seen.clear()
+    again = TrainingSet(small_synthetic, attack, plan, tokenize, token_cache=tmp_path)
+    assert not set(seen) & train_captions - set(plan["caption"].to_pylist())  # only the plan's and a probe
+    assert len(list(tmp_path.glob("tokens-*.npy"))) == 1
+    rows = np.arange(len(again))
+    captions = [again.captions[i] for i in again.caption]
+    for data in (first, again):
+        assert torch.equal(data.tokens[data.caption[rows]], tokenizer(captions))
+    assert captions[-10:] == plan["caption"].to_pylist()  # the plan's pairs, after the clean ones
+    # another tokenizer (a context of 77, not tiny-rn's 16) keys another file
+    TrainingSet(small_synthetic, attack, plan, open_clip.get_tokenizer("RN50"), token_cache=tmp_path)
+    assert len(list(tmp_path.glob("tokens-*.npy"))) == 2
+    # a cut-short file is rebuilt, not read
+    path = next(p for p in tmp_path.glob("tokens-*.npy") if p.stat().st_size < 200 * 1024)
+    path.write_bytes(path.read_bytes()[:100])
+    rebuilt = TrainingSet(small_synthetic, attack, plan, tokenize, token_cache=tmp_path)
+    assert torch.equal(rebuilt.tokens[rebuilt.caption[rows]], tokenizer(captions))
 
 
 def test_pretrained_local_checkpoint_is_loaded(tmp_path):

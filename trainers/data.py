@@ -6,6 +6,8 @@ and the attack stamps its triggers on a batch's poisoned rows as it loads.
 from __future__ import annotations
 
 import copy
+import hashlib
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -15,27 +17,45 @@ import torch
 
 from poison import Attack, Dataset
 from poison.attacks import PLAN_SCHEMA
+from poison.manifest import cache_key, cached_array
 
 
 class TrainingSet:
-    """Clean training pairs (minus replaced ones) followed by the plan's pairs."""
+    """Clean training pairs (minus replaced ones) followed by the plan's pairs.
+
+    Captions are tokenized once per distinct caption: the dataset's training captions through
+    ``token_cache`` (a folder: tokenized by the first trial on a node, memory-mapped by the
+    rest, keyed by the captions and the tokenizer), the plan's new captions per trial. At
+    3M web captions tokenizing takes minutes (open_clip's tokenizer is Python), which every
+    trial would otherwise spend again."""
 
     def __init__(self, dataset: Dataset, attack: Attack, plan: pa.Table,
-                 tokenize: Callable[[list[str]], torch.Tensor]) -> None:
+                 tokenize: Callable[[list[str]], torch.Tensor], *, token_cache: str | Path | None = None) -> None:
         train = dataset.split("train")
         replaced = plan.filter(pc.equal(plan["op"], "replace"))["poison_id"]  # altered pairs keep their id
         clean = train.filter(pc.invert(pc.is_in(train["id"], value_set=replaced)))
         self.dataset, self.attack = dataset, attack
         self.image = np.concatenate([clean["image"].to_numpy(), plan["image"].to_numpy()])
         self.plan_row = np.concatenate([np.full(clean.num_rows, -1), np.arange(plan.num_rows)])
-        captions = pa.concat_arrays([clean["caption"].combine_chunks(), plan["caption"].combine_chunks()])
-        unique = pc.unique(captions)
-        self.caption = pc.index_in(captions, value_set=unique).to_numpy()  # row → index into captions
-        self.captions = unique.to_pylist()
-        self.tokens = tokenize(self.captions)
+        captions = pa.concat_arrays([clean["caption"].combine_chunks().cast(pa.string()),
+                                     plan["caption"].combine_chunks().cast(pa.string())])
+        known = pc.unique(train["caption"].combine_chunks().cast(pa.string()))  # the dataset's, cached
+        new = pc.unique(plan["caption"].combine_chunks().cast(pa.string()))
+        new = new.filter(pc.invert(pc.is_in(new, value_set=known)))  # the plan's own captions
+        at_known = pc.index_in(captions, value_set=known)
+        at_new = pc.add(pc.index_in(captions, value_set=new), len(known))
+        self.caption = pc.coalesce(at_known, at_new).to_numpy()  # row → index into the distinct captions
+        self.distinct = pa.concat_arrays([known, new])
+        base = cached_tokens(known, tokenize, token_cache)
+        self.tokens = TokenTable(base, token_ids(tokenize, new.to_pylist(), width=base.shape[1]))
         # the plan's own columns (trigger placement, which part of a combined attack, ...) for stamp()
         self.plan_columns = {c: plan[c].to_numpy() for c in plan.column_names
                              if c not in PLAN_SCHEMA.names or c == "source_label"}
+
+    @property
+    def captions(self) -> list[str]:
+        """The distinct captions, in the order ``caption`` indexes them."""
+        return self.distinct.to_pylist()
 
     def __len__(self) -> int:
         return len(self.image)
@@ -73,6 +93,50 @@ class TrainingSet:
         for start in range(0, usable, batch_size):
             rows = order[start : start + batch_size]
             yield (rows, *self.batch(rows))
+
+
+class TokenTable:
+    """Token ids of the distinct captions: ``base`` (the dataset's, maybe memory-mapped) then
+    ``extra`` (the plan's own); indexing with row numbers gives an int64 tensor, as the model takes."""
+
+    def __init__(self, base: np.ndarray, extra: np.ndarray) -> None:
+        self.base, self.extra = base, extra
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.extra)
+
+    def __getitem__(self, index: np.ndarray) -> torch.Tensor:
+        index = np.asarray(index)
+        out = np.empty((len(index), self.base.shape[1]), np.int64)
+        low = index < len(self.base)
+        out[low] = self.base[index[low]]
+        out[~low] = self.extra[index[~low] - len(self.base)]
+        return torch.from_numpy(out)
+
+
+def token_ids(tokenize: Callable[[list[str]], torch.Tensor], captions: list[str], *, width: int | None = None) -> np.ndarray:
+    """``tokenize(captions)`` as int32 ids (open_clip's vocabularies fit), (0, width) for none."""
+    if not captions:
+        return np.zeros((0, width if width is not None else tokenize(["probe"]).shape[1]), np.int32)
+    return tokenize(captions).numpy().astype(np.int32)
+
+
+def cached_tokens(captions: pa.Array, tokenize: Callable[[list[str]], torch.Tensor],
+                  folder: str | Path | None) -> np.ndarray:
+    """Token ids of ``captions`` (distinct), kept in ``folder`` under a key of the captions' bytes
+    and the tokenizer (its class, context length and the ids it gives a probe caption)."""
+    render = lambda: token_ids(tokenize, captions.to_pylist())  # noqa: E731
+    if folder is None:
+        return render()
+    digest = hashlib.sha256()
+    fresh = pa.concat_arrays([captions])  # offset 0, own buffers
+    for buffer in fresh.buffers():
+        if buffer is not None:
+            digest.update(memoryview(buffer))
+    probe = tokenize(["A photo of 2 dogs, a cat & a café."]).numpy().tobytes()
+    key = cache_key(captions=digest.hexdigest(), n=len(captions), tokenizer=type(tokenize).__qualname__,
+                    context=getattr(tokenize, "context_length", None), probe=hashlib.sha256(probe).hexdigest())
+    return cached_array(Path(folder) / f"tokens-{key}.npy", render, dtype=np.int32)
 
 
 def to_tensor(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

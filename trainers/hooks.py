@@ -5,6 +5,7 @@ trial's own loop (after training). A defense sees these, never the loop's intern
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -78,7 +79,8 @@ class PostTraining:
         torch's random state is seeded from the trial's seed first, so an objective's random
         augmentations are the same whether the trained model was just trained or loaded."""
         recipe = self.config.train.model_copy(update={"epochs": epochs, "lr": lr})
-        pairs = TrainingSet(data, make_attack(None), empty_plan(), self.built.tokenize)
+        pairs = TrainingSet(data, make_attack(None), empty_plan(), self.built.tokenize,
+                            token_cache=Path(self.cache_dir) / "tokens" if self.cache_dir else None)
         rng = np.random.default_rng([self.config.seed, DEFENSE_BATCH_STREAM, self.epochs_done])
         torch.manual_seed(int(np.random.default_rng([self.config.seed, TORCH_STREAM, self.epochs_done]).integers(2**62)))
         fitted = fit(self.built, pairs, self.config, recipe=recipe, rng=rng, on_epoch=self.on_epoch,

@@ -111,7 +111,8 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: Epoc
     returns the model and the defense's metrics."""
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    data = TrainingSet(dataset, config.attack, plan, open_clip.get_tokenizer(config.model.arch))
+    data = TrainingSet(dataset, config.attack, plan, open_clip.get_tokenizer(config.model.arch),
+                       token_cache=Path(cache_dir) / "tokens" if cache_dir else None)
     data, defense_metrics = _keep(config, dataset, data, cache_dir)  # before seeding: it may train a reference
     torch.manual_seed(config.seed)
     device = device_for(config)
