@@ -96,7 +96,7 @@ def test_captions_are_tokenized_once_per_node(small_synthetic, tmp_path):
     seen.clear()
     again = TrainingSet(small_synthetic, attack, plan, tokenize, token_cache=tmp_path)
     assert not set(seen) & train_captions - set(plan["caption"].to_pylist())  # only the plan's and a probe
-    assert len(list(tmp_path.glob("tokens-*.npy"))) == 1
+    assert len(list(tmp_path.glob("tokens-*.npy"))) == 1 and len(list(tmp_path.glob("tokens-*.lock"))) == 1
     rows = np.arange(len(again))
     captions = [again.captions[i] for i in again.caption]
     for data in (first, again):

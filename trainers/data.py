@@ -17,6 +17,7 @@ import torch
 
 from poison import Attack, Dataset
 from poison.attacks import PLAN_SCHEMA
+from poison.datasets.files import locked
 from poison.manifest import cache_key, cached_array
 
 
@@ -136,7 +137,10 @@ def cached_tokens(captions: pa.Array, tokenize: Callable[[list[str]], torch.Tens
     probe = tokenize(["A photo of 2 dogs, a cat & a café."]).numpy().tobytes()
     key = cache_key(captions=digest.hexdigest(), n=len(captions), tokenizer=type(tokenize).__qualname__,
                     context=getattr(tokenize, "context_length", None), probe=hashlib.sha256(probe).hexdigest())
-    return cached_array(Path(folder) / f"tokens-{key}.npy", render, dtype=np.int32)
+    path = Path(folder) / f"tokens-{key}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path):  # the node's other trials wait for the first one's tokens, then map them
+        return cached_array(path, render, dtype=np.int32)
 
 
 def to_tensor(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -252,7 +252,7 @@ def decode_images(table: pa.Table, spec: DataSpec, sources: Sequence[Path]) -> t
         return images, status
     status_path = path.with_suffix(".status.npy")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    with locked(path):
         found = _read_cache(path, status_path, shape)
         if found is not None:
             return found
@@ -293,7 +293,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """Holds an exclusive lock beside ``path``: one process on the node builds the cache,
     the others wait for it and then read it."""
     with open(path.with_suffix(".lock"), "w") as fh:
