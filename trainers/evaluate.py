@@ -45,6 +45,19 @@ class Evaluator:
                 out.append(model.encode_text(tokens, normalize=True).float().cpu())
         return torch.cat(out).numpy()
 
+    @torch.no_grad()
+    def embed_tokens(self, tokens) -> np.ndarray:
+        """L2-normalised embeddings of every row of ``tokens`` (a ``trainers.data.TokenTable`` or a
+        tensor of token ids), in batches: captions already tokenized, not tokenized again."""
+        model = self.built.model.eval()
+        device = self.built.mean.device
+        out = []
+        for s in range(0, len(tokens), self.batch_size):
+            batch = tokens[np.arange(s, min(s + self.batch_size, len(tokens)))]
+            with self._ctx():
+                out.append(model.encode_text(batch.to(device), normalize=True).float().cpu())
+        return torch.cat(out).numpy()
+
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         return self.images(images)
 

@@ -50,7 +50,7 @@ class ReferencePairs:
         rows = np.arange(len(self.data))
         images = np.concatenate([model.embed_images(self.data.images(rows[s : s + EMBED_CHUNK]))
                                  for s in range(0, len(rows), EMBED_CHUNK)])
-        texts = model.embed_texts(self.data.captions)[self.data.caption]
+        texts = model.embed_tokens(self.data.tokens)[self.data.caption]  # the training set's own ids: no re-tokenizing
         return images, texts
 
 
