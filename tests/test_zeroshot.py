@@ -124,6 +124,9 @@ def test_attacks_that_need_classes_run_on_web_pairs(web):
 
 
 def test_zeroshot_input_is_checked(web):
+    with pytest.raises(DataError, match=r"data.zeroshot.path: .*/nowhere does not exist"):
+        load_dataset(_config(web, data={"dataset": "csv", "path": str(web / "pairs.tsv"), "size": None, "test_size": 4,
+                                        "zeroshot": {"dataset": "imagefolder", "path": str(web / "nowhere")}}).data_spec())
     with pytest.raises(ConfigError, match="data.zeroshot.dataset: required key is missing"):
         _config(web, data={"zeroshot": {"path": "x"}})
     with pytest.raises(DataError, match="data.zeroshot.dataset: csv has no classes to classify into"):

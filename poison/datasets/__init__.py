@@ -75,7 +75,13 @@ def load_dataset(spec: DataSpec) -> Dataset:
     if spec.zeroshot is not None:
         from poison.datasets.zeroshot import with_zeroshot
 
-        return with_zeroshot(load_dataset(dataclasses.replace(spec, zeroshot=None)), load_dataset(spec.zeroshot))
+        train = load_dataset(dataclasses.replace(spec, zeroshot=None))
+        try:
+            test = load_dataset(spec.zeroshot)
+        except DataError as err:  # its keys live under data.zeroshot
+            message = str(err)
+            raise DataError(f"data.zeroshot.{message[5:]}" if message.startswith("data.") else message) from None
+        return with_zeroshot(train, test)
     if spec.classes is not None:
         from poison.datasets.zeroshot import caption_classes
 
