@@ -122,7 +122,8 @@ def backdoor_asr(predicted: np.ndarray, true_labels: np.ndarray, target: int) ->
 def target_label(dataset: Dataset, target: str, key: str = "attack.target") -> int:
     """The class index of a class name (``attack.target``), or a ConfigError naming ``key``."""
     if not dataset.classnames:
-        raise ConfigError(f"{key}: {dataset.name} has no class labels, and this attack needs them")
+        raise ConfigError(f"{key}: {dataset.name} has no class labels, and this attack needs them "
+                          "(data.zeroshot or data.classes give pairs without classes the ones their captions name)")
     if target not in dataset.classnames:
         raise ConfigError(f"{key}: {target!r} is not a class of {dataset.name}; "
                           f"valid: {', '.join(dataset.classnames)}")

@@ -8,8 +8,10 @@ first of ``CAPTION_COLUMNS`` (``caption``, ``title``, ``text``, ...), matched wi
 regard to case; ``data.image_column`` and ``data.caption_column`` name others. A relative path is relative to the
 file's folder. A row with the wrong number of fields is skipped as ``malformed``; a
 missing or undecodable image and an empty caption are skipped as everywhere
-(``poison.datasets.files``). The pairs have no classes, so attacks that need labels
-refuse the dataset.
+(``poison.datasets.files``). The pairs have no classes: alone, the attacks that need labels
+refuse the dataset; with ``data.zeroshot`` (a labelled evaluation set) or ``data.classes``
+(classes named by the captions) each pair takes the class its caption names
+(``poison.datasets.zeroshot``).
 
 Example ``data`` section::
 
