@@ -50,6 +50,24 @@ def test_caption_labels_agree_with_the_definition_on_random_captions():
     assert (labels >= 0).sum() > 300 and (labels == -1).sum() > 300  # both outcomes exercised
 
 
+def test_own_classes_are_kept_where_the_evaluation_set_has_them_else_the_caption_decides():
+    from poison.datasets.zeroshot import with_zeroshot
+    from poison.manifest import Dataset, make_manifest
+
+    def dataset(name, captions, labels, split, classes):
+        n = len(captions)
+        return Dataset(name=name, manifest=make_manifest(image=np.arange(n), caption=captions, label=np.array(labels),
+                                                         split=[split] * n),
+                       classnames=classes, templates=["{}"], image_size=4, _render=lambda: np.zeros((n, 4, 4, 3), np.uint8))
+
+    train = dataset("folders", ["a red square", "a blue thing", "a blue n02"], [0, 1, 0], "train", ["n01", "n02"])
+    test = dataset("colours", ["red", "blue"], [0, 1], "test", ["red", "blue", "n01"])
+    both = with_zeroshot(train, test)
+    # n01 exists in the evaluation set: kept even though the caption says red; n02 does not: the caption's
+    assert both.split("train")["label"].to_pylist() == [2, 1, 2]
+    assert caption_labels(pa.array(["ΟΔΟΣ x"]), ["ΟΔΟΣ"]).tolist() == [0]  # one lowering for names and captions
+
+
 def test_stacked_images_index_both_arrays():
     a = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)
     b = 100 + np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
@@ -124,6 +142,9 @@ def test_attacks_that_need_classes_run_on_web_pairs(web):
 
 
 def test_zeroshot_input_is_checked(web):
+    with pytest.raises(DataError, match=r"data.zeroshot.size: synthetic has no test split of its own \(1 image drawn\)"):
+        load_dataset(_config(web, data={"dataset": "csv", "path": str(web / "pairs.tsv"), "size": None, "test_size": 4,
+                                        "zeroshot": {"dataset": "synthetic"}}).data_spec())
     with pytest.raises(DataError, match=r"data.zeroshot.path: .*/nowhere does not exist"):
         load_dataset(_config(web, data={"dataset": "csv", "path": str(web / "pairs.tsv"), "size": None, "test_size": 4,
                                         "zeroshot": {"dataset": "imagefolder", "path": str(web / "nowhere")}}).data_spec())

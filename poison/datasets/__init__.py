@@ -70,6 +70,9 @@ class DataSpec:
         return Path(self.cache_dir) / "images" / f"{self.dataset}-{key}.npy"
 
 
+MIN_ZEROSHOT_TEST = 10  # fewer test images than this in a zero-shot set is no evaluation
+
+
 def load_dataset(spec: DataSpec) -> Dataset:
     """Loads the manifest of ``spec.dataset``; images are decoded lazily and cached."""
     if spec.zeroshot is not None:
@@ -78,14 +81,19 @@ def load_dataset(spec: DataSpec) -> Dataset:
         train = load_dataset(dataclasses.replace(spec, zeroshot=None))
         try:
             test = load_dataset(spec.zeroshot)
-        except DataError as err:  # its keys live under data.zeroshot
-            message = str(err)
+        except DataError as err:  # its keys live under data.zeroshot (whose size is the test images)
+            message = str(err).replace("data.test_size", "data.size", 1)
             raise DataError(f"data.zeroshot.{message[5:]}" if message.startswith("data.") else message) from None
+        held = test.split("test").num_rows
+        if spec.zeroshot.test_size is None and held < MIN_ZEROSHOT_TEST:  # a split drawn as 10% of nothing
+            raise DataError(f"data.zeroshot.size: {test.name} has no test split of its own ({held} image drawn); "
+                            "give the number of test images")
         return with_zeroshot(train, test)
     if spec.classes is not None:
         from poison.datasets.zeroshot import caption_classes
 
-        return caption_classes(load_dataset(dataclasses.replace(spec, classes=None)), list(spec.classes))
+        return caption_classes(load_dataset(dataclasses.replace(spec, classes=None)), list(spec.classes),
+                               require=("train", "test") if spec.trusted is None else ())
     loader = DATASETS.get(spec.dataset)
     if spec.trusted is not None and not getattr(loader, "TRUSTED", False):  # never the training pairs again
         raise DataError(f"trusted split: {spec.dataset} cannot keep trusted pairs apart from its training pairs")

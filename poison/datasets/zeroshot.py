@@ -36,7 +36,8 @@ def normalise(name: str) -> str:
         >>> normalise("T-shirt/top"), normalise("  Golden_Retriever "), normalise("Café au lait")
         ('t shirt top', 'golden retriever', 'café au lait')
     """
-    data = np.frombuffer(name.lower().encode(), np.uint8)
+    lowered = pc.utf8_lower(pa.array([name], pa.large_string()))[0].as_py()  # as captions are lowered
+    data = np.frombuffer(lowered.encode(), np.uint8)
     return " ".join(np.where(_SEPARATE[data], np.uint8(32), data).tobytes().decode().split())
 
 
@@ -150,17 +151,19 @@ class StackedImages:
 PROMPTS = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}."]
 
 
-def caption_classes(dataset: Dataset, classnames: list[str]) -> Dataset:
+def caption_classes(dataset: Dataset, classnames: list[str], *,
+                    require: tuple[str, ...] = ("train", "test")) -> Dataset:
     """``dataset`` with ``classnames`` as its zero-shot classes and every pair, training and test,
     labelled with the one class its caption names (:func:`caption_labels`; -1: none or several).
     An image's class is its test caption's; images whose caption names no class take part in
-    retrieval but in no class-based metric."""
+    retrieval but in no class-based metric. Each split in ``require`` must have a caption that
+    names a class (a trusted split, used only to train a reference model, need not)."""
     if dataset.classnames:
         raise DataError(f"data.classes: {dataset.name} has classes of its own ({', '.join(dataset.classnames[:5])}"
                         f"{', ...' if len(dataset.classnames) > 5 else ''}); data.classes is for pairs without")
     labels = caption_labels(dataset.manifest["caption"], classnames)
     manifest = dataset.manifest.set_column(dataset.manifest.schema.get_field_index("label"), "label", pa.array(labels))
-    for split in ("train", "test"):
+    for split in require:
         if not (labels[(dataset.manifest["split"].to_numpy(zero_copy_only=False) == split)] >= 0).any():
             raise DataError(f"data.classes: no {split} caption of {dataset.name} names one of "
                             f"{', '.join(classnames[:5])}{', ...' if len(classnames) > 5 else ''}")
@@ -179,6 +182,9 @@ def with_zeroshot(train: Dataset, test: Dataset) -> Dataset:
         index = {normalise(c): i for i, c in enumerate(test.classnames)}
         mapping = np.array([index.get(normalise(c), -1) for c in train.classnames] + [-1], np.int32)
         labels = mapping[pairs["label"].to_numpy()]  # -1 (unknown) indexes the trailing -1
+        unmapped = labels < 0  # a class the evaluation set lacks, or none: the caption's
+        if unmapped.any():
+            labels[unmapped] = caption_labels(pairs["caption"].filter(pa.array(unmapped)), test.classnames)
     else:
         labels = caption_labels(pairs["caption"], test.classnames)
     offset = int(pc.max(train.manifest["image"]).as_py()) + 1
