@@ -1,8 +1,10 @@
-"""Each attack's packaged preset, trained for real on the CPU through `poisonsweep train`:
+"""An attack's packaged preset, trained for real on the CPU through `poisonsweep train`:
 the attack clearly works (far above the same metric on the clean model) and utility holds.
 
-All presets share one recipe (data, model, train), so the clean model trains once and
-every test reuses it from the shared cache.
+The synthetic presets share one recipe (8,000 pairs, 10 epochs: the clean model alone is
+80,000 samples), so only Yang et al.'s attack III runs here; the backdoor, text backdoor,
+dual backdoor and targeted attack run end to end on web pairs in tests/test_zeroshot.py,
+and every preset's numbers are in the README.
 """
 import json
 from importlib import resources
@@ -29,18 +31,12 @@ def train_preset(kind: str, store, *overrides: str) -> dict:
     return json.loads(out.read_text())
 
 
-# Two presets keep the suite inside its time budget (~90 s each on 2 cores): dual-backdoor
-# exercises both the image backdoor and the text trigger, mm-multi-label Yang et al.'s
-# retrieval poisoning (attacks II/III). The others are measured in the README.
-@pytest.mark.parametrize("kind, floor", [
-    ("dual-backdoor", 0.9),     # mean of the image backdoor's ASR and the text backdoor's hit@1
-    ("mm-multi-label", 0.5),    # hit@10 over both goals' source captions
-])
+# mm-multi-label: Yang et al.'s retrieval poisoning, two goals at once (attack III: attack II's
+# pairs for each goal), hit@10 over both goals' source captions
+@pytest.mark.parametrize("kind, floor", [("mm-multi-label", 0.5)])
 def test_attack_preset_works_without_costing_utility(kind, floor, store):
     m = train_preset(kind, store)
     assert m["attack_success"] >= floor
     assert m["attack_success"] - m["clean_attack_success"] >= 0.5
     assert m["utility_drop"] <= 0.05 and m["clean_utility"] > 0.9
     assert m["poison_count"] > 0 and 0 < m["poison_rate"] < 0.05
-    if kind == "dual-backdoor":  # both halves work, not just their mean
-        assert m["backdoor_asr"] >= 0.9 and m["hit_at_1"] >= 0.9
