@@ -19,7 +19,8 @@ demo: install
 # Two pytest processes side by side, each one torch thread with OpenMP threads that sleep
 # rather than spin: the sweeps' waits (Ray and server start-up, actor imports, the fault
 # tests' kills) overlap the other process's training. SHARD_A holds the long training tests
-# (about half the suite's time, measured); every other test file runs in the second process.
+# and the browser test (about half the suite's time, measured); every other test file runs in
+# the second process.
 # (pytest-xdist's --dist loadfile queued files behind the longest one and left a worker idle.)
 TEST_ENV := OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 SHARD_A  := tests/test_attacks_e2e.py tests/test_budget.py tests/test_trial.py \
