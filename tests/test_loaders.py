@@ -251,6 +251,34 @@ def test_webdataset_pairs_members_by_key_and_skips_the_incomplete(shards):
         assert np.abs(_mean_colour(ds.images[image]) - COLOURS[colour]).max() < 12, caption
 
 
+def test_webdataset_shards_are_indexed_once_per_node(shards, tmp_path, monkeypatch):
+    """With a cache folder each shard's tar headers are read once: a later load reads the
+    cached samples (the same manifest); a shard that changes is read again."""
+    from poison.datasets import shards as webdataset
+
+    spec = DataSpec(dataset="webdataset", path=str(shards), size=None, test_size=2, image_size=16,
+                    cache_dir=str(tmp_path / "cache"))
+    plain = load_dataset(dataclasses.replace(spec, cache_dir=None))  # no cache: as before
+    read: list[str] = []
+    members = webdataset._members
+    monkeypatch.setattr(webdataset, "_members", lambda shard: read.append(shard.name) or members(shard))
+    first = load_dataset(spec)
+    assert first.manifest.equals(plain.manifest)
+    assert sorted(read) == ["00000.tar", "00001.tar"]
+    again = load_dataset(spec)
+    assert sorted(read) == ["00000.tar", "00001.tar"] and again.manifest.equals(first.manifest)
+    assert again.skip_reasons == first.skip_reasons == {"empty_caption": 1, "missing": 1, "undecodable": 1,
+                                                        "malformed": 0}
+    _shard(shards / "00001.tar", {"00020.jpg": _encoded(COLOURS["green"]), "00020.txt": b"a green photo 20"})
+    changed = load_dataset(dataclasses.replace(spec, test_size=1))
+    assert sorted(read) == ["00000.tar", "00001.tar", "00001.tar"]  # only the rewritten shard again
+    assert "a green photo 20" in changed.manifest["caption"].to_pylist()
+    for cached in (tmp_path / "cache" / "webdataset-index").glob("*.arrow"):  # corrupt entries: read again
+        cached.write_bytes(b"not arrow")
+    assert load_dataset(dataclasses.replace(spec, test_size=1)).manifest.equals(changed.manifest)
+    assert sorted(read) == ["00000.tar", "00000.tar", "00001.tar", "00001.tar", "00001.tar"]
+
+
 def test_webdataset_paths_folder_file_brace_and_glob(shards):
     def captions(path: str) -> list[str]:
         spec = DataSpec(dataset="webdataset", path=path, size=None, test_size=2, image_size=8)
