@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -125,8 +125,17 @@ def cached_array(path: Path | None, render: Callable[[], np.ndarray], dtype: typ
             path.unlink(missing_ok=True)  # partial or corrupt: rebuild
     array = np.ascontiguousarray(render(), dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)  # atomic: readers never see a half-written file
+    atomic_write(path, lambda fh: np.save(fh, array))
     return np.load(path, mmap_mode="r")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Calls ``write`` on a new file beside ``path``, then renames it to ``path``: readers never
+    see a half-written file (the caches' entries, checkpoints)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from poison import Dataset, plan_hash
-from poison.manifest import cache_key
+from poison.manifest import atomic_write, cache_key
 from trainers.config import TrialConfig
 from trainers.distributed import Ranks
 from trainers.evaluate import Evaluator
@@ -133,14 +131,9 @@ def _load(folder: Path) -> TrainedModel | None:
 
 
 def _store(folder: Path, model: TrainedModel, meta: dict[str, Any]) -> None:
-    _atomic_write(folder / "model.pt", lambda fh: torch.save(model.state_dict, fh))
+    atomic_write(folder / "model.pt", lambda fh: torch.save(model.state_dict, fh))
     record = {"metrics": model.metrics, "history": model.history, "seconds": model.seconds,
               "samples": model.samples, "data_seconds": model.data_seconds, **meta}
-    _atomic_write(folder / "metrics.json", lambda fh: fh.write(json.dumps(record, indent=1).encode()))
+    atomic_write(folder / "metrics.json", lambda fh: fh.write(json.dumps(record, indent=1).encode()))
 
 
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        write(fh)
-    os.replace(tmp, path)

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from poison.datasets import DataError, DataSpec
-from poison.manifest import Dataset, make_manifest
+from poison.manifest import Dataset, atomic_write, make_manifest
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +286,7 @@ def _read_cache(path: Path, status_path: Path, shape: tuple[int, ...]) -> tuple[
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: np.save(fh, array))
 
 
 @contextlib.contextmanager

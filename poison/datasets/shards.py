@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import glob
 import logging
-import os
 import re
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ import pyarrow.compute as pc
 
 from poison.datasets import DATASETS, DataError, DataSpec
 from poison.datasets.files import IMAGE_EXTENSIONS, load_index, make_index
-from poison.manifest import Dataset, cache_key
+from poison.manifest import Dataset, atomic_write, cache_key
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # preference order when a sample has several
@@ -138,10 +136,12 @@ def shard_samples(shard: Path, cache: Path | None = None) -> pa.Table:
                       "caption": pa.array(captions, pa.string())}, schema=SAMPLES_SCHEMA)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".arrow.tmp")
-        with os.fdopen(fd, "wb") as fh, pa.ipc.new_file(fh, SAMPLES_SCHEMA) as writer:
-            writer.write_table(table)
-        os.replace(tmp, path)
+
+        def write(fh) -> None:
+            with pa.ipc.new_file(fh, SAMPLES_SCHEMA) as writer:
+                writer.write_table(table)
+
+        atomic_write(path, write)
     return table
 
 
