@@ -1,5 +1,6 @@
 """One real trial on CPU, without Ray."""
 import math
+import threading
 
 import pyarrow.compute as pc
 import numpy as np
@@ -189,6 +190,35 @@ def test_trainable_is_validated_and_keys_the_clean_model():
     assert len(set(keys.values())) == 3
 
 
+def test_batches_are_prepared_ahead_in_order_and_a_failure_surfaces_at_its_batch():
+    from trainers.data import prefetched
+
+    started = [threading.Event() for _ in range(6)]
+    names = set()
+
+    def prepare(i):
+        names.add(threading.current_thread().name)
+        started[i].set()
+        if i == 4:
+            raise ValueError("batch 4 is unreadable")
+        return i * 10
+
+    batches = prefetched(prepare, range(6), threads=2)
+    assert next(batches) == 0
+    assert started[1].wait(10) and started[2].wait(10)  # in the making before they are asked for
+    assert not started[3].is_set()  # but no more than `threads` ahead
+    assert [next(batches), next(batches), next(batches)] == [10, 20, 30]
+    with pytest.raises(ValueError, match="batch 4 is unreadable"):
+        next(batches)
+    assert names and all(name.startswith("poisonsweep-loader") for name in names)
+
+    started = [threading.Event() for _ in range(6)]
+    names.clear()
+    inline = prefetched(prepare, range(3), threads=0)
+    assert next(inline) == 0 and not started[1].is_set()  # 0 threads: prepared when asked, here
+    assert names == {threading.current_thread().name} and list(inline) == [10, 20]
+
+
 class _Crash(RuntimeError):
     pass
 
@@ -200,10 +230,12 @@ def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_pa
     objective's state must come back with the checkpoint too."""
     from trainers.resume import FolderCheckpointer, read_state
 
-    config = parse_trial_config({"data": {"size": 256, "test_size": 48},
-                                 "train": {"epochs": 3, "batch_size": 64, "threads": 2}, "attack": backdoor(30),
-                                 "defense": {"kind": "roclip", "pool_size": 100, "period": 3}})
-    whole = run_trial(config, baseline=False)
+    raw = {"data": {"size": 256, "test_size": 48},
+           "train": {"epochs": 3, "batch_size": 64, "threads": 2, "loader_threads": 0}, "attack": backdoor(30),
+           "defense": {"kind": "roclip", "pool_size": 100, "period": 3}}
+    whole = run_trial(parse_trial_config(raw), baseline=False)  # batches prepared in the loop's thread
+    # the interrupted and resumed runs prepare them ahead in 3 threads: the same training
+    config = parse_trial_config({**raw, "train": {**raw["train"], "loader_threads": 3}})
 
     def crash_after_two(epoch):
         if epoch["epoch"] == 2:

@@ -54,10 +54,10 @@ class TrainedModel:
 
 def model_key(config: TrialConfig, plan: pa.Table | None = None, **extra: Any) -> str:
     """Hash of everything that determines the model ``config`` trains without a defense: the
-    resolved seed, data, model and train sections (not the thread count, device or memory layout), the attack
+    resolved seed, data, model and train sections (not the thread counts, device or memory layout), the attack
     and its plan when there is one, the architecture's open_clip config and version, ``extra``."""
     resolved = config.to_dict()
-    for key in ("threads", "device", "memory_format"):  # where and how fast does not change what is trained
+    for key in ("threads", "device", "memory_format", "loader_threads"):  # where and how fast does not change what is trained
         resolved["train"].pop(key)
     for key in ("image_column", "caption_column", "zeroshot", "classes"):  # unset: the keys of caches made before they existed
         if resolved["data"][key] is None:

@@ -5,7 +5,7 @@ Sweep-only sections (search, resources, tracking, storage) live in
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
@@ -90,6 +90,12 @@ class TrainConfig(Section):
     # ResNet trains 1.25x faster: benchmarks/throughput.py); auto: channels_last when the image
     # tower has convolutions beyond a patch embedding (ResNets), contiguous for ViTs
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    # background threads preparing the next batches (reading the image cache, stamping triggers,
+    # normalising, copying to the device) while the model trains on the current one; 0: none,
+    # each batch is prepared in the training thread when it is needed; auto: 1 on a GPU, 0 on
+    # the CPU (where a loader thread competes with torch's own threads for the cores: on this
+    # 2-core machine one cost about 15% of the throughput, benchmarks/throughput.py)
+    loader_threads: Literal["auto"] | Annotated[int, Field(ge=0, le=32)] = "auto"
     # which CLIP towers train; the other stays at its initial (or pretrained) weights:
     # Yang et al.'s frozen-encoder ablation (image / text encoder poisoned alone)
     trainable: Literal["both", "image", "text"] = "both"

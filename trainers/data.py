@@ -5,10 +5,13 @@ and the attack stamps its triggers on a batch's poisoned rows as it loads.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -86,14 +89,42 @@ class TrainingSet:
         """uint8 images (B, H, W, 3) with triggers stamped, and token ids (B, L)."""
         return self.images(rows), self.tokens[self.caption[rows]]
 
-    def epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
-        """Shuffled full batches (a contrastive batch needs its negatives): each its rows,
-        uint8 images (triggers stamped) and token ids."""
+    def epoch(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """The rows of an epoch's shuffled full batches (a contrastive batch needs its negatives);
+        ``batch(rows)`` loads one."""
         order = rng.permutation(len(self))
         usable = len(order) - len(order) % batch_size if len(order) >= batch_size else len(order)
-        for start in range(0, usable, batch_size):
-            rows = order[start : start + batch_size]
-            yield (rows, *self.batch(rows))
+        return [order[start : start + batch_size] for start in range(0, usable, batch_size)]
+
+
+Item, Prepared = TypeVar("Item"), TypeVar("Prepared")
+
+
+def prefetched(prepare: Callable[[Item], Prepared], items: Iterable[Item], threads: int) -> Iterator[Prepared]:
+    """``prepare(item)`` for each item, in order, the next ``threads`` of them prepared ahead in
+    that many background threads while the caller works on the current one (0: each prepared
+    when asked, in the caller's thread). An error in ``prepare`` is raised where its item is
+    taken; items not taken when the caller stops are cancelled (running ones finish first).
+
+    Threads, not processes: a batch is a slice of the memory-mapped image cache with triggers
+    stamped and normalised, numpy and torch work that releases the GIL, so a thread overlaps it
+    with the training step at no copy; on a GPU the host-side work (gathering, stamping,
+    pinning) then runs while the device computes the previous step."""
+    if threads <= 0:
+        yield from map(prepare, items)
+        return
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="poisonsweep-loader") as pool:
+        pending = collections.deque(pool.submit(prepare, item) for item in itertools.islice(items, threads))
+        try:
+            while pending:
+                ready = pending.popleft()
+                for item in itertools.islice(items, 1):  # keep ``threads`` batches in the making
+                    pending.append(pool.submit(prepare, item))
+                yield ready.result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class TokenTable:

@@ -5,6 +5,7 @@ that trains (a reference model, clean fine-tuning): none has a loop of its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from trainers.config import TrainConfig, TrialConfig
-from trainers.data import TrainingSet, to_tensor
+from trainers.data import TrainingSet, prefetched, to_tensor
 from trainers.distributed import Ranks
 from trainers.models import Built
 from trainers.objectives import Objective, Step
@@ -37,7 +38,7 @@ class Fitted:
     last: dict[str, float]  # the last epoch's evaluation
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's report
     seconds: float = 0.0    # training time, evaluation excluded
-    data_seconds: float = 0.0  # the part of it spent getting batches ready (see _next_batch)
+    data_seconds: float = 0.0  # the part of it spent waiting for batches (see _next_batch)
     samples: int = 0
     resumed_from: int = 0   # the saved epoch training went on from (0: none)
 
@@ -59,6 +60,15 @@ def autocast_for(config: TrialConfig, device: torch.device) -> contextlib.Abstra
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def loader_threads(config: TrialConfig, device: torch.device) -> int:
+    """``train.loader_threads``, with auto as 1 on a GPU (the host prepares the next batch while
+    the device computes) and 0 on the CPU (a loader thread would take a core from torch's)."""
+    wanted = config.train.loader_threads
+    if wanted == "auto":
+        return 1 if device.type == "cuda" else 0
+    return wanted
+
+
 def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Callable[[], dict[str, float]],
         rng: np.random.Generator, recipe: TrainConfig | None = None, on_epoch: EpochCallback | None = None,
         first_epoch: int = 1, checkpointer: Checkpointer | None = None,
@@ -77,7 +87,8 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
     In an initialised process group of several ranks it trains data-parallel
     (``trainers.distributed``): each rank computes its slice of every global batch, the
     objective sees the whole batch's features; rank 0 evaluates (every rank gets the result and
-    calls ``on_epoch`` with the same report) and alone saves to the ``checkpointer``.
+    calls ``on_epoch`` with the same report, but for its own ``epoch_seconds`` and
+    ``epoch_data_seconds``) and alone saves to the ``checkpointer``.
     """
     recipe = recipe or config.train
     device, ranks = built.mean.device, Ranks.current()
@@ -95,29 +106,36 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
         objective.load_state_dict(saved.get("objective", {}))
     model = ranks.wrap(built.model, device)  # what forward passes go through
     for epoch in range(first_epoch, last_epoch + 1):
-        start, losses = time.perf_counter(), []
+        start, waited, losses = time.perf_counter(), fitted.data_seconds, []
         objective.start_epoch(epoch, TrainingEmbeddings(built, data, autocast))
         built.model.train()
-        batches = data.epoch(recipe.batch_size, rng)
-        while (batch := _next_batch(batches, to_input, device, fitted, ranks)) is not None:
-            rows, images, x, tokens = batch  # x: this rank's slice; the rest: the global batch
-            with autocast:
-                out = ranks.gather(model(x, tokens[ranks.local(len(rows))]))
-                loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input, rows))
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            with torch.no_grad():  # CLIP clamps the temperature at 100
-                built.model.logit_scale.clamp_(0, math.log(100))
-            losses.append(loss.item())
-            fitted.samples += len(images)
-        fitted.seconds += time.perf_counter() - start
+        prepare = functools.partial(_prepare_batch, data, to_input, device, ranks)
+        previous = None  # the last step's loss, read once the next step is queued (see _finite)
+        with contextlib.closing(prefetched(prepare, data.epoch(recipe.batch_size, rng),
+                                           loader_threads(config, device))) as batches:
+            while (batch := _next_batch(batches, fitted)) is not None:
+                rows, images, x, tokens = batch  # x: this rank's slice; the rest: the global batch
+                with autocast:
+                    out = ranks.gather(model(x, tokens[ranks.local(len(rows))]))
+                    loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input, rows))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                with torch.no_grad():  # CLIP clamps the temperature at 100
+                    built.model.logit_scale.clamp_(0, math.log(100))
+                if previous is not None:
+                    losses.append(_finite(previous, epoch))
+                previous = loss.detach()
+                fitted.samples += len(images)
+        if previous is not None:  # before the epoch is evaluated or saved
+            losses.append(_finite(previous, epoch))
+        seconds = time.perf_counter() - start
+        fitted.seconds += seconds
         fitted.last = ranks.from_lead(evaluate)
-        fitted.history.append({"epoch": epoch, "loss": float(np.mean(losses)), **fitted.last})
+        fitted.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "epoch_seconds": seconds,
+                               "epoch_data_seconds": fitted.data_seconds - waited, **fitted.last})
         if (checkpointer is not None and checkpointer.every and ranks.lead
                 and (epoch % checkpointer.every == 0 or epoch == last_epoch)):
             checkpointer.save({
@@ -173,22 +191,39 @@ def set_memory_format(model: torch.nn.Module, memory_format: str) -> None:
         model.to(memory_format=torch.channels_last)
 
 
-def _next_batch(batches, to_input, device: torch.device, fitted: Fitted, ranks: Ranks = Ranks()):
-    """The next batch as (rows, uint8 images, model input, tokens on the device), or None at the
-    epoch's end; the time it took (reading, stamping triggers, normalising, copying to the
-    device) is added to ``fitted.data_seconds``. With several ranks the model input is this
-    rank's slice only, the rest the global batch (cut to a multiple of the ranks)."""
-    start = time.perf_counter()
-    try:
-        rows, images, tokens = next(batches)
-    except StopIteration:
-        return None
+def _prepare_batch(data: TrainingSet, to_input, device: torch.device, ranks: Ranks, rows: np.ndarray):
+    """The batch of ``rows`` as (rows, uint8 images, model input, tokens on the device): triggers
+    stamped, normalised, copied to the device (run ahead of the loop by ``prefetched``). With
+    several ranks the model input is this rank's slice only, the rest the global batch (cut to
+    a multiple of the ranks). In a loader thread the current CUDA device is the thread's own
+    (device 0): it is set to the batch's device, so that pinning host memory does not make a
+    context on another rank's GPU."""
     if ranks.parallel:
-        n = ranks.usable(len(rows))
-        rows, images, tokens = rows[:n], images[:n], tokens[:n]
-    batch = rows, images, to_input(images[ranks.local(len(rows))]), tokens.to(device, non_blocking=True)
+        rows = rows[: ranks.usable(len(rows))]
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        images, tokens = data.batch(rows)
+        return rows, images, to_input(images[ranks.local(len(rows))]), tokens.to(device, non_blocking=True)
+
+
+def _next_batch(batches, fitted: Fitted):
+    """The next prepared batch, or None at the epoch's end; the time the loop waited for it is
+    added to ``fitted.data_seconds`` (with ``train.loader_threads`` 0: the time it took to
+    prepare, in the loop's own thread)."""
+    start = time.perf_counter()
+    batch = next(batches, None)
     fitted.data_seconds += time.perf_counter() - start
     return batch
+
+
+def _finite(loss: torch.Tensor, epoch: int) -> float:
+    """``loss`` as a float; NonFiniteLossError when it is NaN or infinite. The loop reads each
+    step's loss after queuing the next step, so that on a GPU reading it waits for a step that
+    is done and the device never runs dry (the step that went non-finite has then been applied,
+    and so has the one after it: the trial fails either way, before it evaluates or saves)."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"training loss became {value} in epoch {epoch}")
+    return value
 
 
 def _restore(saved: dict, built: Built, optimizer: torch.optim.Optimizer, schedule, scaler,
