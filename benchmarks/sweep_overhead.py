@@ -170,8 +170,9 @@ def bare_tune(args: argparse.Namespace, sweep: Any, folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def timeline(events: list[tuple[float, int, str]], start: float, end: float, args: argparse.Namespace) -> None:
-    """Where the sweep's wall time went, as the driver saw the trials' events."""
+def timeline(events: list[tuple[float, int, str]], start: float, end: float, args: argparse.Namespace) -> float:
+    """Where the sweep's wall time went, as the driver saw the trials' events; returns the
+    steady state's overhead per trial."""
     first = {n: t for t, n, what in reversed(events) if what == "started"}
     done = {n: t for t, n, what in events if what == "done"}
     ends, starts = sorted(done.values()), sorted(first.values())
@@ -193,6 +194,7 @@ def timeline(events: list[tuple[float, int, str]], start: float, end: float, arg
             steps.setdefault(f"{a} -> {b}", []).append(t1 - t0)
     print(f"  warm trials, as the driver saw them (each epoch is {args.work / args.epochs:g} s of work): "
           + ", ".join(f"{k} {sum(v) / len(v):.2f} s" for k, v in steps.items()))
+    return steady
 
 
 def check_mlflow(uri: str, outcome: Any, sweep: Any, record: Path, trials: int, epochs: int) -> list[str]:
@@ -298,7 +300,11 @@ def main() -> None:
     print(f"{'':20s} {'wall s':>8s} {'overhead s/trial':>17s} {'wall/ideal':>11s}")
     for name, wall in rows:
         print(f"{name:20s} {wall:8.1f} {(wall - ideal) / args.trials:17.3f} {wall / ideal:11.2f}")
-    timeline(events, start, end, args)
+    steady = timeline(events, start, end, args)
+    per_trial = {name: (wall - ideal) / args.trials for name, wall in rows}
+    print(f"target: scheduler plus logging at most 0.50 s per trial; steady state {steady:.2f} s, trials phase "
+          f"{per_trial['poisonsweep trials']:.2f} s, whole call {per_trial['poisonsweep sweep']:.2f} s (with the "
+          f"launch's start-up, spread over {args.trials} trials)")
     problems = check_mlflow(uri, outcome, sweep, record, args.trials, args.epochs)
     finished = sum(r.status == "FINISHED" for r in outcome.rows)
     print(f"\nMLflow: {finished}/{args.trials} trials finished; "

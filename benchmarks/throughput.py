@@ -9,11 +9,15 @@ epoch in that worker); a poisonsweep trial decodes the files once into its memor
 cache (before training: not counted), then stamps, normalises and batches in the training
 process.
 
-Measured per program, over its last epoch (``--epochs``, default 2: the first pays for worker and
-allocator start-up): samples/s = batch / mean step time, and the data pipeline's share of the
-step time (open_clip_train: its own ``Data (t)``, the wait for the loader; poisonsweep: the
-trial's ``data_seconds``: reading, stamping, normalising). The programs alternate ``--rounds``
-times (default 2) and the medians are compared.
+Measured per program over its last epoch (``--epochs``, default 2: the first pays for worker and
+allocator start-up): samples/s = the epoch's samples / its training time (open_clip_train: the
+sum of its per-step ``Batch (t)``, logged every step; poisonsweep: the epoch's
+``epoch_seconds``), and the data pipeline's share of that time (open_clip_train: its
+``Data (t)``, the wait for the loader; poisonsweep: ``epoch_data_seconds``, the wait for the
+next batch). The poisonsweep trial runs twice per round: with its default
+``train.loader_threads: auto`` (on the CPU 0: each batch prepared in the training thread,
+between steps) and with 1 (batches prepared ahead in a background thread, the default on a
+GPU). The programs alternate ``--rounds`` times (default 2) and the medians are compared.
 
 Run: .venv/bin/python benchmarks/throughput.py [--pairs 6000] [--epochs 2] [--rounds 2] [--threads 2]
 """
@@ -45,15 +49,13 @@ main(sys.argv[2:])
 """
 
 TRIAL = """
-import json, sys, time, torch
+import json, sys
 from trainers import parse_trial_config, run_trial
-from trainers.config import TrialConfig
 raw = json.loads(sys.argv[1])
 config = parse_trial_config(raw)
 per_epoch = []
-start = [time.perf_counter()]
 result = run_trial(config, cache_dir=sys.argv[2], baseline=False, on_epoch=lambda e: per_epoch.append(e))
-print("RESULT " + json.dumps(result.metrics))
+print("RESULT " + json.dumps([result.metrics, per_epoch[-1]]))
 """
 
 
@@ -87,25 +89,34 @@ def run_open_clip_train(csv_path: Path, logs: Path, epochs: int, threads: int) -
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if f"Train Epoch: {epochs - 1} " in l]
     if proc.returncode or not lines:
         raise RuntimeError(f"open_clip_train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    last = lines[-1]
-    data_t = float(re.search(r"Data \(t\): ([0-9.]+)", last).group(1))
-    batch_t = float(re.search(r"Batch \(t\): ([0-9.]+)", last).group(1))
-    return {"samples_per_second": BATCH / batch_t, "data_fraction": data_t / batch_t}
+    # one line per step (--log-every-n-steps 1): its meters are reset after each line, so each
+    # line's times are that step's
+    data_t = sum(float(re.search(r"Data \(t\): ([0-9.]+)", line).group(1)) for line in lines)
+    batch_t = sum(float(re.search(r"Batch \(t\): ([0-9.]+)", line).group(1)) for line in lines)
+    last = float(re.search(r"Batch \(t\): ([0-9.]+)", lines[-1]).group(1))
+    return {"samples_per_second": BATCH * len(lines) / batch_t, "data_fraction": data_t / batch_t,
+            "last_step_samples_per_second": BATCH / last}
 
 
-def run_poisonsweep(csv_path: Path, cache: Path, pairs: int, epochs: int, threads: int) -> dict[str, float]:
+def run_poisonsweep(csv_path: Path, cache: Path, pairs: int, epochs: int, threads: int,
+                    loader_threads: int | str) -> dict[str, float]:
     raw = {"seed": 0, "data": {"dataset": "csv", "path": str(csv_path), "size": pairs - 256, "test_size": 256,
                                "image_size": 32},
            "model": {"arch": "tiny-rn"}, "train": {"epochs": epochs, "batch_size": BATCH, "lr": 2e-3,
-                                                    "threads": threads, "precision": "fp32"}}
+                                                    "threads": threads, "precision": "fp32",
+                                                    "loader_threads": loader_threads}}
     env = {"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", TRIAL, json.dumps(raw), str(cache)], capture_output=True,
                           text=True, env=env, cwd=ROOT)
     result = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not result:
         raise RuntimeError(f"poisonsweep trial failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    m = json.loads(result[0][len("RESULT "):])
-    return {"samples_per_second": m["samples_per_second"], "data_fraction": m["data_seconds"] / m["train_seconds"]}
+    m, last = json.loads(result[0][len("RESULT "):])
+    if m.get("clean_cache_hit"):
+        raise RuntimeError("the trial found its model in the cache: nothing was trained")
+    per_epoch = m["samples_per_second"] * m["train_seconds"] / epochs  # every epoch: the same full batches
+    return {"samples_per_second": per_epoch / last["epoch_seconds"],
+            "data_fraction": last["epoch_data_seconds"] / last["epoch_seconds"]}
 
 
 def main() -> None:
@@ -118,11 +129,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         csv_path = write_csv(folder / "data", args.pairs)
-        runs: dict[str, list[dict[str, float]]] = {"open_clip_train": [], "poisonsweep": []}
+        runs: dict[str, list[dict[str, float]]] = {"open_clip_train": [], "poisonsweep": [],
+                                                    "poisonsweep, loader_threads 1": []}
         for r in range(args.rounds):
             runs["open_clip_train"].append(run_open_clip_train(csv_path, folder / "logs", args.epochs, args.threads))
-            runs["poisonsweep"].append(run_poisonsweep(csv_path, folder / "cache", args.pairs, args.epochs,
-                                                       args.threads))
+            for name, loader_threads in (("poisonsweep", "auto"), ("poisonsweep, loader_threads 1", 1)):
+                # a cache of its own: a trial finding this model in the cache would replay its epochs
+                cache = folder / f"cache-{len(runs[name])}-{loader_threads}"
+                runs[name].append(run_poisonsweep(csv_path, cache, args.pairs, args.epochs, args.threads,
+                                                  loader_threads))
             print(f"round {r + 1}: " + "; ".join(
                 f"{k} {v[-1]['samples_per_second']:.0f} samples/s, data {v[-1]['data_fraction']:.1%}"
                 for k, v in runs.items()), flush=True)
@@ -130,7 +145,9 @@ def main() -> None:
     print(f"\n{args.pairs:,} pairs at 32 px, tiny-rn, batch {BATCH}, fp32, {args.threads} torch threads, "
           f"medians of {args.rounds} rounds:")
     for k, v in med.items():
-        print(f"  {k:16s} {v['samples_per_second']:7.0f} samples/s   data pipeline {v['data_fraction']:6.1%} of step time")
+        print(f"  {k:30s} {v['samples_per_second']:7.0f} samples/s   data pipeline {v['data_fraction']:6.1%} of step time")
+    print(f"  (open_clip_train's last step alone: {med['open_clip_train']['last_step_samples_per_second']:.0f} "
+          "samples/s; its loader worker has then run out of work and no longer competes for the CPU)")
     ratio = med["poisonsweep"]["samples_per_second"] / med["open_clip_train"]["samples_per_second"]
     print(f"  ratio poisonsweep / open_clip_train: {ratio:.2f}x  (target >= 1.5x; data pipeline < 10%)")
 
