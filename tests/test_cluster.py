@@ -198,8 +198,20 @@ class _Cluster:
             "--head", f"--port={self.gcs}", "--num-cpus=1", "--num-gpus=0", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard}", f"--ray-client-server-port={_free_port()}"])
 
-    def start_gpu_node(self) -> subprocess.Popen:
-        return self._ray_start("gpu", [f"--address=127.0.0.1:{self.gcs}", "--num-cpus=2", "--num-gpus=1"])
+    def start_gpu_node(self, cpus: int = 2, gpus: int = 1) -> subprocess.Popen:
+        return self._ray_start("gpu", [f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={cpus}", f"--num-gpus={gpus}"])
+
+    def kill_node(self, node: subprocess.Popen) -> list[int]:
+        """SIGKILLs every process of ``node`` (its ``ray start``, raylet and workers: they share
+        its session), as when a machine is lost; returns their pids."""
+        pids = [pid for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()) if _session(pid) == node.pid]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        node.wait(30)
+        return pids
 
     def start_mlflow(self) -> subprocess.Popen:
         self.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: six processes fewer
@@ -348,6 +360,65 @@ def test_a_submitted_sweep_runs_its_trials_on_the_gpu_node_into_an_mlflow_server
         assert all("attack_success" in c.data.metrics for c in children)
         assert _placement(cluster) == {"trials": {"gpu"}, "clean model": {"gpu"}, "driver": {"head"}}
         lap("checks")
+    finally:
+        cluster.stop()
+        lap("teardown")
+        print(lap)
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_trial_its_trial_resumes_elsewhere_from_its_checkpoint(tmp_path):
+    """Two trials on a head and a second node of one CPU each, one trial per node; the second
+    node is SIGKILLed (raylet, workers and all) once both trials have checkpointed epoch 2. Its
+    trial is retried on the head from that checkpoint, the other is not disturbed, and MLflow
+    ends with one complete child run per trial."""
+    from tests.test_faults import Launch
+
+    lap = _Laps()
+    epochs = 8
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        **SWEEP, "name": "lost-node", "storage": {"path": str(tmp_path / "results")},
+        "train": {"epochs": epochs, "batch_size": 64, "lr": 2.0e-3},
+        "search": {"num_samples": 2, "max_concurrent": 2, "max_failures": 1},
+        "resources": {"cpu": 1}}))
+    cluster = _Cluster(tmp_path)
+    # the GCS declares a silent node dead after 3 missed health checks 0.5 s apart (default: 5, 3 s)
+    cluster.env.update(RAY_health_check_period_ms="500", RAY_health_check_timeout_ms="500",
+                       RAY_health_check_failure_threshold="3")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        head = cluster.start_head()
+        _wait("the Ray head's GCS", lambda: socket.create_connection(("127.0.0.1", cluster.gcs), 1), 60, [head])
+        second = cluster.start_gpu_node(cpus=1, gpus=0)
+        _wait("the second node", lambda: len(cluster.nodes()) == 2, 60, [head, second])
+        lap("cluster up")
+        launch = Launch(str(config), "--address", f"127.0.0.1:{cluster.gcs}", "--tracking-uri", uri, env=cluster.env)
+        try:
+            for trial in (1, 2):  # once epoch 3 is reported, epoch 2's checkpoint is registered
+                if not any(f"trial {trial}/2 epoch 3/{epochs}" in line for line in launch.lines):
+                    launch.wait_for(f"trial {trial}/2 epoch 3/{epochs}", timeout=240)
+            lap("both trials past epoch 2")
+            assert cluster.kill_node(second)
+            assert launch.finish(timeout=300) == 0, "".join(launch.lines[-40:])
+            lap("sweep finished without the node")
+        finally:
+            if launch.proc.poll() is None:
+                launch.kill_all()
+        out = "".join(launch.lines)
+        assert out.count("retrying from its last checkpoint (failure 1 of 1 allowed)") == 1, out[-3000:]
+        assert "2 trials finished, 0 failed" in out
+
+        client, parent, children = launch_runs(uri, "lost-node", "sweep")
+        assert parent.info.status == "FINISHED" and len(children) == 2
+        for child in children:
+            assert child.info.status == "FINISHED"
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+            assert steps == list(range(1, epochs + 1))  # every epoch once, though one trial trained on two nodes
+        # the lost trial went on from its checkpoint; the head's trial ran once, from the start
+        resumed = [c.data.metrics["resumed_from_epoch"] for c in children if "resumed_from_epoch" in c.data.metrics]
+        assert len(resumed) == 1 and resumed[0] >= 2, resumed
+        assert [n["is_head_node"] for n in cluster.nodes()] == [True]  # the sweep ended on the head alone
     finally:
         cluster.stop()
         lap("teardown")

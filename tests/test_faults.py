@@ -58,9 +58,9 @@ def _children(pid: int) -> dict[int, str]:
 class Launch:
     """``poisonsweep run`` in its own process group, its output read line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
         self.lines: list[str] = []
 
     def wait_for(self, text: str, timeout: float = 300) -> None:
