@@ -219,6 +219,48 @@ def test_batches_are_prepared_ahead_in_order_and_a_failure_surfaces_at_its_batch
     assert names == {threading.current_thread().name} and list(inline) == [10, 20]
 
 
+@pytest.mark.parametrize("arch", ["tiny-rn", "tiny-vit"])
+def test_the_text_tower_computes_the_same_on_batches_cut_to_their_longest_caption(arch):
+    from trainers.models import ShortContextCLIP, build_model
+
+    built = build_model(arch, None, device=torch.device("cpu"), image_size=32)
+    model = built.model
+    assert isinstance(model, ShortContextCLIP)
+    tokens = built.tokenize(["a red square", "a photo of a small blue circle on the left"])
+    longest = int((tokens != 0).sum(1).max())  # start token, words, end token
+    assert longest < tokens.shape[1]
+    cut = built.text_input(tokens)
+    assert torch.equal(cut, tokens[:, :longest])
+    # the same features and the same gradients, up to float rounding
+    weights = torch.randn(model.text_projection.shape[1], generator=torch.Generator().manual_seed(0))
+    grads = []
+    for batch in (tokens, cut):
+        model.zero_grad()
+        features = model.encode_text(batch, normalize=True)
+        (features @ weights).sum().backward()
+        grads.append((features.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_grads), (short, short_grads) = grads
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+    assert full_grads.keys() == short_grads.keys() and "positional_embedding" in full_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(short_grads[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
+    for g in (full_grads, short_grads):  # the padding's positions never mattered, cut or not
+        assert not g["positional_embedding"][longest:].any()
+
+
+def test_a_text_tower_that_pools_the_last_position_keeps_its_full_context():
+    import open_clip
+    from trainers.models import Built, ShortContextCLIP, build_model
+
+    text_cfg = {**open_clip.get_model_config("tiny-rn")["text_cfg"], "pool_type": "last"}
+    model = open_clip.model.CLIP(embed_dim=64, vision_cfg=open_clip.get_model_config("tiny-rn")["vision_cfg"],
+                                 text_cfg=text_cfg)
+    assert not ShortContextCLIP.takes(model)  # its features are the padding's last position's
+    tokens = build_model("tiny-rn", None, device=torch.device("cpu"), image_size=32).tokenize(["a red square"])
+    built = Built(model=model, tokenize=None, mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1), image_size=32)
+    assert torch.equal(built.text_input(tokens), tokens)
+
+
 class _Crash(RuntimeError):
     pass
 

@@ -37,10 +37,9 @@ class Evaluator:
     @torch.no_grad()
     def texts(self, captions: list[str]) -> np.ndarray:
         model = self.built.model.eval()
-        device = self.built.mean.device
         out = []
         for s in range(0, len(captions), self.batch_size):
-            tokens = self.built.tokenize(captions[s : s + self.batch_size]).to(device)
+            tokens = self.built.text_input(self.built.tokenize(captions[s : s + self.batch_size]))
             with self._ctx():
                 out.append(model.encode_text(tokens, normalize=True).float().cpu())
         return torch.cat(out).numpy()
@@ -50,12 +49,11 @@ class Evaluator:
         """L2-normalised embeddings of every row of ``tokens`` (a ``trainers.data.TokenTable`` or a
         tensor of token ids), in batches: captions already tokenized, not tokenized again."""
         model = self.built.model.eval()
-        device = self.built.mean.device
         out = []
         for s in range(0, len(tokens), self.batch_size):
             batch = tokens[np.arange(s, min(s + self.batch_size, len(tokens)))]
             with self._ctx():
-                out.append(model.encode_text(batch.to(device), normalize=True).float().cpu())
+                out.append(model.encode_text(self.built.text_input(batch), normalize=True).float().cpu())
         return torch.cat(out).numpy()
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:

@@ -109,7 +109,7 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
         start, waited, losses = time.perf_counter(), fitted.data_seconds, []
         objective.start_epoch(epoch, TrainingEmbeddings(built, data, autocast))
         built.model.train()
-        prepare = functools.partial(_prepare_batch, data, to_input, device, ranks)
+        prepare = functools.partial(_prepare_batch, data, built, ranks)
         previous = None  # the last step's loss, read once the next step is queued (see _finite)
         with contextlib.closing(prefetched(prepare, data.epoch(recipe.batch_size, rng),
                                            loader_threads(config, device))) as batches:
@@ -176,7 +176,7 @@ class TrainingEmbeddings:
                 batch, tokens = data.batch(rows)
                 x = to_tensor(batch, self.built.mean, self.built.std)
                 images.append(model.encode_image(x, normalize=True).float())
-                texts.append(model.encode_text(tokens.to(x.device), normalize=True).float())
+                texts.append(model.encode_text(self.built.text_input(tokens), normalize=True).float())
         return torch.cat(images), torch.cat(texts)
 
 
@@ -191,18 +191,20 @@ def set_memory_format(model: torch.nn.Module, memory_format: str) -> None:
         model.to(memory_format=torch.channels_last)
 
 
-def _prepare_batch(data: TrainingSet, to_input, device: torch.device, ranks: Ranks, rows: np.ndarray):
+def _prepare_batch(data: TrainingSet, built: Built, ranks: Ranks, rows: np.ndarray):
     """The batch of ``rows`` as (rows, uint8 images, model input, tokens on the device): triggers
-    stamped, normalised, copied to the device (run ahead of the loop by ``prefetched``). With
-    several ranks the model input is this rank's slice only, the rest the global batch (cut to
-    a multiple of the ranks). In a loader thread the current CUDA device is the thread's own
-    (device 0): it is set to the batch's device, so that pinning host memory does not make a
-    context on another rank's GPU."""
+    stamped, normalised, copied to the device (run ahead of the loop by ``prefetched``); tokens
+    as ``built.text_input`` gives them. With several ranks the model input is this rank's slice
+    only, the rest the global batch (cut to a multiple of the ranks). In a loader thread the
+    current CUDA device is the thread's own (device 0): it is set to the batch's device, so that
+    pinning host memory does not make a context on another rank's GPU."""
     if ranks.parallel:
         rows = rows[: ranks.usable(len(rows))]
+    device = built.mean.device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         images, tokens = data.batch(rows)
-        return rows, images, to_input(images[ranks.local(len(rows))]), tokens.to(device, non_blocking=True)
+        x = to_tensor(images[ranks.local(len(rows))], built.mean, built.std)
+        return rows, images, x, built.text_input(tokens, non_blocking=True)
 
 
 def _next_batch(batches, fitted: Fitted):
