@@ -120,7 +120,7 @@ SWEEP = {
     "train": {"epochs": 1, "batch_size": 64, "lr": 2.0e-3},
     "attack": {**backdoor(), "poison_count": {"low": 10, "high": 80, "log": True, "default": 30}},
     "search": {"num_samples": 2, "max_concurrent": 2},
-    "resources": {"cpu": 1, "gpu": 1},  # only the second node has a GPU
+    "resources": {"cpu": 1, "gpu": 0.5},  # only the second node has a GPU: both trials share it
 }
 
 
@@ -359,6 +359,9 @@ def test_a_submitted_sweep_runs_its_trials_on_the_gpu_node_into_an_mlflow_server
         assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
         assert all("attack_success" in c.data.metrics for c in children)
         assert _placement(cluster) == {"trials": {"gpu"}, "clean model": {"gpu"}, "driver": {"head"}}
+        # half a GPU each: the node's one GPU held both trials at once
+        first, second = sorted(children, key=lambda c: c.info.start_time)
+        assert second.info.start_time < first.info.end_time, [(c.info.start_time, c.info.end_time) for c in children]
         lap("checks")
     finally:
         cluster.stop()
