@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from sweeps.cli import main
-from tests.conftest import backdoor, launch_runs
+from tests.conftest import backdoor, free_port, launch_runs
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright cannot download its own browser here
 EXPERIMENT = "browser"
@@ -92,11 +91,6 @@ def _require_chromium() -> None:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM to the server's process group (poisonsweep, mlflow, uvicorn), SIGKILL to what stays."""
@@ -117,7 +111,7 @@ def ui_server(tmp_path_factory):
     """The MLflow UI over a fresh SQLite store, launched beside ray.init and up while the sweep runs."""
     _require_chromium()
     folder = tmp_path_factory.mktemp("browser")
-    uri, port, log = f"sqlite:///{folder / 'mlflow.db'}", _free_port(), folder / "ui.log"
+    uri, port, log = f"sqlite:///{folder / 'mlflow.db'}", free_port(), folder / "ui.log"
     with ThreadPoolExecutor(1) as pool:
         server = Server(uri=uri, url=f"http://127.0.0.1:{port}", log=log, clock=Clock(),
                         launch=pool.submit(_launch_ui, uri, port, log))

@@ -2,7 +2,6 @@
 group train on the same global batches as one process, and end with the same model."""
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from trainers.distributed import Ranks
 from trainers.loop import BATCH_STREAM, fit
 from trainers.models import build_model
 from trainers.resume import FolderCheckpointer
+from tests.conftest import free_port
 
 # tiny-vit: no BatchNorm, so two ranks compute what one process does (up to summation order);
 # 160 training pairs in batches of 32: 5 steps an epoch
@@ -53,15 +53,10 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_gloo_ranks_train_the_model_one_process_trains(tmp_path):
-    ranks = mp.start_processes(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn",
+    ranks = mp.start_processes(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn",
                                join=False)
     alone, alone_reports = train()  # while the two ranks start (importing torch takes them seconds)
     while not ranks.join():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from sweeps.cli import main
-from tests.conftest import backdoor, launch_runs
+from tests.conftest import backdoor, free_port, launch_runs
 
 TINY = {
     "seed": 0,
@@ -145,17 +144,12 @@ def test_a_killed_worker_and_a_killed_driver_lose_nothing(tmp_path, ray_local, c
     assert "nothing to resume" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class TrackingServer:
     """``mlflow server`` on loopback over a SQLite store, stopped and started again at will."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.port, self.proc = folder, _free_port(), None
+        self.folder, self.port, self.proc = folder, free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -164,7 +158,8 @@ class TrackingServer:
             [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
              "--artifacts-destination", str(self.folder / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: fewer processes
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -182,37 +177,54 @@ class TrackingServer:
 
 
 @pytest.mark.slow
-def test_a_tracking_server_down_mid_sweep_loses_nothing(tmp_path, ray_local, capsys):
-    """The MLflow server dies during trial 1 and stays down to the end: the sweep still runs
-    every trial, says how to sync, and ``poisonsweep sync`` then writes exactly what Tune
-    recorded (no run twice, no epoch twice) once the server is back."""
+def test_a_tracking_server_down_mid_sweep_loses_nothing(tmp_path, ray_local, monkeypatch):
+    """The MLflow server dies during trial 1 and is back when trial 2 starts: the driver writes
+    what MLflow missed from Tune's storage as soon as it answers (live writes pause 1 s after a
+    failure here, 15 s by default). It dies again during trial 2 and stays down to the end: the
+    sweep still runs every trial, says how to sync, and ``poisonsweep sync`` then writes exactly
+    what Tune recorded once the server is back (no run twice, no epoch twice)."""
+    import functools
+
+    import sweeps.driver
+    from sweeps.config import load_config
+    from sweeps.driver import run_sweep
+    from sweeps.sync import Backoff
+
+    monkeypatch.setattr(sweeps.driver, "Backoff", functools.partial(Backoff, seconds=1.0))
     server = TrackingServer(tmp_path)
     server.start()
     lines: list[str] = []
-    from sweeps.config import load_config
-    from sweeps.driver import run_sweep
-
     sweep = load_config(_write(tmp_path, "outage", train={**TINY["train"], "epochs": 2}))
 
     def printer(line: str) -> None:
         lines.append(line)
-        if "trial 1/2 epoch 1/2" in line:
-            server.stop()  # after trial 1's run and first epoch reached MLflow
+        if "trial 1/2 epoch 1/2" in line or "trial 2/2 epoch 1/2" in line:
+            server.stop()  # after the trial's run and first epoch reached MLflow
+        elif "trial 2/2 started" in line:
+            server.start()  # the driver waits for it here; trial 2 goes on once it answers
+
+    def check(client, child, row) -> None:
+        assert child.info.status == "FINISHED" and child.data.tags["trial_id"] == row.trial_id
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2]
+        assert child.data.metrics["attack_success"] == row.metrics["attack_success"]
+        assert {"poison_plan.parquet", "trial_config.yaml"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
     try:
         outcome = run_sweep(sweep, tracking_uri=server.uri, printer=printer)
-        assert not outcome.synced and [r.status for r in outcome.rows] == ["FINISHED", "FINISHED"]
+        assert not outcome.synced and [r.status for r in outcome.rows] == ["FINISHED"] * 2
         out = "\n".join(lines)
-        assert "MLflow unreachable" in out and f"poisonsweep sync {outcome.folder}" in out
+        assert out.count("MLflow unreachable (") >= 2 and f"poisonsweep sync {outcome.folder}" in out
+        back = out.index("MLflow answers again")  # caught up while the sweep ran
+        assert out.index("trial 2/2 started") < back < out.index("trial 2/2 epoch 1/2")
         server.start()
+        client, parent, children = launch_runs(server.uri, "outage", "sweep")
+        first = min(children, key=lambda c: c.info.run_name)
+        check(client, first, outcome.rows[0])  # trial 1 is complete already, without a sync
         assert main(["sync", outcome.folder, "--tracking-uri", server.uri]) == 0
         assert main(["sync", outcome.folder, "--tracking-uri", server.uri]) == 0  # idempotent
         client, parent, children = launch_runs(server.uri, "outage", "sweep")
         assert parent.info.status == "FINISHED" and len(children) == 2
         assert "trials.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
         for child, row in zip(sorted(children, key=lambda c: c.info.run_name), outcome.rows):
-            assert child.info.status == "FINISHED" and child.data.tags["trial_id"] == row.trial_id
-            assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2]
-            assert child.data.metrics["attack_success"] == row.metrics["attack_success"]
-            assert {"poison_plan.parquet", "trial_config.yaml"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+            check(client, child, row)
     finally:
         server.stop()

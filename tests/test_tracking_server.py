@@ -1,5 +1,4 @@
 """The MLflow layer against a real tracking server on loopback, over HTTP."""
-import socket
 import subprocess
 import sys
 import time
@@ -11,13 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from sweeps.config import validate_config
 from sweeps.tracking import Tracker
-from tests.conftest import backdoor
+from tests.conftest import backdoor, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
