@@ -374,11 +374,10 @@ def test_a_node_lost_mid_trial_its_trial_resumes_elsewhere_from_its_checkpoint(t
     from tests.test_faults import Launch
 
     lap = _Laps()
-    epochs = 6
+    epochs = 8  # room after epoch 3: at 6 epochs of 256 pairs one CI run's second-node trial ended first
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({
         **SWEEP, "name": "lost-node", "storage": {"path": str(tmp_path / "results")},
-        "data": {"size": 256, "test_size": 48},
         "train": {"epochs": epochs, "batch_size": 64, "lr": 2.0e-3},
         "search": {"num_samples": 2, "max_concurrent": 2, "max_failures": 1},
         "resources": {"cpu": 1}}))
