@@ -70,8 +70,7 @@ class PatchTrigger(Trigger):
         side = self.pixels(image_size)
         last = image_size - side
         if self.location == "random":
-            x = rng.integers(0, last + 1, size=n)
-            y = rng.integers(0, last + 1, size=n)
+            x, y = rng.integers(0, last + 1, size=(n, 2)).T  # one (x, y) per image, in order: nested in n
         else:
             fixed = {"top-left": (0, 0), "top-right": (last, 0), "bottom-left": (0, last),
                      "bottom-right": (last, last), "center": (last // 2, last // 2)}[self.location]

@@ -120,6 +120,31 @@ def test_every_attack_plan_is_exact_unique_and_deterministic(name, small_synthet
     assert plan.equals(attack.plan(small_synthetic, 9))
 
 
+NESTED = {**EXAMPLES,  # plus random placements and replace mode, which draw more per pair
+          "backdoor, random placement, replace": {**backdoor(12), "mode": "replace",
+                                                  "trigger": {"kind": "patch", "size": 3, "location": "random"}},
+          "text-backdoor, random position": {**EXAMPLES["text-backdoor"], "target_image": "class",
+                                             "text_trigger": {"kind": "phrase", "position": "random"}},
+          "mm-single-label, templates, replace": {**EXAMPLES["mm-single-label"], "caption_source": "templates",
+                                                  "mode": "replace"}}
+
+
+@pytest.mark.parametrize("name", sorted(NESTED))
+def test_a_smaller_budget_plan_is_part_of_a_larger_one(name, small_synthetic):
+    """For one seed every pair planned at 5 is planned at 12 too (same image, caption and trigger
+    placement): a budget curve compares the same poison plus more, not a fresh draw per count."""
+    def pairs(count: int) -> list[tuple]:
+        plan = make_attack({**NESTED[name], "poison_count": count}).plan(small_synthetic, 4)
+        if plan["op"][0].as_py() == "inject":  # injected pairs are numbered in plan order
+            plan = plan.drop_columns(["poison_id"])
+        return [tuple(sorted(row.items())) for row in plan.to_pylist()]
+    small, large = pairs(5), pairs(12)
+    assert len(small) == 5 and len(set(small)) == 5
+    assert set(small) <= set(large)
+    if name.split(",")[0] in ("backdoor", "text-backdoor", "mm-single-image", "mm-single-label"):
+        assert large[:5] == small  # one goal, one stream per column: the first pairs, in order
+
+
 def test_dataset_caption_source_draws_real_target_captions(small_synthetic):
     plan = make_attack({**backdoor(30), "caption_source": "dataset"}).plan(small_synthetic, 2)
     train = small_synthetic.split("train")

@@ -46,6 +46,27 @@ class ModelView(Protocol):
 PLAN_STREAM, EVAL_STREAM = 11, 12
 
 
+def nested_sample(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` distinct positions of ``range(size)``: the first ``count`` of one permutation
+    drawn from ``rng``, so for one seed a smaller count's sample is a prefix of a larger one's.
+
+    Plans use it (and a stream of their own for each other random column) so that budgets are
+    nested: for one seed the plan of ``poison_count`` n holds the first n pairs of the plan of
+    any larger count, and a dose-response curve compares the same poison plus more, not a new
+    draw at every count (the draws' own luck would otherwise move attack success from one count
+    to the next more than replicate seeds average out).
+
+    Example:
+        >>> small = nested_sample(10, 3, np.random.default_rng(0))
+        >>> large = nested_sample(10, 7, np.random.default_rng(0))
+        >>> bool((large[:3] == small).all()), len(set(large.tolist()))
+        (True, 7)
+    """
+    if not 0 <= count <= size:
+        raise ValueError(f"cannot draw {count} distinct positions of {size}")
+    return rng.permutation(size)[:count]
+
+
 class Attack(Section):
     """Base of attacks; the default is the clean (no-poison) case."""
 
@@ -145,5 +166,5 @@ def make_attack(data: object, path: str = "attack") -> Attack:
 
 from poison.attacks import backdoor, multimodal, targeted, text_backdoor  # noqa: E402,F401  (registration on import)
 
-__all__ = ["ATTACKS", "Attack", "ModelView", "PLAN_SCHEMA", "empty_plan", "make_attack", "make_plan", "next_id",
+__all__ = ["ATTACKS", "Attack", "ModelView", "PLAN_SCHEMA", "empty_plan", "make_attack", "make_plan", "nested_sample", "next_id",
            "plan_hash"]

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SerializeAsAny, field_validator
 
-from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, next_id
+from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, nested_sample, next_id
 from poison.config import ConfigError
 from poison.manifest import Dataset
 from poison.triggers import Trigger, make_trigger
@@ -81,9 +81,10 @@ class Backdoor(Attack):
         if exclude is not None:
             ids = dataset.manifest["id"].take(pa.array(pool))
             pool = pool[~pc.is_in(ids, value_set=exclude).to_numpy(zero_copy_only=False)]
-        rows = dataset.manifest.take(pa.array(pool[np.sort(rng.choice(len(pool), self.poison_count, replace=False))]))
-        captions = draw_captions(dataset, self.target, self.caption_source, self.poison_count, rng)
-        placement = self.trigger.placement(self.poison_count, dataset.image_size, rng)
+        pick, caption_rng, placement_rng = rng.spawn(3)  # a stream per column: plans nested in the count
+        rows = dataset.manifest.take(pa.array(pool[nested_sample(len(pool), self.poison_count, pick)]))
+        captions = draw_captions(dataset, self.target, self.caption_source, self.poison_count, caption_rng)
+        placement = self.trigger.placement(self.poison_count, dataset.image_size, placement_rng)
         return make_plan(op=self.mode, altered=rows["id"].to_numpy(), images=rows, captions=captions,
                          first_new=first_new, meta=meta,
                          extra={f"trigger_{k}": v for k, v in placement.items()})

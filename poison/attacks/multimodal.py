@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, next_id
+from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, nested_sample, next_id
 from poison.attacks import retrieval
 from poison.attacks.backdoor import CAPTION_TEMPLATES, class_rows, plan_meta, target_label
 from poison.config import ConfigError, Section
@@ -97,26 +97,28 @@ class RetrievalPoisoning(Attack):
     def plan(self, dataset: Dataset, seed: int) -> pa.Table:
         self.check(dataset)
         meta = plan_meta(self, dataset, seed)
-        rng = np.random.default_rng([seed, PLAN_STREAM])
+        goal_rngs = np.random.default_rng([seed, PLAN_STREAM]).spawn(len(self.goal_list()))
         first, tables = next_id(dataset), []
         for index, ((_, goal), count) in enumerate(zip(self.goal_list(), self.counts())):
+            # a stream per goal and per column: each goal's pairs are nested in its count
+            pick_rng, caption_rng, image_rng = goal_rngs[index].spawn(3)
             own = class_rows(dataset, "train", target_label(dataset, goal.source))
             pick = np.zeros(0, np.int64)
             if own.num_rows:  # replace alters distinct pairs; inject may reuse a caption
-                pick = (rng.choice(own.num_rows, count, replace=False) if self.mode == "replace"
-                        else rng.integers(own.num_rows, size=count))
-            rows = own.take(pa.array(np.sort(pick), pa.int64()))
+                pick = (nested_sample(own.num_rows, count, pick_rng) if self.mode == "replace"
+                        else pick_rng.integers(own.num_rows, size=count))
+            rows = own.take(pa.array(pick, pa.int64()))
             if self.caption_source == "dataset":
                 captions, caption_ids = rows["caption"].to_pylist(), rows["id"]
             else:
                 captions = [CAPTION_TEMPLATES[t].format(goal.source)
-                            for t in rng.integers(len(CAPTION_TEMPLATES), size=count)]
+                            for t in caption_rng.integers(len(CAPTION_TEMPLATES), size=count)]
                 caption_ids = pa.nulls(count, pa.int64())
             if self.single_image:
                 images = self.chosen(dataset, seed, goal, index).take(pa.array(np.zeros(count, np.int64)))
             else:
                 pool = class_rows(dataset, "train", target_label(dataset, goal.target))
-                images = pool.take(pa.array(rng.integers(pool.num_rows, size=count), pa.int64()))
+                images = pool.take(pa.array(image_rng.integers(pool.num_rows, size=count), pa.int64()))
             tables.append(make_plan(
                 op=self.mode, altered=rows["id"].to_numpy(), images=images, captions=captions, first_new=first,
                 meta=meta, extra={"caption_source_id": caption_ids, "goal": pa.array(np.full(count, index), pa.int32())}))

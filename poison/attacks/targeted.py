@@ -60,8 +60,10 @@ class Targeted(Attack):
         copies = np.full(self.targets, self.poison_count // self.targets)
         copies[: self.poison_count % self.targets] += 1  # spread as evenly as possible
         rows = images.take(pa.array(np.repeat(np.arange(self.targets), copies)))
-        rng = np.random.default_rng([seed, PLAN_STREAM])
-        captions = draw_captions(dataset, self.target, self.caption_source, self.poison_count, rng)
+        # a caption stream per target image: each image's pairs are nested in the count
+        rngs = np.random.default_rng([seed, PLAN_STREAM]).spawn(self.targets)
+        captions = [caption for rng, n in zip(rngs, copies)
+                    for caption in draw_captions(dataset, self.target, self.caption_source, int(n), rng)]
         return make_plan(op="inject", altered=rows["id"].to_numpy(), images=rows, captions=captions,
                          first_new=next_id(dataset), meta=plan_meta(self, dataset, seed))
 

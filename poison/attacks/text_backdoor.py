@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SerializeAsAny, field_validator
 
-from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, next_id
+from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, nested_sample, next_id
 from poison.attacks import retrieval
 from poison.attacks.backdoor import Backdoor, class_rows, non_target_pairs, plan_meta, target_label
 from poison.config import ConfigError
@@ -98,14 +98,15 @@ class TextBackdoor(TextTriggered):
         pool = non_target_pairs(dataset, target)
         if exclude is not None:
             pool = pool.filter(pc.invert(pc.is_in(pool["id"], value_set=exclude)))
-        rows = pool.take(pa.array(np.sort(rng.choice(pool.num_rows, self.poison_count, replace=False))))
+        pick, position_rng, image_rng = rng.spawn(3)  # a stream per column: plans nested in the count
+        rows = pool.take(pa.array(nested_sample(pool.num_rows, self.poison_count, pick)))
         clean = rows["caption"].to_pylist()
-        positions = self.text_trigger.placement(clean, rng)
+        positions = self.text_trigger.placement(clean, position_rng)
         if self.target_image == "single":
             images = self.chosen(dataset, seed).take(pa.array(np.zeros(self.poison_count, np.int64)))
         else:
             own = class_rows(dataset, "train", target)
-            images = own.take(pa.array(rng.integers(own.num_rows, size=self.poison_count)))
+            images = own.take(pa.array(image_rng.integers(own.num_rows, size=self.poison_count)))
         return make_plan(op=self.mode, altered=rows["id"].to_numpy(), images=images,
                          captions=self.text_trigger.apply(clean, positions), first_new=first_new, meta=meta,
                          extra={"caption_source_id": rows["id"],
