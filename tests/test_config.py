@@ -145,6 +145,8 @@ def test_params_are_the_flattened_full_config():
     (with_(attack={"kind": "none"}), "search.objectives.attack_success: attack.kind 'none' does not report attack_success"),
     (with_(attack={**backdoor(), "poison_count": {"low": 10, "high": 50}}, search={"points": [{"attack.poison_count": 10**6}]}),
      "search.points[0]: attack.poison_count: 1,000,000 exceeds the"),
+    (with_(train={"loader_threads": -1}), "train.loader_threads: 'auto' or a number of threads from 0 to 32, got -1"),
+    (with_(train={"loader_threads": "many"}), "train.loader_threads: 'auto' or a number of threads from 0 to 32, got 'many'"),
 ])
 def test_more_bad_input_is_caught_before_anything_runs(raw, expected):
     assert expected in error_of(raw)

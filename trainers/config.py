@@ -5,7 +5,7 @@ Sweep-only sections (search, resources, tracking, storage) live in
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
@@ -95,7 +95,19 @@ class TrainConfig(Section):
     # each batch is prepared in the training thread when it is needed; auto: 1 on a GPU, 0 on
     # the CPU (where a loader thread competes with torch's own threads for the cores: on this
     # 2-core machine one cost about 15% of the throughput, benchmarks/throughput.py)
-    loader_threads: Literal["auto"] | Annotated[int, Field(ge=0, le=32)] = "auto"
+    loader_threads: Literal["auto"] | int = "auto"
+
+    @field_validator("loader_threads", mode="before")
+    @classmethod
+    def _loader_threads(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 32:
+            raise ValueError("'auto' or a number of threads from 0 to 32")
+        return value
+
     # which CLIP towers train; the other stays at its initial (or pretrained) weights:
     # Yang et al.'s frozen-encoder ablation (image / text encoder poisoned alone)
     trainable: Literal["both", "image", "text"] = "both"

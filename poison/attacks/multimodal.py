@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, nested_sample, next_id
+from poison.attacks import ATTACKS, PLAN_STREAM, Attack, ModelView, make_plan, nested_sample, next_id
 from poison.attacks import retrieval
 from poison.attacks.backdoor import CAPTION_TEMPLATES, class_rows, plan_meta, target_label
 from poison.config import ConfigError, Section

@@ -17,7 +17,7 @@ largest id (true of every architecture open_clip tokenizes itself).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import torch
