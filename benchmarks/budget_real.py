@@ -34,24 +34,25 @@ RECIPE = {
 }
 
 
-def _trial(job: tuple[int, int, str]) -> float:
-    count, seed, cache = job
+def _trial(job: tuple[int, int, str, int]) -> float:
+    count, seed, cache, epochs = job
     from trainers import parse_trial_config, run_trial
 
-    raw = {**RECIPE, "seed": seed, "attack": {**RECIPE["attack"], "poison_count": count}}
+    raw = {**RECIPE, "seed": seed, "attack": {**RECIPE["attack"], "poison_count": count},
+           "train": {**RECIPE["train"], "epochs": epochs}}
     return run_trial(parse_trial_config(raw), cache_dir=cache, baseline=False).metrics["attack_success"]
 
 
 class Oracle:
     """Runs trials ``workers`` at a time, each (count, seed) once."""
 
-    def __init__(self, pool, cache: str) -> None:
-        self.pool, self.cache, self.trained = pool, cache, 0
+    def __init__(self, pool, cache: str, epochs: int) -> None:
+        self.pool, self.cache, self.epochs, self.trained = pool, cache, epochs, 0
         self.results: dict[tuple[int, int], float] = {}
 
     def run(self, points: list[Point]) -> list[float]:
         todo = sorted({(p.count, p.seed) for p in points} - self.results.keys())
-        for key, value in zip(todo, self.pool.map(_trial, [(c, s, self.cache) for c, s in todo])):
+        for key, value in zip(todo, self.pool.map(_trial, [(c, s, self.cache, self.epochs) for c, s in todo])):
             self.results[key] = value
         self.trained += len(todo)
         return [self.results[(p.count, p.seed)] for p in points]
@@ -73,10 +74,12 @@ def main() -> None:
     parser.add_argument("--max-trials", type=int, default=30)
     parser.add_argument("--grid-sizes", default="4,6,8,10,12,16")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=RECIPE["train"]["epochs"],
+                        help="training epochs per trial (longer training makes each seed's success less random)")
     args = parser.parse_args()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as cache, mp.get_context("spawn").Pool(args.workers) as pool:
-        oracle = Oracle(pool, cache)
+        oracle = Oracle(pool, cache, args.epochs)
         search = BudgetSearch(low=args.low, high=args.high, threshold=args.threshold, confidence=args.confidence,
                               replicates=args.replicates, max_trials=args.max_trials, rel_width=args.rel_width)
         while points := search.propose():
@@ -97,7 +100,8 @@ def main() -> None:
             print("  " + _show(f"grid of {size} counts", grid), flush=True)
             if grid.rel_width <= found.rel_width:
                 break
-    print(f"\nbracket [{args.low}, {args.high}], threshold {args.threshold}, {args.replicates} seeds per count, "
+    print(f"\n{args.epochs} epochs; bracket [{args.low}, {args.high}], threshold {args.threshold}, "
+          f"{args.replicates} seeds per count, "
           f"{args.confidence:.0%} interval; {oracle.trained} trainings in {time.perf_counter() - start:.0f} s")
     print(_show("sequential search", found))
     if grid.rel_width <= found.rel_width:
