@@ -300,3 +300,25 @@ def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_pa
     short = parse_trial_config({**config.to_dict(), "train": {**config.to_dict()["train"], "epochs": 2}})
     with pytest.raises(ValueError, match="epoch 3, but training ends at epoch 2"):
         run_trial(short, baseline=False, checkpointer=saver)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_runs_under_autocast_and_keeps_fp32_weights(precision, dtype):
+    """The GPU path's autocast where this machine can run it (torch's CPU autocast): both towers
+    compute in the asked dtype, the weights stay fp32, and training works (bf16 only: fp16
+    convolutions on the CPU are 10x slower, and on a GPU fp16 adds the loss scaler)."""
+    from trainers.loop import autocast_for
+    from trainers.models import build_model
+
+    config = parse_trial_config({"data": {"size": 300, "test_size": 48},
+                                 "train": {"epochs": 2, "batch_size": 64, "threads": 2, "precision": precision}})
+    built = build_model(config.model.arch, None, device=torch.device("cpu"), image_size=config.data.image_size)
+    with torch.no_grad(), autocast_for(config, torch.device("cpu")):
+        assert built.model.encode_image(torch.zeros(2, 3, 32, 32)).dtype == dtype
+        assert built.model.encode_text(torch.zeros(2, 16, dtype=torch.long)).dtype == dtype
+    if precision == "fp16":
+        return
+    epochs = []
+    result = run_trial(config, baseline=False, on_epoch=epochs.append)
+    assert all(math.isfinite(e["loss"]) for e in epochs) and epochs[1]["loss"] < epochs[0]["loss"]
+    assert {t.dtype for t in result.state_dict.values() if t.is_floating_point()} == {torch.float32}
