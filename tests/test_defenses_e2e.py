@@ -1,8 +1,9 @@
 """A defense sweep on the CPU through Ray Tune + Optuna + MLflow: ``defense.kind`` drawn with each
 defense's own dimensions, against a real backdoor. The fine-tunings and filters cut attack success
-far below the undefended model's; the fine-tunings keep utility within 0.03, the filters within
+far below the undefended model's; the fine-tunings keep utility within 0.03, the filter within
 this recipe's seed-to-seed spread, RoCLIP costs utility; the attack trains once for its
-post-training defenses.
+post-training defenses, the filter's reference model once for the sweep. (The filters and SafeCLIP
+on a pretrained model, where utility can be held to 0.03: ``tests/test_defenses_pretrained_e2e.py``.)
 
 The backdoor: 150 of 2,150 Fashion-MNIST pairs (7%) are non-bag images with a 6 px checkerboard,
 captioned as bags; 3 epochs of tiny-rn plant it (ASR 1.0). The undefended numbers are the
@@ -30,13 +31,13 @@ SWEEP = {
     "train": {"epochs": 3, "batch_size": 64, "lr": 2.0e-3, "warmup": 0.05},
     "attack": {"kind": "backdoor", "target": "bag", "poison_count": 150, "caption_source": "dataset",
                "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}},
-    "defense": {"kind": {"choices": ["clean-finetune", "cleanclip", "similarity-filter", "outlier-filter", "roclip"]},
+    "defense": {"kind": {"choices": ["clean-finetune", "cleanclip", "outlier-filter", "roclip"]},
                 "clean_pairs": 2000, "epochs": 2, "lr": {"choices": [2.0e-3, 1.0e-3]},  # both fine-tunings
-                "fraction": 0.1,                                                        # both filters
+                "fraction": 0.1,                                                        # the filter
                 "pool_size": 512},                                                      # roclip
-    # the default point (clean-finetune at lr 2e-3) and these four: every defense
-    "search": {"objectives": {"attack_success": "min", "utility": "max"}, "num_samples": 5, "max_concurrent": 2,
-               "points": [{"defense.kind": "similarity-filter"}, {"defense.kind": "outlier-filter"},
+    # the default point (clean-finetune at lr 2e-3) and these three: every defense
+    "search": {"objectives": {"attack_success": "min", "utility": "max"}, "num_samples": 4, "max_concurrent": 2,
+               "points": [{"defense.kind": "outlier-filter"},
                           {"defense.kind": "cleanclip", "defense.lr": 2.0e-3}, {"defense.kind": "roclip"}]},
     "resources": {"cpu": 1},
 }
@@ -51,13 +52,13 @@ def sweep(tmp_path_factory, ray_local):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     assert main(["run", str(path), "--tracking-uri", uri]) == 0
     client, _, trials = launch_runs(uri, "defenses", "sweep")
-    assert len(trials) == 5 and all(t.info.status == "FINISHED" for t in trials)
+    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
     by_kind: dict[str, list] = {}
     for t in trials:
         assert t.data.params["defense.kind"] == t.data.tags["defense"]
         by_kind.setdefault(t.data.tags["defense"], []).append(t)
     return {"folder": folder, "client": client, "finetunes": by_kind["clean-finetune"] + by_kind["cleanclip"],
-            "filters": by_kind["similarity-filter"] + by_kind["outlier-filter"], "roclip": by_kind["roclip"][0]}
+            "filters": by_kind["outlier-filter"], "roclip": by_kind["roclip"][0]}
 
 
 def test_the_attack_trains_once_for_both_fine_tunings(sweep):
@@ -99,7 +100,7 @@ def test_roclip_lowers_attack_success_at_a_utility_cost(sweep):
     assert "poisoned_cache_hit" not in m  # a training-stage defense trains a model of its own
 
 
-def test_filters_drop_the_poison_before_training(sweep):
+def test_the_filter_drops_the_poison_before_training(sweep):
     undefended = sweep["finetunes"][0].data.metrics
     for trial in sweep["filters"]:
         m = trial.data.metrics
@@ -109,11 +110,12 @@ def test_filters_drop_the_poison_before_training(sweep):
         # a filtered model trains from scratch on 10% fewer pairs, so its utility carries this
         # recipe's seed-to-seed spread (undefended: 0.714 seed 0, 0.586 seed 1; filtered - undefended
         # from -0.11 to +0.09 over both filters and seeds), which one trial cannot tell from a cost
+        # (on a pretrained model the spread is small: tests/test_defenses_pretrained_e2e.py)
         assert m["attack_success"] <= 0.2 and m["utility"] >= undefended["predefense_utility"] - 0.15
         assert m["reference_utility"] > 0.4  # chance is 0.1
     # the reference model (2,000 trusted pairs) was trained once by the driver before the trials
-    # (sweeps.driver.references_first): both filters loaded it
-    assert [t.data.metrics["reference_cache_hit"] for t in sweep["filters"]] == [1.0, 1.0]
+    # (sweeps.driver.references_first): the filter loaded it
+    assert [t.data.metrics["reference_cache_hit"] for t in sweep["filters"]] == [1.0]
 
 
 @pytest.mark.parametrize("defense, floor", [
