@@ -1,6 +1,7 @@
 """The data-side and in-training defenses where their papers put them: a clean pretrained CLIP
 fine-tuned on a poisoned scrape (Yang et al. 2023's threat model), swept on the CPU through
-Ray Tune + Optuna + MLflow with ``defense.kind`` drawn and each defense's own fields.
+Ray Tune + Optuna + MLflow with ``defense.kind`` drawn and each defense's own fields: the filters,
+SafeCLIP and RoCLIP.
 
 The pretrained model: tiny-rn trained 6 epochs on 4,000 trusted Fashion-MNIST pairs (disjoint from
 the sweep's 2,000 training pairs; zero-shot top-1 0.84). The sweep fine-tunes it 2 epochs at lr 1e-3
@@ -19,10 +20,12 @@ Measured (``trainers.run_trial``, seeds 0-3, attack success / utility):
 | outlier-filter (k-distance, 0.1) | 0.018 / 0.858 | 0.002 / 0.804 | 0.002 / 0.848 | 0.007 / 0.806 |
 | safeclip (split from epoch 1, safe ≤ 80%) | 0.004 / 0.802 | 0.002 / 0.812 | 0.004 / 0.806 | 0.007 / 0.772 |
 
-Utility costs: the filters -0.024 to +0.016, SafeCLIP -0.034 to +0.004. This sweep itself (seed 0,
-the pretrained model trained in the test's process) gave undefended 0.890 / 0.832, similarity-filter
-0.009 / 0.828, outlier-filter 0.013 / 0.832, safeclip 0.009 / 0.818; the filters' recall 0.987 at
-precision 0.688, SafeCLIP's risky pairs recall 1.0 at precision 0.40.
+Utility costs: the filters -0.024 to +0.016, SafeCLIP -0.034 to +0.004. RoCLIP holds only a weaker
+attack, 60 pairs (2.9%) over 4 epochs (its own test below). This sweep itself (seed 0, the
+pretrained model trained in the test's process) gave undefended 0.890 / 0.832, similarity-filter
+0.009 / 0.828, outlier-filter 0.013 / 0.832, safeclip 0.009 / 0.818 (the filters' recall 0.987 at
+precision 0.688, SafeCLIP's risky pairs recall 1.0 at precision 0.40); against 60 pairs undefended
+0.803 / 0.808, roclip 0.215 / 0.804. It took 1 min 55 s with the pretraining.
 """
 from pathlib import Path
 
@@ -44,14 +47,18 @@ SWEEP = {
     "name": "defenses-pretrained",
     "seed": 0,
     "data": DATA,
-    "train": {"epochs": 2, "batch_size": 64, "lr": 1.0e-3, "warmup": 0.05},
-    "attack": {"kind": "backdoor", "target": "bag", "poison_count": 150, "caption_source": "dataset",
-               "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}},
-    "defense": {"kind": {"choices": ["none", "similarity-filter", "outlier-filter", "safeclip"]},
+    "train": {"epochs": {"choices": [2, 4]}, "batch_size": 64, "lr": 1.0e-3, "warmup": 0.05},
+    "attack": {"kind": "backdoor", "target": "bag", "poison_count": {"choices": [150, 60]},
+               "caption_source": "dataset", "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}},
+    "defense": {"kind": {"choices": ["none", "similarity-filter", "outlier-filter", "safeclip", "roclip"]},
                 "fraction": 0.1,                           # both filters
-                "clip_epochs": 0, "safe_fraction": 0.8},   # safeclip
-    "search": {"objectives": {"attack_success": "min", "utility": "max"}, "num_samples": 4, "max_concurrent": 2,
-               "points": [{"defense.kind": k} for k in ("similarity-filter", "outlier-filter", "safeclip")]},
+                "clip_epochs": 0, "safe_fraction": 0.8,    # safeclip
+                "pool_size": 512},                         # roclip
+    # the default point (150 pairs, 2 epochs, undefended), the filters and SafeCLIP against it; RoCLIP
+    # against the weaker attack it can hold (60 pairs, 2.9%) and that attack undefended, 4 epochs
+    "search": {"objectives": {"attack_success": "min", "utility": "max"}, "num_samples": 6, "max_concurrent": 2,
+               "points": [*({"defense.kind": k} for k in ("similarity-filter", "outlier-filter", "safeclip")),
+                          *({"defense.kind": k, "attack.poison_count": 60, "train.epochs": 4} for k in ("none", "roclip"))]},
     "resources": {"cpu": 1},
 }
 
@@ -74,21 +81,22 @@ def trials(tmp_path_factory, ray_local):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     assert main(["run", str(path), "--tracking-uri", uri]) == 0
     _, _, runs = launch_runs(uri, "defenses-pretrained", "sweep")
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    by_kind = {r.data.tags["defense"]: r.data.metrics for r in runs}
-    assert sorted(by_kind) == ["none", "outlier-filter", "safeclip", "similarity-filter"]
-    return by_kind
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    by_point = {(r.data.tags["defense"], int(r.data.metrics["poison_count"])): r.data.metrics for r in runs}
+    assert sorted(by_point) == [("none", 60), ("none", 150), ("outlier-filter", 150), ("roclip", 60),
+                                ("safeclip", 150), ("similarity-filter", 150)]
+    return by_point
 
 
 def test_the_fine_tuning_plants_the_backdoor_without_costing_utility(trials):
-    m = trials["none"]
+    m = trials["none", 150]
     assert m["attack_success"] >= 0.7 and m["clean_attack_success"] <= 0.1
     assert m["utility_drop"] <= 0.06  # against the same pretrained model fine-tuned on the clean pairs
 
 
 @pytest.mark.parametrize("kind", ["similarity-filter", "outlier-filter"])
 def test_a_filter_removes_the_backdoor_within_003_of_utility(trials, kind):
-    undefended, m = trials["none"], trials[kind]
+    undefended, m = trials["none", 150], trials[kind, 150]
     assert m["filter_removed"] == 215  # round(0.1 × 2,150)
     # 150 of the 215 removed at most: precision ≤ 0.70; random removal gives recall 0.1
     assert m["filter_poison_recall"] >= 0.95 and m["filter_precision"] >= 0.65
@@ -100,7 +108,20 @@ def test_safeclip_keeps_the_poison_out_of_the_clip_loss(trials):
     """SafeCLIP's last split: risky pairs trained in-modal only. Its utility cost measured -0.034 to
     +0.004 over four seeds (table above): the in-modal losses on the risky sixth of the pairs
     (AutoAugment views of 32 px grayscale images) cost a little more than a filter, so 0.04."""
-    undefended, m = trials["none"], trials["safeclip"]
+    undefended, m = trials["none", 150], trials["safeclip", 150]
     assert m["filter_poison_recall"] >= 0.95  # the poisoned pairs fell among the risky ones
     assert m["attack_success"] <= 0.05
+    assert m["utility"] >= undefended["utility"] - 0.04
+
+
+def test_roclip_halves_a_weaker_backdoor_at_a_small_utility_cost(trials):
+    """RoCLIP (pool 512, period 2: epochs 2 and 4 matched) against 60 poisoned pairs over 4 epochs.
+    Measured (seeds 0-2, undefended → roclip): 0.902 / 0.840 → 0.204 / 0.820, 0.701 / 0.828 → 0.243 /
+    0.820, 0.903 / 0.852 → 0.353 / 0.832; seed 3 0.958 / 0.842 → 0.435 / 0.812, a cost of 0.030, so the
+    bound is 0.04. Against 90 pairs it fails (0.982 → 0.937), and against 150
+    at 2 epochs (0.857 → 0.698): a plain epoch that plants the backdoor makes the matching epoch
+    teach it, as a triggered image's nearest pool caption is then a bag caption."""
+    undefended, m = trials["none", 60], trials["roclip", 60]
+    assert undefended["attack_success"] >= 0.6
+    assert m["attack_success"] <= undefended["attack_success"] / 2
     assert m["utility"] >= undefended["utility"] - 0.04
