@@ -65,7 +65,7 @@ SWEEP = {
 
 @pytest.fixture(scope="module")
 def trials(tmp_path_factory, ray_local):
-    """The finished sweep's trial metrics by defense."""
+    """The finished sweep: its tracking URI and its trial metrics by (defense, poison_count)."""
     from trainers import parse_trial_config
     from trainers.trial import reference_config, reference_model
     from trainers.cache import model_key
@@ -85,7 +85,7 @@ def trials(tmp_path_factory, ray_local):
     by_point = {(r.data.tags["defense"], int(r.data.metrics["poison_count"])): r.data.metrics for r in runs}
     assert sorted(by_point) == [("none", 60), ("none", 150), ("outlier-filter", 150), ("roclip", 60),
                                 ("safeclip", 150), ("similarity-filter", 150)]
-    return by_point
+    return {"uri": uri, **by_point}
 
 
 def test_the_fine_tuning_plants_the_backdoor_without_costing_utility(trials):
@@ -125,3 +125,26 @@ def test_roclip_halves_a_weaker_backdoor_at_a_small_utility_cost(trials):
     assert undefended["attack_success"] >= 0.6
     assert m["attack_success"] <= undefended["attack_success"] / 2
     assert m["utility"] >= undefended["utility"] - 0.04
+
+
+def test_the_defenses_table_says_so_in_mlflow(trials, capsys):
+    """``poisonsweep defenses`` on the sweep: each defense against the undefended trial of its own
+    attack configuration (150 pairs over 2 epochs, or 60 over 4), logged on the parent run."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    uri = trials["uri"]
+    assert main(["defenses", "--experiment", "defenses-pretrained", "--tracking-uri", uri]) == 0
+    assert "roclip" in capsys.readouterr().out
+    client, parent, _ = launch_runs(uri, "defenses-pretrained", "sweep")
+    table = pd.read_csv(MlflowClient(uri).download_artifacts(parent.info.run_id, "analysis/defenses.csv"))
+    defended = table[table["defense"] != "none"]
+    assert sorted(defended["defense"]) == ["outlier-filter", "roclip", "safeclip", "similarity-filter"]
+    for _, row in defended.iterrows():
+        count = 60 if "poison_count=60" in row["attack_params"] else 150
+        assert (row["defense"] == "roclip") == (count == 60)
+        assert row["baseline"] == "none"
+        assert row["attack_success_without"] == pytest.approx(trials["none", count]["attack_success"])
+        assert row["utility_without"] == pytest.approx(trials["none", count]["utility"])
+        assert row["attack_success"] == pytest.approx(trials[row["defense"], count]["attack_success"])
+        assert row["utility_without"] - row["utility"] <= 0.04
