@@ -1,5 +1,5 @@
 """A defense sweep on the CPU through Ray Tune + Optuna + MLflow: ``defense.kind`` drawn with each
-defense's own dimensions, against a real backdoor. The fine-tunings and filters cut attack success
+defense's own dimensions, against a real backdoor. The fine-tunings and the filter cut attack success
 far below the undefended model's; the fine-tunings keep utility within 0.03, the filter within
 this recipe's seed-to-seed spread, RoCLIP costs utility; the attack trains once for its
 post-training defenses, the filter's reference model once for the sweep. (The filters and SafeCLIP

@@ -18,9 +18,9 @@ Measured (``trainers.run_trial``, seeds 0-3, attack success / utility):
 | undefended | 0.857 / 0.836 | 0.938 / 0.808 | 0.934 / 0.822 | 0.828 / 0.788 |
 | similarity-filter (fraction 0.1) | 0.009 / 0.820 | 0.002 / 0.824 | 0.004 / 0.846 | 0.016 / 0.810 |
 | outlier-filter (k-distance, 0.1) | 0.018 / 0.858 | 0.002 / 0.804 | 0.002 / 0.848 | 0.007 / 0.806 |
-| safeclip (split from epoch 1, safe ≤ 80%) | 0.004 / 0.802 | 0.002 / 0.812 | 0.004 / 0.806 | 0.007 / 0.772 |
+| safeclip (split from epoch 1, safe ≤ 80% then 85%) | 0.004 / 0.802 | 0.002 / 0.812 | 0.004 / 0.806 | 0.007 / 0.772 |
 
-Utility costs: the filters -0.024 to +0.016, SafeCLIP -0.034 to +0.004. RoCLIP holds only a weaker
+Utility against the undefended trial: the filters -0.016 to +0.026, SafeCLIP -0.034 to +0.004. RoCLIP holds only a weaker
 attack, 60 pairs (2.9%) over 4 epochs (its own test below). This sweep itself (seed 0, the
 pretrained model trained in the test's process) gave undefended 0.890 / 0.832, similarity-filter
 0.009 / 0.828, outlier-filter 0.013 / 0.832, safeclip 0.009 / 0.818 (the filters' recall 0.987 at
@@ -85,10 +85,18 @@ def trials(tmp_path_factory, ray_local):
     by_point = {(r.data.tags["defense"], int(r.data.metrics["poison_count"])): r.data.metrics for r in runs}
     assert sorted(by_point) == [("none", 60), ("none", 150), ("outlier-filter", 150), ("roclip", 60),
                                 ("safeclip", 150), ("similarity-filter", 150)]
+    for r in runs:  # each point as asked: its recipe, and the scalar defense fields only for their kinds
+        p = r.data.params
+        assert p["train.epochs"] == ("4" if p["attack.poison_count"] == "60" else "2")
+        assert ("defense.clip_epochs" in p) == (p["defense.kind"] == "safeclip")
+        assert ("defense.pool_size" in p) == (p["defense.kind"] == "roclip")
+        assert p["model.pretrained"] == str(checkpoint)
     return {"uri": uri, **by_point}
 
 
-def test_the_fine_tuning_plants_the_backdoor_without_costing_utility(trials):
+def test_the_fine_tuning_plants_the_backdoor_at_a_small_utility_cost(trials):
+    """Against the pretrained model fine-tuned on the clean pairs alone: utility_drop measured 0.002,
+    0.012, 0.024 and 0.042 for seeds 0-3 (-0.004 in this sweep)."""
     m = trials["none", 150]
     assert m["attack_success"] >= 0.7 and m["clean_attack_success"] <= 0.1
     assert m["utility_drop"] <= 0.06  # against the same pretrained model fine-tuned on the clean pairs
@@ -98,14 +106,16 @@ def test_the_fine_tuning_plants_the_backdoor_without_costing_utility(trials):
 def test_a_filter_removes_the_backdoor_within_003_of_utility(trials, kind):
     undefended, m = trials["none", 150], trials[kind, 150]
     assert m["filter_removed"] == 215  # round(0.1 × 2,150)
-    # 150 of the 215 removed at most: precision ≤ 0.70; random removal gives recall 0.1
-    assert m["filter_poison_recall"] >= 0.95 and m["filter_precision"] >= 0.65
+    # random removal gives recall 0.1; of the 215 removed at most 150 are poison (precision ≤ 0.70),
+    # and recall ≥ 0.95 means at least 143 are
+    assert m["filter_poison_recall"] >= 0.95 and m["filter_precision"] == pytest.approx(
+        m["filter_poison_recall"] * 150 / 215)
     assert m["attack_success"] <= 0.05
     assert m["utility"] >= undefended["utility"] - 0.03
 
 
 def test_safeclip_keeps_the_poison_out_of_the_clip_loss(trials):
-    """SafeCLIP's last split: risky pairs trained in-modal only. Its utility cost measured -0.034 to
+    """SafeCLIP's last split (the metrics score it, not the first): risky pairs trained in-modal only. Its utility cost measured -0.034 to
     +0.004 over four seeds (table above): the in-modal losses on the risky sixth of the pairs
     (AutoAugment views of 32 px grayscale images) cost a little more than a filter, so 0.04."""
     undefended, m = trials["none", 150], trials["safeclip", 150]
@@ -141,6 +151,7 @@ def test_the_defenses_table_says_so_in_mlflow(trials, capsys):
     defended = table[table["defense"] != "none"]
     assert sorted(defended["defense"]) == ["outlier-filter", "roclip", "safeclip", "similarity-filter"]
     for _, row in defended.iterrows():
+        assert ("poison_count=60" in row["attack_params"]) != ("poison_count=150" in row["attack_params"])
         count = 60 if "poison_count=60" in row["attack_params"] else 150
         assert (row["defense"] == "roclip") == (count == 60)
         assert row["baseline"] == "none"
