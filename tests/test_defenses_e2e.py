@@ -1,9 +1,10 @@
 """A defense sweep on the CPU through Ray Tune + Optuna + MLflow: ``defense.kind`` drawn with each
 defense's own dimensions, against a real backdoor. The fine-tunings and the filter cut attack success
 far below the undefended model's; the fine-tunings keep utility within 0.03, the filter within
-this recipe's seed-to-seed spread, RoCLIP costs utility; the attack trains once for its
-post-training defenses, the filter's reference model once for the sweep. (The filters and SafeCLIP
-on a pretrained model, where utility can be held to 0.03: ``tests/test_defenses_pretrained_e2e.py``.)
+this recipe's seed-to-seed spread; the attack trains once for its post-training defenses, the
+filter's reference model once for the sweep. (The filters, SafeCLIP and RoCLIP on a pretrained
+model, where utility can be held to 0.03-0.04: ``tests/test_defenses_pretrained_e2e.py``; RoCLIP
+from scratch costs 0.12-0.18 of utility, README.)
 
 The backdoor: 150 of 2,150 Fashion-MNIST pairs (7%) are non-bag images with a 6 px checkerboard,
 captioned as bags; 3 epochs of tiny-rn plant it (ASR 1.0). The undefended numbers are the
@@ -31,14 +32,12 @@ SWEEP = {
     "train": {"epochs": 3, "batch_size": 64, "lr": 2.0e-3, "warmup": 0.05},
     "attack": {"kind": "backdoor", "target": "bag", "poison_count": 150, "caption_source": "dataset",
                "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}},
-    "defense": {"kind": {"choices": ["clean-finetune", "cleanclip", "outlier-filter", "roclip"]},
+    "defense": {"kind": {"choices": ["clean-finetune", "cleanclip", "outlier-filter"]},
                 "clean_pairs": 2000, "epochs": 2, "lr": {"choices": [2.0e-3, 1.0e-3]},  # both fine-tunings
-                "fraction": 0.1,                                                        # the filter
-                "pool_size": 512},                                                      # roclip
-    # the default point (clean-finetune at lr 2e-3) and these three: every defense
-    "search": {"objectives": {"attack_success": "min", "utility": "max"}, "num_samples": 4, "max_concurrent": 2,
-               "points": [{"defense.kind": "outlier-filter"},
-                          {"defense.kind": "cleanclip", "defense.lr": 2.0e-3}, {"defense.kind": "roclip"}]},
+                "fraction": 0.1},                                                       # the filter
+    # the default point (clean-finetune at lr 2e-3) and these two
+    "search": {"objectives": {"attack_success": "min", "utility": "max"}, "num_samples": 3, "max_concurrent": 2,
+               "points": [{"defense.kind": "outlier-filter"}, {"defense.kind": "cleanclip", "defense.lr": 2.0e-3}]},
     "resources": {"cpu": 1},
 }
 
@@ -52,13 +51,13 @@ def sweep(tmp_path_factory, ray_local):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     assert main(["run", str(path), "--tracking-uri", uri]) == 0
     client, _, trials = launch_runs(uri, "defenses", "sweep")
-    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
     by_kind: dict[str, list] = {}
     for t in trials:
         assert t.data.params["defense.kind"] == t.data.tags["defense"]
         by_kind.setdefault(t.data.tags["defense"], []).append(t)
     return {"folder": folder, "client": client, "finetunes": by_kind["clean-finetune"] + by_kind["cleanclip"],
-            "filters": by_kind["outlier-filter"], "roclip": by_kind["roclip"][0]}
+            "filters": by_kind["outlier-filter"]}
 
 
 def test_the_attack_trains_once_for_both_fine_tunings(sweep):
@@ -83,21 +82,6 @@ def test_fine_tuning_removes_the_backdoor_and_keeps_utility(sweep, kind):
     assert m["predefense_attack_success"] >= 0.9 and m["attack_success"] <= 0.1
     assert m["utility"] >= m["predefense_utility"] - 0.03
     assert m["defense_seconds"] > 0 and "utility_drop" in m
-
-
-def test_roclip_lowers_attack_success_at_a_utility_cost(sweep):
-    """RoCLIP (pool 512, epoch 2 of 3 matched to pool captions) against the same attack, seed and
-    recipe undefended (the fine-tunings' ``predefense_*``). How far it cuts the backdoor depends on
-    the draw; measured (this recipe, `trainers.run_trial`): seed 0 attack success 1.0 → 0.72 and
-    utility 0.714 → 0.532, seed 1 0.967 → 0.004 and 0.586 → 0.402 (an earlier plan draw: 1.0 →
-    0.04, 0.70 → 0.57). At this scale RoCLIP's matching epoch costs 0.12-0.18 of utility, far
-    beyond the 0.03 the other defenses keep to; the README reports it; this test holds what every
-    draw showed: success at least 0.2 lower, utility lower but by less than 0.25."""
-    undefended = sweep["finetunes"][0].data.metrics
-    m = sweep["roclip"].data.metrics
-    assert m["attack_success"] <= undefended["predefense_attack_success"] - 0.2
-    assert undefended["predefense_utility"] - 0.25 <= m["utility"] < undefended["predefense_utility"]
-    assert "poisoned_cache_hit" not in m  # a training-stage defense trains a model of its own
 
 
 def test_the_filter_drops_the_poison_before_training(sweep):
