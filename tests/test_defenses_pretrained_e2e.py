@@ -21,8 +21,9 @@ Measured (``trainers.run_trial``, seeds 0-3, attack success / utility):
 | safeclip (split from epoch 1, safe ≤ 80% then 85%) | 0.004 / 0.802 | 0.002 / 0.812 | 0.004 / 0.806 | 0.007 / 0.772 |
 
 Utility against the undefended trial: the filters -0.016 to +0.026, SafeCLIP -0.034 to +0.004. RoCLIP holds only a weaker
-attack, 60 pairs (2.9%) over 4 epochs (its own test below). This sweep itself (seed 0, the
-pretrained model trained in the test's process) gave undefended 0.890 / 0.832, similarity-filter
+attack, 60 pairs (2.9%) over 4 epochs (its own test below). Under ``make test`` (one torch thread)
+this sweep's trials are the table's seed 0; with two threads in the pretraining (the test's process)
+it gave undefended 0.890 / 0.832, similarity-filter
 0.009 / 0.828, outlier-filter 0.013 / 0.832, safeclip 0.009 / 0.818 (the filters' recall 0.987 at
 precision 0.688, SafeCLIP's risky pairs recall 1.0 at precision 0.40); against 60 pairs undefended
 0.803 / 0.808, roclip 0.215 / 0.804. It took 1 min 55 s with the pretraining.
