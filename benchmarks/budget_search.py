@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--initial-counts", type=int, default=4)
     parser.add_argument("--crossings", default="20,150,1000", help="true crossings (counts), comma-separated")
     parser.add_argument("--slopes", default="3,6", help="logistic slopes per unit of log count")
+    parser.add_argument("--concentration", type=float, default=30.0,
+                        help="Beta concentration of the seed-to-seed spread (small: each seed's success near 0 or 1)")
     args = parser.parse_args()
     print(f"bracket [{args.low}, {args.high}], threshold {args.threshold}, {args.replicates} seeds per count, "
           f"{args.confidence:.0%} interval, stop at relative width {args.rel_width}, {args.repeats} repeats\n")
@@ -102,7 +104,8 @@ def main() -> None:
     ratios, ratios90, start = [], [], time.perf_counter()
     for crossing in (float(c) for c in args.crossings.split(",")):
         for slope in (float(b) for b in args.slopes.split(",")):
-            response = SimulatedResponse(crossing=crossing, slope=slope, threshold=args.threshold)
+            response = SimulatedResponse(crossing=crossing, slope=slope, threshold=args.threshold,
+                                         concentration=args.concentration)
             truth = response.true_crossing(args.low, args.high)
             seq = _sequential(response, args, truth)
             same = _smallest_grid(response, args, truth, lambda g: g["width"] <= seq["width"])

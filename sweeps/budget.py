@@ -62,10 +62,11 @@ from poison import ConfigError
 
 Status = Literal["ok", "wide", "not-reached", "below-low"]
 MAX_STEEPNESS = 30.0  # |b|·sd(x) beyond this: the data separate, the slope is not identified
-MIN_SPREAD = 0.02
+MIN_SPREAD = 0.02  # smallest half-width (in log count) of a round's design
 TAIL = 0.02  # fitted success this close to 0 or 1: a saturated point, left out of the fit
 TRIM_PASSES = 4
-MIN_ROUNDS = 2  # smallest half-width (in log count) of a round's design
+RISE = (-2.5, 0.5)  # logit span of a round's design around the threshold while the slope is unidentified
+MIN_ROUNDS = 2  # rounds before the search may stop
 
 
 @dataclass(frozen=True)
@@ -315,11 +316,22 @@ class BudgetSearch:
             mid = math.log(min(max(est.count, self.low), self.high))
             half = max((hi - lo) / 2, MIN_SPREAD)
             xs = mid + half * (np.linspace(-1, 1, self.counts_per_round) if self.counts_per_round > 1 else np.zeros(1))
+        elif est.curve is not None and est.curve.b > 0:
+            xs = self._across_rise(est.curve)
         else:
             lo, hi = self._gap()
             xs = np.linspace(math.log(lo), math.log(hi), self.counts_per_round + 2)[1:-1]
         counts = np.clip(np.rint(np.exp(xs)), self.low, self.high).astype(int)
         return sorted(set(int(c) for c in counts))
+
+    def _across_rise(self, curve: Curve) -> np.ndarray:
+        """Log counts where a fitted curve whose slope is not yet significant rises through
+        the threshold: evenly in its logit from ``RISE[0]`` below the threshold's to ``RISE[1]``
+        above it. Bisecting the gap instead piles every trial onto two neighbouring counts
+        once the gap is narrow, where the per-count means flip around the threshold from
+        round to round and the slope never becomes identified."""
+        levels = curve._target(self.threshold) + np.linspace(*RISE, max(self.counts_per_round, 2))
+        return curve.center + (levels - curve.a) / curve.b
 
     def _means(self) -> dict[int, float]:
         by: dict[int, list[float]] = {}
