@@ -44,8 +44,13 @@ count whose mean success is below τ and the smallest one at or above it ("gap" 
 without such a pair, it extends to the bracket's end). Once the interval is bounded,
 each round puts ``counts_per_round`` counts evenly across the current interval,
 which concentrates trials around the crossing as the interval shrinks. Every count
-gets ``replicates`` seeds (``seed``, ``seed + 1``, ...; a count visited again gets the
-next unused seeds, so no (count, seed) point runs twice). The search stops when the
+gets ``replicates`` trials per visit, and every trial its own seed (``seed``, ``seed + 1``, ...
+in the order proposed). Seeds are not shared between counts because a poison plan is
+nested in the budget (``poison.attacks``): one seed's success at two counts comes from the
+same plan, data order and initialisation, and on real trials it is close to a step at a
+count of its own. Counts sharing their seeds would then all measure those few seeds' steps,
+not the mean success over seeds that the curve models, and the quasi-likelihood, which
+takes the trials as independent, would claim a precision it does not have. The search stops when the
 interval's relative width (high - low) / estimate is at most ``rel_width``, when the
 crossing lies outside the bracket with confidence, or when ``max_trials`` are spent.
 """
@@ -256,7 +261,7 @@ class BudgetSearch:
         self.counts_per_round, self.initial_counts = counts_per_round, initial_counts
         self.floor = floor
         self.rounds = 0
-        self._issued: dict[int, int] = {}  # count -> seeds issued there
+        self._issued: dict[int, int] = {}  # count -> trials issued there
         self._results: list[tuple[Point, float]] = []
         self._spent = 0
         self._estimate: tuple[tuple[int, float, int], Estimate] | None = None
@@ -299,10 +304,10 @@ class BudgetSearch:
         for count in counts:
             if len(points) + self.replicates > self.max_trials - self._spent and points:
                 break  # the budget ends: whole counts first, then what is left of one
-            start = self._issued.get(count, 0)
             take = min(self.replicates, self.max_trials - self._spent - len(points))
-            points += [Point(count, self.seed + start + i) for i in range(take)]
-            self._issued[count] = start + take
+            first = self.seed + self._spent + len(points)  # every trial its own seed
+            points += [Point(count, first + i) for i in range(take)]
+            self._issued[count] = self._issued.get(count, 0) + take
         self._spent += len(points)
         self.rounds += 1
         return points

@@ -114,7 +114,7 @@ def run_budget(budget: SweepConfig, search: BudgetSearch, *, tracking_uri: str, 
     logger = TrialLogger(budget, tracker, printer, total=search.max_trials)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
-        clean = clean_first(budget, seeds=[search.seed + i for i in range(search.replicates)])
+        clean = clean_first(budget, seeds=clean_seeds(search))
         logger.say(f"clean models ({len(clean)} seeds): utility "
                    + ", ".join(f"{c['utility']:.3f}" for c in clean))
         while points := search.propose():
@@ -139,7 +139,7 @@ def _round(budget: SweepConfig, search: BudgetSearch, points: list[Point], logge
     values = [{COUNT: p.count, SEED: p.seed} for p in points]
     searcher = BasicVariantGenerator(points_to_evaluate=values, max_concurrent=budget.search.max_concurrent)
     tuner(budget, searcher, len(points), logger, run_name, ["attack_success"],
-          param_space={COUNT: None, SEED: None}).fit()
+          param_space={COUNT: None, SEED: None}, clean_seeds=clean_seeds(search)).fit()
     for trial_id, row in logger.finished.items():
         if trial_id in before:
             continue
@@ -152,6 +152,15 @@ def _round(budget: SweepConfig, search: BudgetSearch, points: list[Point], logge
         search.floor = float(np.mean(floors))  # the clean model's success: the curve's background
     est = search.estimate()
     logger.say(f"round {search.rounds} done: {describe(est)}")
+
+
+def clean_seeds(search: BudgetSearch) -> list[int]:
+    """The seeds with a clean model: the first ``replicates`` (the first count's trials).
+
+    Every trial of the search has a seed of its own (``sweeps.budget``); a clean model for each
+    would double the search's training. These give the background rate (``budget_floor``) and
+    their trials ``utility_drop``; the others report ``utility`` alone."""
+    return [search.seed + i for i in range(search.replicates)]
 
 
 def describe(est: Estimate) -> str:

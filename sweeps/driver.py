@@ -256,15 +256,16 @@ class Replicates(Repeater):
 
 def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_samples: int, logger: "TrialLogger",
           run_name: str, objectives: list[str], param_space: dict[str, Any] | None = None, *,
-          trainable: Trainable | None = None) -> tune.Tuner:
+          trainable: Trainable | None = None, clean_seeds: list[int] | None = None) -> tune.Tuner:
     """The Tuner of ``num_samples`` trials drawn by ``search_alg``, each a :func:`sweeps.worker.trainable`
     (with the sweep's resources, its CPU share as torch threads) mirrored into MLflow by ``logger``.
+    ``clean_seeds``: the seeds whose trials are measured against a clean model (default: all).
 
     A trial that fails (an error, a lost worker or node) is retried ``search.max_failures``
     times, from its last per-epoch checkpoint."""
     storage = Path(sweep.storage.path).resolve()
     return tune.Tuner(
-        _resourced_trainable(sweep, objectives, trainable),
+        _resourced_trainable(sweep, objectives, trainable, clean_seeds),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
@@ -295,12 +296,14 @@ def restore(sweep: SweepConfig, folder: Path, logger: "TrialLogger", objectives:
         _LIVE_LOGGER = None
 
 
-def _resourced_trainable(sweep: SweepConfig, objectives: list[str], trainable: Trainable | None = None) -> Any:
+def _resourced_trainable(sweep: SweepConfig, objectives: list[str], trainable: Trainable | None = None,
+                         clean_seeds: list[int] | None = None) -> Any:
     cache_dir, threads = sweep.storage.cache_dir(), max(1, int(sweep.resources.cpu))
+    extra = {"clean_seeds": clean_seeds} if clean_seeds is not None else {}
     return tune.with_resources(
         tune.with_parameters(trainable or trial_trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
                              threads=threads, objectives=objectives, every=sweep.search.checkpoint_every,
-                             **trial_parameters(sweep.resources)),
+                             **trial_parameters(sweep.resources), **extra),
         trial_resources(sweep.resources),
     )
 

@@ -58,21 +58,26 @@ class TuneCheckpointer:
 
 def trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_dir: str,
                threads: int, objectives: list[str], every: int = 1, workers: int = 1,
-               worker_resources: dict[str, float] | None = None) -> None:
+               worker_resources: dict[str, float] | None = None, clean_seeds: list[int] | None = None) -> None:
     """One Tune trial: resolve the config, train (on from its last checkpoint when Tune
     restarted it), report epochs with their checkpoints, then the final metrics.
+
+    ``clean_seeds``: only trials of these seeds are measured against a clean model of their
+    own (``clean_*`` and ``utility_drop``); None: every trial is.
 
     With ``workers`` > 1 (``resources.workers``), the trial trains data-parallel through Ray
     Train on that many workers of ``worker_resources`` each (:func:`data_parallel`), and this
     function only drives them; it reports to Tune exactly as one process would."""
+    config = resolve(raw, dims, values)
+    baseline = clean_seeds is None or config.seed in clean_seeds
     if workers > 1:
-        config = resolve(raw, dims, values)
         metrics, plan = data_parallel(config, workers=workers, worker_resources=worker_resources or {"CPU": 1},
-                                      cache_dir=cache_dir, threads=threads, every=every)
+                                      cache_dir=cache_dir, threads=threads, every=every, baseline=baseline)
     else:
-        config = for_worker(resolve(raw, dims, values), threads)
+        config = for_worker(config, threads)
         saver = TuneCheckpointer(every)
-        result = run_trial(config, cache_dir=cache_dir, on_epoch=saver.report, checkpointer=saver if every else None)
+        result = run_trial(config, cache_dir=cache_dir, on_epoch=saver.report, checkpointer=saver if every else None,
+                           baseline=baseline)
         metrics, plan = result.metrics, result.plan
     bad = [k for k in objectives if not finite(metrics.get(k))]
     if bad:  # Optuna must be told FAIL, not given a NaN
@@ -109,7 +114,7 @@ def trial_parameters(resources: ResourcesConfig) -> dict[str, Any]:
 
 
 def data_parallel(config: TrialConfig, *, workers: int, worker_resources: dict[str, float], cache_dir: str,
-                  threads: int, every: int) -> tuple[dict[str, float], Any]:
+                  threads: int, every: int, baseline: bool = True) -> tuple[dict[str, float], Any]:
     """Runs the trial on ``workers`` Ray Train workers (gloo on CPU, nccl on GPU), each running
     :func:`run_trial` as one rank of a torch process group (``trainers.distributed``); returns
     rank 0's final metrics and poison plan.
@@ -137,7 +142,8 @@ def data_parallel(config: TrialConfig, *, workers: int, worker_resources: dict[s
     trainer = TorchTrainer(
         _rank_main,
         train_loop_config={"config": config.model_dump(mode="json"), "cache_dir": cache_dir, "threads": threads,
-                           "every": every, "state": ray.put(state) if state is not None else None,
+                           "every": every, "baseline": baseline,
+                           "state": ray.put(state) if state is not None else None,
                            "queue": queue},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=worker_resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -216,7 +222,7 @@ def _rank_main(args: dict[str, Any]) -> None:
     lead = dist.get_rank() == 0
     saver = RankCheckpointer(args["every"], args["state"], args["queue"], lead)
     result = run_trial(config, cache_dir=args["cache_dir"], on_epoch=saver.report,
-                       checkpointer=saver if args["every"] else None)
+                       checkpointer=saver if args["every"] else None, baseline=args["baseline"])
     if lead:
         args["queue"].put(("final", {**result.metrics, "train_workers": float(dist.get_world_size())}, result.plan))
 
