@@ -1,21 +1,24 @@
 """Trials needed on real CPU trials: the sequential budget search against log-spaced grids.
 
 The same question as ``benchmarks/budget_search.py`` (which runs on simulated responses, 200
-repeats), asked once of real training runs: the minimal ``poison_count`` at which a backdoor
-reaches ``attack_success`` >= 0.9. Each trial is a real ``trainers.run_trial`` (no Ray, no
-MLflow): Fashion-MNIST, 2,000 pairs, a 6 px checkerboard patch on non-bag images captioned as
-bags, tiny-rn, 3 epochs of batch 64 (the recipe of ``tests/test_defenses_e2e.py``), one torch
+repeats), asked of real training runs: the minimal ``poison_count`` at which a backdoor
+reaches ``attack_success`` >= each of ``--thresholds``. Each trial is a real
+``trainers.run_trial`` (no Ray, no MLflow): Fashion-MNIST, 2,000 pairs, a 6 px checkerboard
+patch on non-bag images captioned as bags, tiny-rn, ``--epochs`` epochs of batch 64, one torch
 thread per trial, ``--workers`` trials at a time.
 
-1. The sequential search (``sweeps.budget.BudgetSearch``, as ``poisonsweep budget`` runs it)
-   goes to its stopping rule; its trials and final interval width are recorded.
-2. Log-spaced grids over the same bracket with the same replicate seeds, fitted with the same
-   curve and interval, of growing size (``--grid-sizes``), until one reaches the search's
-   interval width: that grid's trials are the alternative's cost.
+1. For each threshold, the sequential search (``sweeps.budget.BudgetSearch``, as
+   ``poisonsweep budget`` runs it: every trial its own seed) goes to its stopping rule; its
+   trials and final interval width are recorded.
+2. Log-spaced grids over the same bracket with the same replicates per count, fitted with the
+   same curve and interval, of growing size (``--grid-sizes``, nested: each size's counts are
+   among the next one's when size - 1 divides the next size - 1), until one is as precise as
+   the search at every threshold. A grid trial's seed is fixed by its count and replicate, so
+   the nested grids share their common points (one training, charged to every grid asking
+   for it) and every threshold reads the same grids; no seed is shared by two counts.
 
-A trial result is kept by (count, seed), so a point both designs ask for trains once; each
-design is still charged every trial it asks for. Requires Debian's dataset-fashion-mnist.
-Run (about 10-20 min on 2 cores): .venv/bin/python benchmarks/budget_real.py [--workers 2]
+Requires Debian's dataset-fashion-mnist. About 30-50 min on 2 cores at the defaults:
+    .venv/bin/python benchmarks/budget_real.py [--workers 2] [--thresholds 0.5,0.9]
 """
 from __future__ import annotations
 
@@ -28,10 +31,11 @@ from sweeps.budget import BudgetSearch, Estimate, Point
 
 RECIPE = {
     "data": {"dataset": "fashion-mnist", "size": 2000, "test_size": 500},
-    "train": {"epochs": 3, "batch_size": 64, "lr": 2.0e-3, "warmup": 0.05, "threads": 1},
+    "train": {"epochs": 6, "batch_size": 64, "lr": 2.0e-3, "warmup": 0.05, "threads": 1},
     "attack": {"kind": "backdoor", "target": "bag", "caption_source": "dataset",
                "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}},
 }
+GRID_SEED = 1_000_000  # grid seeds: GRID_SEED + 100·count + replicate, apart from the searches' 0, 1, ...
 
 
 def _trial(job: tuple[int, int, str, int]) -> float:
@@ -63,58 +67,79 @@ def _show(name: str, est: Estimate) -> str:
             f"(relative width {est.rel_width:.2f}, {est.status})" if est.count else f"{name}: {est.trials} trials, {est.status}")
 
 
+def _options(args: argparse.Namespace, threshold: float) -> dict:
+    return {"low": args.low, "high": args.high, "threshold": threshold, "confidence": args.confidence,
+            "replicates": args.replicates}
+
+
+def _grid(oracle: Oracle, args: argparse.Namespace, size: int, thresholds: list[float]) -> dict[float, Estimate]:
+    """One grid of ``size`` counts, its points trained once and fitted at every threshold."""
+    designs = {t: BudgetSearch(**_options(args, t), max_trials=size * args.replicates, initial_counts=size)
+               for t in thresholds}
+    proposed = [d.propose() for d in designs.values()][0]
+    points, seen = [], {}
+    for p in proposed:  # the count's replicate j gets the grid seed of (count, j)
+        j = seen[p.count] = seen.get(p.count, -1) + 1
+        points.append(Point(p.count, GRID_SEED + 100 * p.count + j))
+    results = oracle.run(points)
+    for design in designs.values():
+        for point, success in zip(points, results):
+            design.observe(point, success)
+    return {t: d.estimate() for t, d in designs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--low", type=int, default=5)
     parser.add_argument("--high", type=int, default=600)
-    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--thresholds", default="0.5,0.9")
     parser.add_argument("--confidence", type=float, default=0.95)
-    parser.add_argument("--replicates", type=int, default=2)
+    parser.add_argument("--replicates", type=int, default=3)
     parser.add_argument("--rel-width", type=float, default=0.5)
-    parser.add_argument("--max-trials", type=int, default=30)
-    parser.add_argument("--grid-sizes", default="4,6,8,10,12,16")
+    parser.add_argument("--max-trials", type=int, default=90)
+    parser.add_argument("--grid-sizes", default="5,9,17,33")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=RECIPE["train"]["epochs"],
-                        help="training epochs per trial (longer training makes each seed's success less random)")
+    parser.add_argument("--epochs", type=int, default=RECIPE["train"]["epochs"])
     args = parser.parse_args()
+    thresholds = [float(t) for t in args.thresholds.split(",")]
     start = time.perf_counter()
+    found: dict[float, Estimate] = {}
+    grids: dict[float, Estimate] = {}
     with tempfile.TemporaryDirectory() as cache, mp.get_context("spawn").Pool(args.workers) as pool:
         oracle = Oracle(pool, cache, args.epochs)
-        search = BudgetSearch(low=args.low, high=args.high, threshold=args.threshold, confidence=args.confidence,
-                              replicates=args.replicates, max_trials=args.max_trials, rel_width=args.rel_width)
-        while points := search.propose():
-            for point, success in zip(points, oracle.run(points)):
-                search.observe(point, success)
-            print(f"  search round {search.rounds}: counts {sorted({p.count for p in points})}", flush=True)
-        found = search.estimate()
-        print(_show("sequential search", found), flush=True)
-        grid = None
+        for t in thresholds:
+            search = BudgetSearch(**_options(args, t), max_trials=args.max_trials, rel_width=args.rel_width)
+            while points := search.propose():
+                for point, success in zip(points, oracle.run(points)):
+                    search.observe(point, success)
+                print(f"  threshold {t}: search round {search.rounds}: counts {sorted({p.count for p in points})} "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+            found[t] = search.estimate()
+            print(_show(f"threshold {t}: sequential search", found[t]), flush=True)
         for size in (int(s) for s in args.grid_sizes.split(",")):
-            design = BudgetSearch(low=args.low, high=args.high, threshold=args.threshold,
-                                  confidence=args.confidence, replicates=args.replicates,
-                                  max_trials=size * args.replicates, initial_counts=size)
-            points = design.propose()
-            for point, success in zip(points, oracle.run(points)):
-                design.observe(point, success)
-            grid = design.estimate()
-            print("  " + _show(f"grid of {size} counts", grid), flush=True)
-            if grid.rel_width <= found.rel_width:
+            for t, est in _grid(oracle, args, size, thresholds).items():
+                if t not in grids or grids[t].rel_width > found[t].rel_width:
+                    grids[t] = est
+                print("  " + _show(f"threshold {t}: grid of {size} counts", est), flush=True)
+            if all(grids[t].rel_width <= found[t].rel_width for t in thresholds):
                 break
-    print(f"\n{args.epochs} epochs; bracket [{args.low}, {args.high}], threshold {args.threshold}, "
-          f"{args.replicates} seeds per count, "
+        results = dict(oracle.results)
+    print(f"\n{args.epochs} epochs; bracket [{args.low}, {args.high}], {args.replicates} trials per count, "
           f"{args.confidence:.0%} interval; {oracle.trained} trainings in {time.perf_counter() - start:.0f} s")
-    print(_show("sequential search", found))
-    if grid.rel_width <= found.rel_width:
-        print(_show("smallest grid as precise", grid))
-        print(f"ratio search / grid trials: {found.trials / grid.trials:.2f} (target: at most 0.33)")
-    else:
-        print(_show("largest grid tried, not as precise", grid))
-        print(f"no grid of up to {grid.trials} trials reached the search's width: the ratio is below "
-              f"{found.trials / grid.trials:.2f} (target: at most 0.33)")
+    for t in thresholds:
+        print(f"threshold {t}:")
+        print("  " + _show("sequential search", found[t]))
+        if grids[t].rel_width <= found[t].rel_width:
+            print("  " + _show("smallest grid as precise", grids[t]))
+            print(f"  ratio search / grid trials: {found[t].trials / grids[t].trials:.2f} (target: at most 0.33)")
+        else:
+            print("  " + _show("largest grid tried, not as precise", grids[t]))
+            print(f"  no grid of up to {grids[t].trials} trials reached the search's width: the ratio is below "
+                  f"{found[t].trials / grids[t].trials:.2f} (target: at most 0.33)")
     by_count: dict[int, list[str]] = {}
-    for (count, seed), success in sorted(oracle.results.items()):
+    for (count, seed), success in sorted(results.items()):
         by_count.setdefault(count, []).append(f"{success:.2f}")
-    print("attack_success by count (seeds 0, 1, ...): " + "; ".join(f"{c}: {' '.join(v)}" for c, v in by_count.items()))
+    print("attack_success by count (one seed each): " + "; ".join(f"{c}: {' '.join(v)}" for c, v in by_count.items()))
 
 
 if __name__ == "__main__":

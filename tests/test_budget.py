@@ -50,6 +50,19 @@ def test_coverage_holds_with_a_background_rate_and_beta_noise():
     assert 0.91 <= rate <= 0.995, rate
 
 
+def test_coverage_holds_when_each_seed_succeeds_all_or_nothing():
+    # real backdoor trials: each seed's success is close to a step at a count of its own, so a
+    # trial is nearly 0 or 1 (Beta concentration 0.5: U-shaped). Bisecting the gap between a
+    # failing and a succeeding count then narrowed it to two neighbouring counts whose means
+    # flipped around the threshold from round to round; the slope was never identified and
+    # the search ended on that gap: coverage 0.885 here before such rounds were spread across
+    # the fitted curve's rise (0.94 since), 0.68 on a bracket of 5-600
+    response = SimulatedResponse(crossing=30, slope=4.0, threshold=0.9, concentration=0.5)
+    rate, estimates = coverage(response, replicates=3, max_trials=120, rel_width=0.5)
+    assert 0.91 <= rate <= 0.995, rate
+    assert np.mean([e.method == "fieller" for e in estimates]) >= 0.95
+
+
 def test_a_non_monotone_wiggle_costs_some_coverage_but_does_not_break_it():
     # a wiggle of ±0.03 on the whole curve: non-monotone on the plateau, and the first
     # crossing of the true mean (the truth) is 7% below the logistic's own. The model is
