@@ -296,7 +296,7 @@ class BudgetSearch:
         return self.rounds >= MIN_ROUNDS and self.estimate().status != "wide"
 
     def propose(self) -> list[Point]:
-        """The next round's points (empty when done), ``replicates`` seeds per count."""
+        """The next round's points (empty when done): ``replicates`` per count, each its own seed."""
         if self.done:
             return []
         counts = self._initial() if not self._issued else self._next_counts(self.estimate())

@@ -290,7 +290,7 @@ def summary(outcome: BudgetOutcome) -> str:
     """The terminal summary: the answer as count and rate, and the per-count means."""
     est, search = outcome.estimate, outcome.search
     lines = [f"Minimal poison budget for attack_success >= {search.threshold} "
-             f"(bracket {search.low}-{search.high}, {search.replicates} seeds per count):"]
+             f"(bracket {search.low}-{search.high}, {search.replicates} trials per count and round):"]
     if est.status in ("ok", "wide") and est.count is not None and math.isfinite(est.high):
         rate = ""
         if outcome.rate:

@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--threshold", type=float, required=True, help="attack_success to reach, in (0, 1)")
     budget.add_argument("--confidence", type=float, default=0.95, help="confidence of the interval (0.95)")
     budget.add_argument("--max-trials", type=int, default=60, help="trial budget of the search (60)")
-    budget.add_argument("--replicates", type=int, default=3, help="seeds per count: seed, seed+1, ... (3)")
+    budget.add_argument("--replicates", type=int, default=3,
+                        help="trials per count and round, each with a seed of its own (seed, seed+1, ...) (3)")
     budget.add_argument("--rel-width", type=float, default=0.5,
                         help="stop when (high - low) / estimate of the interval is at most this (0.5)")
     budget.add_argument("--low", type=int, help="lowest count (default: attack.poison_count's low)")
