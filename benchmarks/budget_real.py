@@ -13,7 +13,9 @@ thread per trial, ``--workers`` trials at a time.
 2. Log-spaced grids over the same bracket with the same replicates per count, fitted with the
    same curve and interval, of growing size (``--grid-sizes``, nested: each size's counts are
    among the next one's when size - 1 divides the next size - 1), until one is as precise as
-   the search at every threshold. A grid trial's seed is fixed by its count and replicate, so
+   the search at every threshold (a confidence interval no wider than the search's: the gap
+   between a failing and a succeeding count, all a grid without a fitted curve has, is none).
+   A grid trial's seed is fixed by its count and replicate, so
    the nested grids share their common points (one training, charged to every grid asking
    for it) and every threshold reads the same grids; no seed is shared by two counts.
 
@@ -67,6 +69,12 @@ def _show(name: str, est: Estimate) -> str:
             f"(relative width {est.rel_width:.2f}, {est.status})" if est.count else f"{name}: {est.trials} trials, {est.status}")
 
 
+def _as_precise(grid: Estimate, search: Estimate) -> bool:
+    """The grid's confidence interval is no wider than the search's (a gap between a failing and
+    a succeeding count is no confidence interval: ``Estimate.ci_width``)."""
+    return grid.ci_width <= search.ci_width < float("inf")
+
+
 def _options(args: argparse.Namespace, threshold: float) -> dict:
     return {"low": args.low, "high": args.high, "threshold": threshold, "confidence": args.confidence,
             "replicates": args.replicates}
@@ -118,10 +126,10 @@ def main() -> None:
             print(_show(f"threshold {t}: sequential search", found[t]), flush=True)
         for size in (int(s) for s in args.grid_sizes.split(",")):
             for t, est in _grid(oracle, args, size, thresholds).items():
-                if t not in grids or grids[t].rel_width > found[t].rel_width:
+                if t not in grids or not _as_precise(grids[t], found[t]):
                     grids[t] = est
                 print("  " + _show(f"threshold {t}: grid of {size} counts", est), flush=True)
-            if all(grids[t].rel_width <= found[t].rel_width for t in thresholds):
+            if all(_as_precise(grids[t], found[t]) for t in thresholds):
                 break
         results = dict(oracle.results)
     print(f"\n{args.epochs} epochs; bracket [{args.low}, {args.high}], {args.replicates} trials per count, "
@@ -129,7 +137,7 @@ def main() -> None:
     for t in thresholds:
         print(f"threshold {t}:")
         print("  " + _show("sequential search", found[t]))
-        if grids[t].rel_width <= found[t].rel_width:
+        if _as_precise(grids[t], found[t]):
             print("  " + _show("smallest grid as precise", grids[t]))
             print(f"  ratio search / grid trials: {found[t].trials / grids[t].trials:.2f} (target: at most 0.33)")
         else:

@@ -229,6 +229,12 @@ class Estimate:
             return math.inf
         return (self.high - self.low) / self.count
 
+    @property
+    def ci_width(self) -> float:
+        """``rel_width`` when the interval is a confidence interval (Fieller's, or a step found to
+        the count), else inf: the gap between a failing and a succeeding count claims no confidence."""
+        return self.rel_width if self.method == "fieller" or self.status == "ok" else math.inf
+
 
 class BudgetSearch:
     """The sequential search for the minimal poison count reaching ``threshold``.
