@@ -19,7 +19,7 @@ thread per trial, ``--workers`` trials at a time.
    the nested grids share their common points (one training, charged to every grid asking
    for it) and every threshold reads the same grids; no seed is shared by two counts.
 
-Requires Debian's dataset-fashion-mnist. About 30-50 min on 2 cores at the defaults:
+Requires Debian's dataset-fashion-mnist. About 75-90 min on 2 cores at the defaults (348 trainings):
     .venv/bin/python benchmarks/budget_real.py [--workers 2] [--thresholds 0.5,0.9]
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--replicates", type=int, default=3)
     parser.add_argument("--rel-width", type=float, default=0.5)
     parser.add_argument("--max-trials", type=int, default=90)
-    parser.add_argument("--grid-sizes", default="5,9,17,33")
+    parser.add_argument("--grid-sizes", default="5,9,17,33,65")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=RECIPE["train"]["epochs"])
     args = parser.parse_args()
