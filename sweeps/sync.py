@@ -59,6 +59,7 @@ class _Run:
     number: int
     status: str = "RUNNING"
     steps: set[int] = field(default_factory=set)  # epochs already in MLflow
+    logged: dict[int, dict[str, Any]] = field(default_factory=dict)  # the last epoch this process logged
 
 
 class Mirror:
@@ -101,6 +102,7 @@ class Mirror:
             return  # a restarted trial reports no epoch twice, but a resumed mirror may see one again
         self.tracker.log_metrics(run.run_id, metrics, step=step)
         run.steps.add(step)
+        run.logged = {step: metrics}  # only the last epoch is needed (complete)
 
     def complete(self, trial_id: str, folder: Path, last_step: int, trial_dir: Path) -> dict[str, float]:
         """Logs a finished trial's final metrics (those its last epoch did not already log),
@@ -141,9 +143,14 @@ class Mirror:
         return None if run.status != "FINISHED" else {}
 
     def _last_epoch(self, trial_id: str, trial_dir: Path, last_step: int) -> dict[str, Any]:
-        """The metrics the trial's last epoch reported (already in MLflow at ``last_step``)."""
-        if last_step not in self.runs[trial_id].steps:
+        """The metrics the trial's last epoch reported (already in MLflow at ``last_step``): as this
+        process logged them, else (a run an earlier driver logged) from Tune's ``result.json``,
+        which Tune may not have flushed yet when the trial completes."""
+        run = self.runs[trial_id]
+        if last_step not in run.steps:
             return {}
+        if last_step in run.logged:
+            return run.logged[last_step]
         reports = [m for m in epoch_reports(trial_dir) if int(m["epoch"]) == last_step]
         return reports[-1] if reports else {}
 

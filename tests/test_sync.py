@@ -1,0 +1,47 @@
+"""The MLflow mirror's live path without Ray: a finished trial's final metrics are logged once,
+beside what its last epoch already logged, whether or not Tune has flushed ``result.json``."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sweeps.config import validate_config
+from sweeps.sync import Mirror
+from sweeps.worker import CONFIG_FILE, METRICS_FILE, PLAN_FILE
+
+
+class Recorder:
+    """A Tracker that records what would go to MLflow."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[str, int, dict]] = []
+
+    def start_trial(self, trial_id, config, values, name):
+        return f"run-{trial_id}"
+
+    def log_metrics(self, run_id, metrics, step, tags=None):
+        self.logged.append((run_id, step, dict(metrics)))
+
+    def finish_trial(self, run_id, metrics, step, artifacts, tags=None):
+        self.logged.append((run_id, step, dict(metrics)))
+
+
+def test_final_metrics_skip_what_the_last_epoch_logged_even_before_tune_writes_its_record(tmp_path):
+    # under load a trial can complete before Tune has flushed its result.json; the mirror used to
+    # read the last epoch from there, found nothing, and logged `utility` at step 1 a second time
+    sweep = validate_config({"data": {"size": 64}, "search": {"objectives": {"utility": "max"}}}, check_data=False)
+    tracker = Recorder()
+    mirror = Mirror(sweep, tracker)
+    mirror.start("t1", {}, 1)
+    mirror.epoch("t1", {"epoch": 1, "loss": 4.7, "utility": 0.25, "attack_success": 0.5})
+    final = tmp_path / "checkpoint"
+    final.mkdir()
+    (final / METRICS_FILE).write_text(json.dumps({"utility": 0.25, "attack_success": 0.5, "poison_count": 40,
+                                                  "utility_drop": 0.01}))
+    pq.write_table(pa.table({"index": [1, 2]}), final / PLAN_FILE)
+    (final / CONFIG_FILE).write_text("seed: 0\n")
+    trial_dir = tmp_path / "trial"  # no result.json in it yet
+    trial_dir.mkdir()
+    mirror.complete("t1", final, 1, trial_dir)
+    at_step_1 = [name for _, step, metrics in tracker.logged if step == 1 for name in metrics]
+    assert sorted(at_step_1) == sorted(["epoch", "loss", "utility", "attack_success", "poison_count", "utility_drop"])
