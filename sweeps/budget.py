@@ -319,7 +319,7 @@ class BudgetSearch:
         return points
 
     def _initial(self) -> list[int]:
-        return _log_counts(self.low, self.high, self.initial_counts)
+        return log_counts(self.low, self.high, self.initial_counts)
 
     def _next_counts(self, est: Estimate) -> list[int]:
         if est.method == "fieller" and math.isfinite(est.high) and est.low > 0:
@@ -412,7 +412,7 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
 
 
-def _log_counts(low: int, high: int, n: int) -> list[int]:
+def log_counts(low: int, high: int, n: int) -> list[int]:
     """``n`` integer counts spread log-evenly over [low, high] (fewer where they round alike)."""
     return sorted(set(int(c) for c in np.rint(np.geomspace(low, high, n))))
 
@@ -438,6 +438,45 @@ def _check(*, low: int, high: int, threshold: float, confidence: float, replicat
                           f"counts × {replicates} replicates")
     if not rel_width > 0:
         raise ConfigError(f"--rel-width: must be positive, got {rel_width}")
+
+
+# --- what any design can reach: large-sample variance of the crossing (benchmarks/budget_bound.py) ---
+
+def crossing_variance(counts: Iterable[float], *, crossing: float, slope: float, threshold: float,
+                      shares: Iterable[float] | None = None) -> float:
+    """The large-sample variance of the fitted log crossing, per trial and per unit of dispersion φ,
+    when trials are spread over ``counts`` (in ``shares``, equal by default) and the true curve is
+    ``expit(logit τ + slope·(log c - log crossing))`` (no background rate).
+
+    With n trials the fit's crossing x̂* has variance φ·V/n, V = c'M⁻¹c / b², where M is the
+    Fisher information of (a, b) per trial (Σ sᵢ pᵢ(1-pᵢ)·[1, xᵢ]ᵀ[1, xᵢ]) and c = (1, x*): the
+    delta method for x* = (logit τ - a)/b. The ratio of two designs' V is the ratio of the trials
+    they need for the same precision (φ cancels when it does not depend on the count, as for a
+    Beta seed spread: φ = 1/m + (1 - 1/m)/(κ + 1) with m test images).
+
+    Example (by hand: two counts at the crossing ×2^±1, slope 2, τ = 0.5: p = expit(±2 log 2) =
+    0.8 and 0.2, w = 0.16, M = 0.16·diag(1, log²2) around x*, so V = 1/(4·0.16) = 1.5625):
+        >>> round(crossing_variance([50, 200], crossing=100, slope=2.0, threshold=0.5), 4)
+        1.5625
+    """
+    x = np.log(np.asarray(list(counts), dtype=float))
+    s = np.full(len(x), 1 / len(x)) if shares is None else np.asarray(list(shares), dtype=float) / sum(shares)
+    target = math.log(crossing)
+    p = special.expit(special.logit(threshold) + slope * (x - target))
+    w = s * p * (1 - p)
+    u = x - target  # centred on the crossing: c = (1, 0)
+    info = np.array([[w.sum(), (w * u).sum()], [(w * u).sum(), (w * u * u).sum()]])
+    if np.linalg.det(info) <= 1e-15 * max(info[0, 0] * info[1, 1], 1e-300):  # one count: only there
+        return 1 / (slope**2 * w.sum()) if np.allclose(u, 0) else math.inf
+    return float(np.linalg.solve(info, [1.0, 0.0])[0]) / slope**2
+
+
+def best_variance(*, slope: float, threshold: float) -> float:
+    """The least :func:`crossing_variance` of any design: every trial at the crossing itself,
+    1 / (b²·τ(1-τ)) (the locally c-optimal design; it needs the true curve, which no search has,
+    so it bounds every design from below). ``tests/test_budget.py`` checks that no two-count
+    design does better."""
+    return 1 / (slope**2 * threshold * (1 - threshold))
 
 
 # --- simulated dose-responses with a known crossing (tests and the benchmark) ---

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from poison import ConfigError
-from sweeps.budget import BudgetSearch, Point, SimulatedResponse, fit_curve, grid_estimate, run_simulated
+from sweeps.budget import (BudgetSearch, Point, SimulatedResponse, best_variance, crossing_variance, fit_curve,
+                           grid_estimate, log_counts, run_simulated)
 from sweeps.budget_driver import BudgetOptions, prepare_budget, rate_of
 from sweeps.cli import main
 from sweeps.config import validate_config
@@ -85,6 +86,34 @@ def test_fewer_trials_than_a_grid_for_a_tighter_interval():
     assert grid[0].trials == 36
     assert np.mean([e.trials for e in seq]) <= 0.7 * 36  # measured: 22
     assert np.median([e.rel_width for e in seq]) <= np.median([e.rel_width for e in grid])
+
+
+def test_no_design_beats_every_trial_at_the_crossing():
+    """best_variance, the floor benchmarks/budget_bound.py divides by: the one-count design at the
+    crossing reaches it, and no two-count design on a fine grid of counts and shares goes below."""
+    crossing, slope, threshold = 55.0, 1.6, 0.9
+    best = best_variance(slope=slope, threshold=threshold)
+    assert best == pytest.approx(1 / (1.6**2 * 0.09))  # 4.34
+    assert crossing_variance([crossing], crossing=crossing, slope=slope, threshold=threshold) == pytest.approx(best)
+    counts = np.geomspace(5, 600, 60)
+    least = min(crossing_variance([c1, c2], shares=[s, 1 - s], crossing=crossing, slope=slope, threshold=threshold)
+                for i, c1 in enumerate(counts) for c2 in counts[i + 1:] for s in np.linspace(0.05, 0.95, 19))
+    assert best <= least < 1.05 * best  # two counts either side of 55 come close
+    grid = crossing_variance(log_counts(5, 600, 33), crossing=crossing, slope=slope, threshold=threshold)
+    assert 0.44 < best / grid < 0.50  # the real trials' curve: no design needs a third of a grid's trials
+
+
+@pytest.mark.parametrize("slope, threshold, concentration, counts", [(1.6, 0.5, 1.0, 33), (4.0, 0.5, 2.0, 17)])
+def test_the_large_sample_variance_is_what_simulated_grids_scatter(slope, threshold, concentration, counts):
+    """crossing_variance predicts the spread of the fitted log crossing over 300 simulated grids of
+    3 trials per count, with φ from the Beta-Binomial noise: measured/predicted 1.05 and 1.06."""
+    response = SimulatedResponse(crossing=30.0, slope=slope, threshold=threshold, concentration=concentration)
+    logs = [math.log(grid_estimate(response, np.random.default_rng([9, r]), low=5, high=600, counts=counts,
+                                   replicates=3, threshold=threshold).count) for r in range(300)]
+    grid = log_counts(5, 600, counts)
+    dispersion = 1 / 200 + (1 - 1 / 200) / (concentration + 1)
+    predicted = dispersion * crossing_variance(grid, crossing=30.0, slope=slope, threshold=threshold) / (3 * len(grid))
+    assert 0.8 < np.var(logs) / predicted < 1.25
 
 
 def test_points_are_unique_replicated_and_within_budget():
