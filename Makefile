@@ -31,13 +31,13 @@ SHARD_A  := tests/test_attacks_e2e.py tests/test_budget.py tests/test_trial.py \
 DOCTESTS := --doctest-modules tests poison trainers sweeps
 
 test: install
-	@$(TEST_ENV) $(PY) -m pytest $(SHARD_A) > .test-shard-a.log 2>&1 & a=$$!; \
-	$(TEST_ENV) $(PY) -m pytest $(addprefix --ignore=,$(SHARD_A)) $(DOCTESTS); b=$$?; \
+	@$(TEST_ENV) $(PY) -X faulthandler -m pytest $(SHARD_A) > .test-shard-a.log 2>&1 & a=$$!; \
+	$(TEST_ENV) $(PY) -X faulthandler -m pytest $(addprefix --ignore=,$(SHARD_A)) $(DOCTESTS); b=$$?; \
 	wait $$a; a=$$?; echo; echo "=== $(SHARD_A)"; cat .test-shard-a.log; \
 	echo "exit status: shard A $$a, the rest $$b"; test $$a -eq 0 -a $$b -eq 0
 
 test-fast: install
-	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(DOCTESTS)
+	$(TEST_ENV) $(PY) -X faulthandler -m pytest -m "not slow" $(DOCTESTS)
 
 clean:
 	rm -rf $(VENV) poisonsweep_results
