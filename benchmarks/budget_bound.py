@@ -27,8 +27,9 @@ from scipy import special
 
 from sweeps.budget import SimulatedResponse, best_variance, crossing_variance, grid_estimate, log_counts
 
-GRID_COUNTS = (9, 17, 33, 65, 70, 170)  # 65, 70, 170 round to 60, 64, 131 distinct counts on 5-600:
-# the grids that budget_real.py's 180 trials and the calibrated simulation's 192 and 393 were
+# on 5-600, 65, 70 and 170 round to 60, 64 and 131 distinct counts: the grids of budget_real.py's
+# 180 trials and of the calibrated simulation's 192 and 393 (README)
+GRID_COUNTS = (9, 17, 33, 65, 70, 170)
 
 
 def _measured_over_predicted(response: SimulatedResponse, low: int, high: int, n: int, replicates: int,
