@@ -460,7 +460,10 @@ def crossing_variance(counts: Iterable[float], *, crossing: float, slope: float,
         1.5625
     """
     x = np.log(np.asarray(list(counts), dtype=float))
-    s = np.full(len(x), 1 / len(x)) if shares is None else np.asarray(list(shares), dtype=float) / sum(shares)
+    s = np.full(len(x), 1.0) if shares is None else np.asarray(list(shares), dtype=float)
+    if s.shape != x.shape or (s < 0).any() or not s.sum() > 0:
+        raise ValueError(f"shares: one non-negative share per count, not all zero, got {s.tolist()}")
+    x, s = x[s > 0], s[s > 0] / s.sum()  # a count with no trials adds nothing
     target = math.log(crossing)
     p = special.expit(special.logit(threshold) + slope * (x - target))
     w = s * p * (1 - p)
@@ -471,11 +474,19 @@ def crossing_variance(counts: Iterable[float], *, crossing: float, slope: float,
     return float(np.linalg.solve(info, [1.0, 0.0])[0]) / slope**2
 
 
+BEST_LOGIT = 2.39  # |logit τ| up to which one count at the crossing is the best design (Elfving)
+
+
 def best_variance(*, slope: float, threshold: float) -> float:
     """The least :func:`crossing_variance` of any design: every trial at the crossing itself,
     1 / (b²·τ(1-τ)) (the locally c-optimal design; it needs the true curve, which no search has,
-    so it bounds every design from below). ``tests/test_budget.py`` checks that no two-count
-    design does better."""
+    so in large samples it bounds every design from below). This holds for thresholds within
+    about 0.084-0.916 (|logit τ| ≤ 2.39); further out two counts either side of the crossing do
+    better, and this function refuses. ``tests/test_budget.py`` checks that no two-count design
+    does better inside that range, and that one does outside it."""
+    if abs(special.logit(threshold)) > BEST_LOGIT:
+        raise ValueError(f"threshold {threshold}: one count at the crossing is the best design only for "
+                         f"|logit τ| <= {BEST_LOGIT} (thresholds 0.084-0.916)")
     return 1 / (slope**2 * threshold * (1 - threshold))
 
 

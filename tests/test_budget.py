@@ -99,6 +99,17 @@ def test_no_design_beats_every_trial_at_the_crossing():
     least = min(crossing_variance([c1, c2], shares=[s, 1 - s], crossing=crossing, slope=slope, threshold=threshold)
                 for i, c1 in enumerate(counts) for c2 in counts[i + 1:] for s in np.linspace(0.05, 0.95, 19))
     assert best <= least < 1.05 * best  # two counts either side of 55 come close
+    # beyond |logit τ| 2.39 two counts beat one at the crossing (Elfving), so the floor is refused there
+    # (at τ 0.99, counts where the logit is ∓2.4: 0.69 and 13.95 pairs, shares 0.2 and 0.8: 0.48 of it)
+    two = crossing_variance([0.69, 13.95], shares=[0.2, 0.8], crossing=55.0, slope=slope, threshold=0.99)
+    assert two < 0.5 / (slope**2 * 0.99 * 0.01)
+    with pytest.raises(ValueError, match="0.084-0.916"):
+        best_variance(slope=slope, threshold=0.95)
+    # a count without trials adds nothing; shares must fit the counts
+    assert crossing_variance([55.0, 200.0], shares=[1.0, 0.0], crossing=crossing, slope=slope,
+                             threshold=threshold) == pytest.approx(best)
+    with pytest.raises(ValueError, match="shares"):
+        crossing_variance([20.0, 55.0], shares=[1.0], crossing=crossing, slope=slope, threshold=threshold)
     grid = crossing_variance(log_counts(5, 600, 33), crossing=crossing, slope=slope, threshold=threshold)
     assert 0.44 < best / grid < 0.50  # the real trials' curve at 0.9: no design does with a third of this grid's trials
 
