@@ -42,9 +42,7 @@ def _measured_over_predicted(response: SimulatedResponse, low: int, high: int, n
                             replicates=replicates, threshold=response.threshold)
         if est.count:
             logs.append(math.log(est.count))
-    m, kappa = response.test_images, response.concentration
-    dispersion = 1 / m + (1 - 1 / m) / (kappa + 1)  # Beta-Binomial: Var = φ·p(1-p)
-    predicted = dispersion * crossing_variance(counts, crossing=response.crossing, slope=response.slope,
+    predicted = response.dispersion * crossing_variance(counts, crossing=response.crossing, slope=response.slope,
                                                threshold=response.threshold) / (len(counts) * replicates)
     return float(np.var(logs)) / predicted
 

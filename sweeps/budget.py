@@ -518,6 +518,11 @@ class SimulatedResponse:
         p = self.floor + (1 - self.floor) * p + self.wiggle * np.sin(2 * np.pi * x / self.period)
         return np.clip(p, 1e-4, 1 - 1e-4)
 
+    @property
+    def dispersion(self) -> float:
+        """φ of Var = φ·p(1-p) for one trial's success (Beta-Binomial: 1/m + (1 - 1/m)/(κ + 1))."""
+        return 1 / self.test_images + (1 - 1 / self.test_images) / (self.concentration + 1)
+
     def sample(self, count: float, rng: np.random.Generator) -> float:
         p = float(self.mean(count))
         p_seed = rng.beta(self.concentration * p, self.concentration * (1 - p))

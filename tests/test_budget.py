@@ -122,8 +122,8 @@ def test_the_large_sample_variance_is_what_simulated_grids_scatter(slope, thresh
     logs = [math.log(grid_estimate(response, np.random.default_rng([9, r]), low=5, high=600, counts=counts,
                                    replicates=3, threshold=threshold).count) for r in range(300)]
     grid = log_counts(5, 600, counts)
-    dispersion = 1 / 200 + (1 - 1 / 200) / (concentration + 1)
-    predicted = dispersion * crossing_variance(grid, crossing=30.0, slope=slope, threshold=threshold) / (3 * len(grid))
+    assert response.dispersion == 1 / 200 + (1 - 1 / 200) / (concentration + 1)  # 200 test images
+    predicted = response.dispersion * crossing_variance(grid, crossing=30.0, slope=slope, threshold=threshold) / (3 * len(grid))
     assert 0.8 < np.var(logs) / predicted < 1.25
 
 
