@@ -254,6 +254,7 @@ def main() -> None:
 
     import ray
 
+    from sweeps import local_ray
     from sweeps.config import validate_config
     from sweeps.driver import QUIET_ENV, run_sweep
 
@@ -269,7 +270,7 @@ def main() -> None:
     os.environ[RECORD_ENV], os.environ[WORK_ENV] = str(record), str(args.work)
     for key, value in QUIET_ENV.items():  # as the driver sets them, before Ray's workers start
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    local_ray.init(num_cpus=args.cpus)
     ideal = args.trials * args.work / args.slots
     rows = []
     try:

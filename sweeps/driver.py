@@ -22,6 +22,7 @@ from ray.tune.search import ConcurrencyLimiter, Repeater, SearchAlgorithm, Searc
 from ray.tune.search.optuna import OptunaSearch
 
 from poison import ConfigError
+from sweeps import local_ray
 from sweeps.config import REPLICATE, SweepConfig
 from sweeps.space import define_by_run, make_sampler
 from sweeps.sync import LAUNCH_FILE, TRACKING_ERRORS, Backoff, Launch, Mirror, trial_folder
@@ -188,8 +189,7 @@ def _start_ray(address: str | None) -> None:
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ConfigError(f"--address: cannot join the Ray cluster at {address}: {err}") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        local_ray.init()
 
 
 def _check_resources(sweep: SweepConfig, *, local: bool, printer: Printer) -> None:

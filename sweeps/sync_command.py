@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import yaml
 
+from sweeps import local_ray
 from sweeps.config import validate_config
 from sweeps.driver import Printer, TrialLogger, summary_csv
 from sweeps.sync import Launch
@@ -23,7 +24,7 @@ def sync_launch(folder, cli_uri: str | None, *, printer: Printer = print) -> int
     logger.reattach()
     before = {t: r.status for t, r in logger.mirror.runs.items()}
     if not ray.is_initialized():  # Tune reads its experiment state through a Ray session
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        local_ray.init(num_cpus=1)
     if not logger.catch_up(folder):
         printer(f"MLflow at {redact(uri)} still fails; nothing lost: run this again when it answers")
         return 3

@@ -23,7 +23,9 @@ def ray_local():
     """Local Ray with two CPUs for the real sweeps of one test module (shut down after it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from sweeps import local_ray
+
+    local_ray.init(num_cpus=2)
     yield
     ray.shutdown()
 
