@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from poison import streams
 from poison.config import ConfigError, Section, make_registered
 from poison.registry import Registry
 
@@ -83,7 +84,7 @@ class PatchTrigger(Trigger):
             cells = (np.add.outer(np.arange(side), np.arange(side)) % 2).astype(np.uint8) * 255
             return np.repeat(cells[..., None], 3, axis=2)
         if self.pattern == "noise":
-            rng = np.random.default_rng([self.pattern_seed, 7])
+            rng = streams.rng(self.pattern_seed, streams.PATCH_NOISE)
             return rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
         return np.broadcast_to(np.array(self.colour, dtype=np.uint8), (side, side, 3)).copy()
 
@@ -114,7 +115,7 @@ class BlendedTrigger(Trigger):
 
     def overlay(self, side: int) -> np.ndarray:
         if self.pattern == "noise":
-            return np.random.default_rng([self.pattern_seed, 8]).integers(0, 256, (side, side, 3)).astype(np.float32)
+            return streams.rng(self.pattern_seed, streams.BLENDED_NOISE).integers(0, 256, (side, side, 3)).astype(np.float32)
         cells = (np.add.outer(np.arange(side) // self.cell, np.arange(side) // self.cell) % 2) * 255.0
         return np.repeat(cells[..., None], 3, axis=2).astype(np.float32)
 
@@ -163,7 +164,7 @@ class WaNetTrigger(Trigger):
 
     def field(self, side: int) -> np.ndarray:
         """(side, side, 2) displacements (dy, dx) in pixels, max |d| = strength."""
-        coarse = np.random.default_rng([self.pattern_seed, 9]).uniform(-1, 1, (self.grid_size, self.grid_size, 2))
+        coarse = streams.rng(self.pattern_seed, streams.WARP_FIELD).uniform(-1, 1, (self.grid_size, self.grid_size, 2))
         fine = _resize_bilinear(coarse, side)
         return fine / np.abs(fine).max() * self.strength
 

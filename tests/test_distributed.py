@@ -3,21 +3,20 @@ group train on the same global batches as one process, and end with the same mod
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from poison import DataSpec, load_dataset, make_attack
+from poison import DataSpec, load_dataset, make_attack, streams
 from poison.attacks import empty_plan
+from tests.conftest import free_port
 from trainers import parse_trial_config
 from trainers.data import TrainingSet
 from trainers.distributed import Ranks
-from trainers.loop import BATCH_STREAM, fit
+from trainers.loop import fit
 from trainers.models import build_model
 from trainers.resume import FolderCheckpointer
-from tests.conftest import free_port
 
 # tiny-vit: no BatchNorm, so two ranks compute what one process does (up to summation order);
 # 160 training pairs in batches of 32: 5 steps an epoch
@@ -36,7 +35,7 @@ def train(folder: str | None = None) -> tuple[dict[str, torch.Tensor], list[dict
     ranks = Ranks.current()
     evaluate = lambda: {"rank": float(ranks.rank), "scale": float(built.model.logit_scale.item())}  # noqa: E731
     reports = []
-    fitted = fit(built, data, config, evaluate=evaluate, rng=np.random.default_rng([config.seed, BATCH_STREAM]),
+    fitted = fit(built, data, config, evaluate=evaluate, rng=streams.rng(config.seed, streams.BATCHES),
                  on_epoch=reports.append, checkpointer=FolderCheckpointer(folder, every=1) if folder else None)
     assert fitted.samples == 2 * 160 and fitted.history == reports
     return built.model.state_dict(), reports
@@ -145,6 +144,7 @@ def test_a_trials_workers_may_spread_over_nodes_but_must_all_fit():
 @pytest.mark.slow
 def test_a_two_worker_trial_runs_on_two_gloo_ranks_and_lands_in_mlflow(tmp_path, ray_local):
     import yaml
+
     from sweeps.cli import main
     from tests.conftest import launch_runs
 

@@ -11,18 +11,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from poison import Dataset, DataError, load_dataset, make_attack
+from poison import DataError, Dataset, load_dataset, make_attack, streams
 from poison.attacks import empty_plan
 from poison.config import ConfigError
 from trainers.cache import TrainedModel
 from trainers.config import TrialConfig
 from trainers.data import TrainingSet
 from trainers.evaluate import Evaluator, evaluate_trial
-from trainers.loop import DEFENSE_BATCH_STREAM, EpochCallback, autocast_for, fit
+from trainers.loop import EpochCallback, autocast_for, fit
 from trainers.objectives import Objective
 
 EMBED_CHUNK = 4096  # rows stamped and embedded at a time
-TORCH_STREAM = 23   # the seed's stream that seeds torch before a post-training defense trains
 
 
 def trusted_dataset(config: TrialConfig, pairs: int, key: str, cache_dir: str | None) -> Dataset:
@@ -81,8 +80,8 @@ class PostTraining:
         recipe = self.config.train.model_copy(update={"epochs": epochs, "lr": lr})
         pairs = TrainingSet(data, make_attack(None), empty_plan(), self.built.tokenize,
                             token_cache=Path(self.cache_dir) / "tokens" if self.cache_dir else None)
-        rng = np.random.default_rng([self.config.seed, DEFENSE_BATCH_STREAM, self.epochs_done])
-        torch.manual_seed(int(np.random.default_rng([self.config.seed, TORCH_STREAM, self.epochs_done]).integers(2**62)))
+        rng = streams.rng(self.config.seed, streams.DEFENSE_BATCHES, self.epochs_done)
+        torch.manual_seed(int(streams.rng(self.config.seed, streams.DEFENSE_TORCH, self.epochs_done).integers(2**62)))
         fitted = fit(self.built, pairs, self.config, recipe=recipe, rng=rng, on_epoch=self.on_epoch,
                      evaluate=lambda: evaluate_trial(self._evaluator, self.config.attack, self.dataset, self.config.seed),
                      first_epoch=self.epochs_done + 1, objective=objective)

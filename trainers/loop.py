@@ -23,7 +23,6 @@ from trainers.resume import Checkpointer, rng_state, set_rng_state
 
 EpochCallback = Callable[[dict[str, float]], None]
 #: Streams of the trial seed: the training batches, and a post-training defense's batches.
-BATCH_STREAM, DEFENSE_BATCH_STREAM = 21, 22
 SHARED_PARAMETERS = ("logit_scale", "logit_bias")  # belong to neither tower: always train
 
 

@@ -16,7 +16,7 @@ import open_clip
 import pyarrow as pa
 import torch
 
-from poison import Dataset, load_dataset, plan_hash
+from poison import Dataset, load_dataset, plan_hash, streams
 from poison.attacks import empty_plan
 from poison.config import ConfigError
 from poison.defenses import Defense, filter_metrics
@@ -26,7 +26,7 @@ from trainers.data import TrainingSet
 from trainers.distributed import Ranks
 from trainers.evaluate import Evaluator, evaluate_trial
 from trainers.hooks import PostTraining, ReferencePairs, trusted_dataset
-from trainers.loop import BATCH_STREAM, EpochCallback, autocast_for, device_for, fit, freeze_tower
+from trainers.loop import EpochCallback, autocast_for, device_for, fit, freeze_tower
 from trainers.models import build_model
 from trainers.resume import Checkpointer
 
@@ -121,7 +121,7 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: Epoc
     freeze_tower(built.model, config.train.trainable)
     evaluator = Evaluator(built, dataset, autocast=autocast_for(config, device))
     objective = config.defense.objective(config.seed)
-    fitted = fit(built, data, config, rng=np.random.default_rng([config.seed, BATCH_STREAM]), on_epoch=on_epoch,
+    fitted = fit(built, data, config, rng=streams.rng(config.seed, streams.BATCHES), on_epoch=on_epoch,
                  evaluate=lambda: evaluate_trial(evaluator, config.attack, dataset, config.seed),
                  checkpointer=checkpointer, objective=objective)
     model = TrainedModel(built.model.state_dict(), fitted.last, history=fitted.history, seconds=fitted.seconds,

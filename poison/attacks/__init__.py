@@ -42,10 +42,6 @@ class ModelView(Protocol):
         """captions → L2-normalised embeddings (N, D)."""
 
 
-#: Streams of the trial seed, so each component has its own generator.
-PLAN_STREAM, EVAL_STREAM = 11, 12
-
-
 def nested_sample(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
     """``count`` distinct positions of ``range(size)``: the first ``count`` of one permutation
     drawn from ``rng``, so for one seed a smaller count's sample is a prefix of a larger one's.

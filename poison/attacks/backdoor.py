@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SerializeAsAny, field_validator
 
-from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, nested_sample, next_id
+from poison import streams
+from poison.attacks import ATTACKS, Attack, ModelView, make_plan, nested_sample, next_id
 from poison.config import ConfigError
 from poison.manifest import Dataset
 from poison.triggers import Trigger, make_trigger
@@ -69,7 +70,7 @@ class Backdoor(Attack):
 
     def plan(self, dataset: Dataset, seed: int) -> pa.Table:
         self.check(dataset)
-        rng = np.random.default_rng([seed, PLAN_STREAM])
+        rng = streams.rng(seed, streams.PLAN)
         return self.plan_with(dataset, rng, first_new=next_id(dataset), meta=plan_meta(self, dataset, seed))
 
     def plan_with(self, dataset: Dataset, rng: np.random.Generator, *, first_new: int, meta: dict[str, str],
@@ -100,7 +101,7 @@ class Backdoor(Attack):
         victims = test.filter(keep)
         if victims.num_rows == 0:
             return {"backdoor_asr": float("nan"), "attack_success": float("nan")}
-        rng = np.random.default_rng([seed, EVAL_STREAM])
+        rng = streams.rng(seed, streams.EVAL)
         placement = self.trigger.placement(victims.num_rows, dataset.image_size, rng)
         images = self.trigger.apply(dataset.images[victims["image"].to_numpy()], placement)
         asr = backdoor_asr(model.classify(images), victims["label"].to_numpy(), target)

@@ -29,13 +29,24 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from poison.attacks import ATTACKS, PLAN_STREAM, Attack, ModelView, make_plan, nested_sample, next_id
-from poison.attacks import retrieval
-from poison.attacks.backdoor import CAPTION_TEMPLATES, class_rows, plan_meta, target_label
+from poison import streams
+from poison.attacks import (
+    ATTACKS,
+    Attack,
+    ModelView,
+    make_plan,
+    nested_sample,
+    next_id,
+    retrieval,
+)
+from poison.attacks.backdoor import (
+    CAPTION_TEMPLATES,
+    class_rows,
+    plan_meta,
+    target_label,
+)
 from poison.config import ConfigError, Section
 from poison.manifest import Dataset
-
-CHOICE_STREAM = 16  # the single target image: shared by plan and evaluate
 
 
 class Goal(Section):
@@ -91,13 +102,13 @@ class RetrievalPoisoning(Attack):
     def chosen(self, dataset: Dataset, seed: int, goal: Goal, index: int = 0) -> pa.Table:
         """The single target image of a goal (a test image of its target class), one row."""
         candidates = class_rows(dataset, "test", target_label(dataset, goal.target))
-        rng = np.random.default_rng([seed, CHOICE_STREAM, index])
+        rng = streams.rng(seed, streams.MULTIMODAL_CHOICE, index)
         return candidates.slice(int(rng.integers(candidates.num_rows)), 1)
 
     def plan(self, dataset: Dataset, seed: int) -> pa.Table:
         self.check(dataset)
         meta = plan_meta(self, dataset, seed)
-        goal_rngs = np.random.default_rng([seed, PLAN_STREAM]).spawn(len(self.goal_list()))
+        goal_rngs = streams.rng(seed, streams.PLAN).spawn(len(self.goal_list()))
         first, tables = next_id(dataset), []
         for index, ((_, goal), count) in enumerate(zip(self.goal_list(), self.counts())):
             # a stream per goal and per column: each goal's pairs are nested in its count

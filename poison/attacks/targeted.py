@@ -14,12 +14,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from poison.attacks import ATTACKS, PLAN_STREAM, Attack, ModelView, make_plan, next_id
-from poison.attacks.backdoor import draw_captions, plan_meta, target_captions, target_label
+from poison import streams
+from poison.attacks import ATTACKS, Attack, ModelView, make_plan, next_id
+from poison.attacks.backdoor import (
+    draw_captions,
+    plan_meta,
+    target_captions,
+    target_label,
+)
 from poison.config import ConfigError
 from poison.manifest import Dataset
-
-CHOICE_STREAM = 13  # the choice of target images: shared by plan and evaluate
 
 
 @ATTACKS.register("targeted")
@@ -51,7 +55,7 @@ class Targeted(Attack):
     def chosen(self, dataset: Dataset, seed: int) -> pa.Table:
         """The hijacked test images (manifest rows), the same for plan and evaluation."""
         pool = _candidates(dataset, target_label(dataset, self.target))
-        rng = np.random.default_rng([seed, CHOICE_STREAM])
+        rng = streams.rng(seed, streams.TARGETED_CHOICE)
         return pool.take(pa.array(np.sort(rng.choice(pool.num_rows, self.targets, replace=False))))
 
     def plan(self, dataset: Dataset, seed: int) -> pa.Table:
@@ -61,7 +65,7 @@ class Targeted(Attack):
         copies[: self.poison_count % self.targets] += 1  # spread as evenly as possible
         rows = images.take(pa.array(np.repeat(np.arange(self.targets), copies)))
         # a caption stream per target image: each image's pairs are nested in the count
-        rngs = np.random.default_rng([seed, PLAN_STREAM]).spawn(self.targets)
+        rngs = streams.rng(seed, streams.PLAN).spawn(self.targets)
         captions = [caption for rng, n in zip(rngs, copies)
                     for caption in draw_captions(dataset, self.target, self.caption_source, int(n), rng)]
         return make_plan(op="inject", altered=rows["id"].to_numpy(), images=rows, captions=captions,

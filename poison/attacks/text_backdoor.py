@@ -29,16 +29,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, SerializeAsAny, field_validator
 
-from poison.attacks import ATTACKS, EVAL_STREAM, PLAN_STREAM, Attack, ModelView, make_plan, nested_sample, next_id
-from poison.attacks import retrieval
-from poison.attacks.backdoor import Backdoor, class_rows, non_target_pairs, plan_meta, target_label
+from poison import streams
+from poison.attacks import (
+    ATTACKS,
+    Attack,
+    ModelView,
+    make_plan,
+    nested_sample,
+    next_id,
+    retrieval,
+)
+from poison.attacks.backdoor import (
+    Backdoor,
+    class_rows,
+    non_target_pairs,
+    plan_meta,
+    target_label,
+)
 from poison.config import ConfigError
 from poison.manifest import Dataset
 from poison.text_triggers import PhraseTrigger, TextTrigger, make_text_trigger
 from poison.triggers import Trigger, make_trigger
-
-CHOICE_STREAM = 14  # the single target image: shared by plan and evaluate
-TEXT_PART_STREAM = 15  # the text half of a dual backdoor draws from its own stream
 
 
 class TextTriggered(Attack):
@@ -84,12 +95,12 @@ class TextBackdoor(TextTriggered):
     def chosen(self, dataset: Dataset, seed: int) -> pa.Table:
         """The single target image (a test image of the target class), one row."""
         candidates = class_rows(dataset, "test", target_label(dataset, self.target))
-        rng = np.random.default_rng([seed, CHOICE_STREAM])
+        rng = streams.rng(seed, streams.TEXT_BACKDOOR_CHOICE)
         return candidates.slice(int(rng.integers(candidates.num_rows)), 1)
 
     def plan(self, dataset: Dataset, seed: int) -> pa.Table:
         self.check(dataset)
-        rng = np.random.default_rng([seed, PLAN_STREAM])
+        rng = streams.rng(seed, streams.PLAN)
         return self.plan_with(dataset, seed, rng, first_new=next_id(dataset), meta=plan_meta(self, dataset, seed))
 
     def plan_with(self, dataset: Dataset, seed: int, rng: np.random.Generator, *, first_new: int,
@@ -117,7 +128,7 @@ class TextBackdoor(TextTriggered):
         test = dataset.split("test")
         queries = test.filter(pc.and_(pc.not_equal(test["label"], target), pc.greater_equal(test["label"], 0)))
         queries = queries["caption"].to_pylist()
-        rng = np.random.default_rng([seed, EVAL_STREAM])
+        rng = streams.rng(seed, streams.EVAL)
         triggered = self.text_trigger.apply(queries, self.text_trigger.placement(queries, rng))
         if self.target_image == "single":
             mask = test["id"].to_numpy() == self.chosen(dataset, seed)["id"][0].as_py()
@@ -187,8 +198,8 @@ class DualBackdoor(TextTriggered):
         image, text = self.parts()
         meta = plan_meta(self, dataset, seed)
         first = next_id(dataset)
-        a = image.plan_with(dataset, np.random.default_rng([seed, PLAN_STREAM]), first_new=first, meta=meta)
-        b = text.plan_with(dataset, seed, np.random.default_rng([seed, PLAN_STREAM, TEXT_PART_STREAM]),
+        a = image.plan_with(dataset, streams.rng(seed, streams.PLAN), first_new=first, meta=meta)
+        b = text.plan_with(dataset, seed, streams.rng(seed, streams.DUAL_TEXT_PART),
                            first_new=first + a.num_rows, meta=meta,
                            exclude=a["poison_id"] if self.mode == "replace" else None)
         a = a.append_column("part", pa.array(["image"] * a.num_rows, pa.string()))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from poison import streams
 from poison.datasets import DATASETS, DataError, DataSpec
 from poison.manifest import Dataset, make_manifest
 
@@ -40,7 +41,6 @@ PHRASINGS = [
     "catalogue image of a {name}", "a small black and white photo of a {name}",
 ]
 TEMPLATES = ["a photo of a {}.", "a grayscale picture of a {}.", "a {}.", "product shot of a {}."]
-TRUSTED_STREAM = 4  # the seed's stream drawing the trusted split
 INSTALL_HINT = "install it with `apt-get install dataset-fashion-mnist` or set data.path"
 
 
@@ -49,7 +49,7 @@ def load(spec: DataSpec) -> Dataset:
     """Reads labels now, decodes and resizes images on first use."""
     root = Path(spec.path or DEFAULT_PATH)
     files = {split: [_find(root, stem) for stem in stems] for split, stems in FILES.items()}
-    rng = np.random.default_rng([spec.seed, 2])
+    rng = streams.rng(spec.seed, streams.FASHION_SUBSET)
     labels = {split: read_idx(files[split][1]) for split in FILES}
     pick = {
         "train": _subset(len(labels["train"]), spec.size, rng, "data.size"),
@@ -58,7 +58,7 @@ def load(spec: DataSpec) -> Dataset:
     capacity = len(labels["train"]) - len(pick["train"])
     if spec.trusted is not None:
         pick["train"] = _trusted(len(labels["train"]), pick["train"], spec.trusted,
-                                 np.random.default_rng([spec.seed, TRUSTED_STREAM]))
+                                 streams.rng(spec.seed, streams.FASHION_TRUSTED))
 
     def render() -> np.ndarray:
         raw = [read_idx(files[s][0])[pick[s]] for s in FILES]
@@ -67,7 +67,7 @@ def load(spec: DataSpec) -> Dataset:
     label = np.concatenate([labels[s][pick[s]] for s in FILES]).astype(np.int32)
     split = ["train"] * len(pick["train"]) + ["test"] * len(pick["test"])
     stats = _stats(files, pick)
-    captions = _captions(label, stats, np.random.default_rng([spec.seed, 3]))
+    captions = _captions(label, stats, streams.rng(spec.seed, streams.FASHION_CAPTIONS))
     manifest = make_manifest(image=np.arange(len(label)), caption=captions, label=label, split=split)
     return Dataset(
         name="fashion-mnist", manifest=manifest, classnames=CLASSNAMES, templates=TEMPLATES,

@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from poison import streams
 from poison.datasets import DataError, DataSpec
 from poison.manifest import Dataset, atomic_write, make_manifest
 
@@ -65,7 +66,6 @@ INDEX_SCHEMA = pa.schema([
 REASONS = ("empty_caption", "missing", "undecodable", "malformed")
 OK, EMPTY_CAPTION, MISSING, UNDECODABLE, MALFORMED = range(5)
 DEFAULT_TEST_FRACTION = 0.1
-SELECT_STREAM, TRUSTED_STREAM = 20, 21  # streams of the seed
 CHUNK = 64  # images per decoding task
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 
@@ -146,14 +146,14 @@ def select(index: pa.Table, spec: DataSpec, *, known: np.ndarray | None = None) 
     usable = (known_reasons(index) if known is None else known) == OK
     group = index["group"].to_numpy()
     rep = _representatives(group, usable)  # one row per image, its first usable caption
-    rng = np.random.default_rng([spec.seed, SELECT_STREAM])
+    rng = streams.rng(spec.seed, streams.FILES_SELECT)
     test, pool = _split_groups(index, rep, usable[rep], spec, rng)
     pool_rows = np.flatnonzero(pool[group])
     train = _draw(pool_rows, spec.size, rng, f"data.size: {{:,}} exceeds the {{:,}} training pairs of {spec.path}; "
                   "set data.size: null to use all of them")
     rest = pool_rows[~np.isin(group[pool_rows], group[train])]  # images the training pairs do not use
     if spec.trusted is not None:
-        train = _draw(rest, spec.trusted, np.random.default_rng([spec.seed, TRUSTED_STREAM]),
+        train = _draw(rest, spec.trusted, streams.rng(spec.seed, streams.FILES_TRUSTED),
                       "trusted split: {:,} pairs do not fit in the {:,} training pairs whose images "
                       "data.size leaves unused", shuffle=True)
     is_test = np.r_[np.zeros(len(train), bool), np.ones(len(test), bool)]

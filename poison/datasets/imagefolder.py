@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from poison import streams
 from poison.datasets import DATASETS, DataError, DataSpec
 from poison.datasets.files import IMAGE_EXTENSIONS, load_index, make_index, require_path
 from poison.manifest import Dataset
@@ -33,7 +34,6 @@ CAPTION_TEMPLATES = [
     "a photo of the small {}.", "a photo of the large {}.", "there is a {} in this photo.", "{}",
 ]
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}."]
-CAPTION_STREAM = 22  # the seed's stream drawing each image's caption template
 
 
 @DATASETS.register("imagefolder")
@@ -44,7 +44,7 @@ def load(spec: DataSpec) -> Dataset:
         raise DataError(f"data.path: {root} is not a folder; imagefolder needs one subfolder per class")
     splits = split_folders(root)
     folders = sorted({d.name for folder in splits.values() for d in _subfolders(folder)})
-    index = read_index(splits, folders, np.random.default_rng([spec.seed, CAPTION_STREAM]))
+    index = read_index(splits, folders, streams.rng(spec.seed, streams.IMAGEFOLDER_CAPTIONS))
     if index.num_rows == 0:
         raise DataError(f"data.path: {root} has no class subfolders with images "
                         f"({', '.join(IMAGE_EXTENSIONS)})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from poison import streams
 from poison.datasets import DATASETS, DataError, DataSpec
 from poison.manifest import Dataset, make_manifest
 
@@ -39,7 +40,6 @@ PHRASINGS = [
 TEMPLATES = ["a photo of a {}.", "a {}.", "an image of a {}.", "a picture of a {}."]
 CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 DEFAULT_TEST_FRACTION = 0.1
-TRUSTED_STREAM = 1  # appended to the seed's streams for the trusted split
 
 
 @DATASETS.register("synthetic")
@@ -52,8 +52,11 @@ def load(spec: DataSpec) -> Dataset:
     if spec.size is None or spec.size < 1:
         raise DataError("data.size: the synthetic dataset needs a positive size")
     n_test = spec.test_size if spec.test_size is not None else max(1, round(spec.size * DEFAULT_TEST_FRACTION))
-    n_train, streams = (spec.size, ()) if spec.trusted is None else (spec.trusted, (TRUSTED_STREAM,))
-    attrs = _attributes(n_train + n_test, np.random.default_rng([spec.seed, 0, *streams]))
+    trusted = spec.trusted is not None
+    n_train = spec.trusted if trusted else spec.size
+    attrs = _attributes(n_train + n_test, streams.rng(
+        spec.seed, streams.SYNTHETIC_TRUSTED_ATTRIBUTES if trusted else streams.SYNTHETIC_ATTRIBUTES))
+    noise = streams.SYNTHETIC_TRUSTED_RENDER if trusted else streams.SYNTHETIC_RENDER
     captions = [_caption(attrs, i) for i in range(n_train + n_test)]
     manifest = make_manifest(
         image=np.arange(n_train + n_test),
@@ -64,7 +67,7 @@ def load(spec: DataSpec) -> Dataset:
     return Dataset(
         name="synthetic", manifest=manifest, classnames=CLASSNAMES, templates=TEMPLATES,
         image_size=spec.image_size,
-        _render=lambda: render(attrs, spec.image_size, np.random.default_rng([spec.seed, 1, *streams])),
+        _render=lambda: render(attrs, spec.image_size, streams.rng(spec.seed, noise)),
         _cache_file=spec.cache_file(), trusted_capacity=None,
     )
 

@@ -31,7 +31,6 @@ from poison.registry import Registry
 DEFENSES: Registry = Registry("defense")
 
 #: The seed's stream of a defense's own random choices (isolation forests, ...).
-DEFENSE_STREAM = 31
 #: What every data-side filter reports, scored against the poison plan.
 FILTER_METRICS = ("filter_removed", "filter_poison_recall", "filter_precision", "defense_seconds")
 
@@ -126,5 +125,5 @@ def make_defense(data: object, path: str = "defense") -> Defense:
 
 from poison.defenses import filters, outliers  # noqa: E402,F401  (registration on import)
 
-__all__ = ["DEFENSES", "DEFENSE_STREAM", "Defense", "FILTER_METRICS", "NoDefense", "TrainingPairs",
+__all__ = ["DEFENSES", "Defense", "FILTER_METRICS", "NoDefense", "TrainingPairs",
            "check_trusted", "filter_metrics", "make_defense"]

@@ -22,8 +22,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from poison import streams
 from poison.config import ConfigError
-from poison.defenses import DEFENSE_STREAM, DEFENSES
+from poison.defenses import DEFENSES
 from poison.defenses.filters import EmbeddingFilter
 
 
@@ -86,7 +87,7 @@ def isolation_scores(points: np.ndarray, *, trees: int, seed: int) -> np.ndarray
     """Anomaly scores of an isolation forest fitted on the points themselves (higher: more isolated)."""
     from sklearn.ensemble import IsolationForest
 
-    state = int(np.random.default_rng([seed, DEFENSE_STREAM]).integers(2**31 - 1))
+    state = int(streams.rng(seed, streams.OUTLIER_FILTER).integers(2**31 - 1))
     forest = IsolationForest(n_estimators=trees, random_state=state).fit(points)
     return -forest.score_samples(points)
 

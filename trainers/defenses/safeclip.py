@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from poison.defenses import DEFENSE_STREAM, DEFENSES, FILTER_METRICS, Defense, Stage, filter_metrics
+from poison import streams
+from poison.defenses import DEFENSES, FILTER_METRICS, Defense, Stage, filter_metrics
 from trainers.defenses.cleanclip import InModal, augment_images, augment_tokens
 from trainers.objectives import Step
 
@@ -71,7 +72,9 @@ def safe_split(similarity: np.ndarray, fraction: float, seed: int) -> np.ndarray
     top[np.argsort(-x, kind="stable")[: int(round(fraction * len(x)))]] = True
     if len(x) < 4 or np.ptp(x) == 0:
         return top
-    from sklearn.mixture import GaussianMixture  # here: sklearn is 1.6 s of every trial worker's start-up
+    from sklearn.mixture import (
+        GaussianMixture,  # here: sklearn is 1.6 s of every trial worker's start-up
+    )
 
     mixture = GaussianMixture(n_components=2, random_state=seed).fit(x.reshape(-1, 1))
     return top & (mixture.predict(x.reshape(-1, 1)) == int(np.argmax(mixture.means_.ravel())))
@@ -97,7 +100,7 @@ class SafeRisky(InModal):
         images, texts = pairs.embed()
         similarity = (images * texts).sum(dim=1).cpu().numpy()
         fraction = min(1.0, c.safe_fraction + c.safe_growth * (split - 1))
-        seed = int(np.random.default_rng([self.seed, DEFENSE_STREAM, epoch]).integers(2**31))
+        seed = int(streams.rng(self.seed, streams.SAFECLIP_EPOCH, epoch).integers(2**31))
         self.safe = safe_split(similarity, fraction, seed)
         self.scores = filter_metrics(self.safe, pairs.data.poisoned)
 
