@@ -16,12 +16,7 @@ from pydantic import Field
 
 from poison import streams
 from poison.attacks import ATTACKS, Attack, ModelView, make_plan, next_id
-from poison.attacks.backdoor import (
-    draw_captions,
-    plan_meta,
-    target_captions,
-    target_label,
-)
+from poison.attacks.backdoor import draw_captions, plan_meta, target_captions, target_label
 from poison.config import ConfigError
 from poison.manifest import Dataset
 

@@ -72,9 +72,7 @@ def safe_split(similarity: np.ndarray, fraction: float, seed: int) -> np.ndarray
     top[np.argsort(-x, kind="stable")[: int(round(fraction * len(x)))]] = True
     if len(x) < 4 or np.ptp(x) == 0:
         return top
-    from sklearn.mixture import (
-        GaussianMixture,  # here: sklearn is 1.6 s of every trial worker's start-up
-    )
+    from sklearn.mixture import GaussianMixture  # here: sklearn is 1.6 s of every trial worker's start-up
 
     mixture = GaussianMixture(n_components=2, random_state=seed).fit(x.reshape(-1, 1))
     return top & (mixture.predict(x.reshape(-1, 1)) == int(np.argmax(mixture.means_.ravel())))
