@@ -163,6 +163,14 @@ def clean_seeds(search: BudgetSearch) -> list[int]:
     return [search.seed + i for i in range(search.replicates)]
 
 
+def interval(est: Estimate, low: str, high: str) -> str:
+    """The interval as what it is: Fieller's carries its confidence; the gap between a count whose
+    mean fails and one whose mean succeeds carries none, and says so."""
+    if est.method == "fieller":
+        return f"{est.confidence:.0%} CI {low} - {high}"
+    return f"between {low}, whose mean falls short, and {high}, whose mean reaches it: a gap, no confidence level"
+
+
 def describe(est: Estimate) -> str:
     """One line: the estimate, its interval and where the search stands."""
     if est.status == "not-reached":
@@ -171,7 +179,7 @@ def describe(est: Estimate) -> str:
         return f"reached already at poison_count {est.high:.0f} or less ({est.trials} trials)"
     if est.count is None:
         return f"no estimate yet ({est.trials} trials)"
-    return (f"poison_count {est.count:.1f} ({est.confidence:.0%} CI {est.low:.1f}-{est.high:.1f}, "
+    return (f"poison_count {est.count:.1f} ({interval(est, f'{est.low:.1f}', f'{est.high:.1f}')}, "
             f"relative width {est.rel_width:.2f}, {est.method}; {est.trials} trials)")
 
 
@@ -295,9 +303,9 @@ def summary(outcome: BudgetOutcome) -> str:
         rate = ""
         if outcome.rate:
             r, lo, hi = outcome.rate
-            rate = f"\n  poison_rate  {r:.4%}  ({est.confidence:.0%} CI {lo:.4%} - {hi:.4%})"
-        lines.append(f"  poison_count {math.ceil(est.count)}  ({est.confidence:.0%} CI {math.floor(est.low)} - "
-                     f"{math.ceil(est.high)}){rate}")
+            rate = f"\n  poison_rate  {r:.4%}  ({interval(est, f'{lo:.4%}', f'{hi:.4%}')})"
+        lines.append(f"  poison_count {math.ceil(est.count)}  "
+                     f"({interval(est, str(math.floor(est.low)), str(math.ceil(est.high)))}){rate}")
     lines.append(f"  {_verdict(est, search)}")
     lines.append(f"  {est.trials} trials in {search.rounds} rounds; interval by {est.method}")
     means: dict[int, list[float]] = {}

@@ -173,15 +173,15 @@ def test_targeted_spreads_pairs_over_chosen_non_target_test_images(small_synthet
     counts = sorted(plan["source_id"].value_counts().field("counts").to_pylist())
     assert counts == [2, 3, 3] and set(plan["source_id"].to_pylist()) == set(chosen["id"].to_pylist())
     assert all("blue circle" in c for c in plan["caption"].to_pylist())
-    hits = {chosen["image"][0].as_py()}
 
-    def classify(images):  # only the first chosen image is hijacked
-        first = small_synthetic.images[chosen["image"][0].as_py()]
-        return np.array([target if (im == first).all() else -1 for im in images])
+    def hijacking(rows):  # a model that classifies exactly the chosen images ``rows`` as the target
+        hijacked = [small_synthetic.images[chosen["image"][i].as_py()] for i in rows]
+        return Classifies(lambda images: np.array([target if any((im == h).all() for h in hijacked) else -1
+                                                   for im in images]))
 
-    out = attack.evaluate(small_synthetic, Classifies(classify), seed=1)
-    assert out == {"targeted_success": pytest.approx(1 / 3), "attack_success": pytest.approx(1 / 3)}
-    assert hits
+    for rows, share in (([0], 1 / 3), ([0, 2], 2 / 3), ([], 0.0), ([0, 1, 2], 1.0)):
+        out = attack.evaluate(small_synthetic, hijacking(rows), seed=1)
+        assert out == {"targeted_success": pytest.approx(share), "attack_success": pytest.approx(share)}, rows
 
 
 def test_targeted_bad_input(small_synthetic):

@@ -226,8 +226,10 @@ def test_single_label_pairs_source_captions_with_target_images(data):
     assert set(_labels(data, plan["caption_source_id"].to_pylist())) == {source}
     captions = dict(zip(data.manifest["id"].to_pylist(), data.manifest["caption"].to_pylist()))
     assert plan["caption"].to_pylist() == [captions[i] for i in plan["caption_source_id"].to_pylist()]
-    assert set(plan["split"].to_pylist() if "split" in plan.column_names else ["train"]) == {"train"}
+    # the target images are training images of the target class (attack II: the class, not one image)
+    assert set(plan["source_id"].to_pylist()) <= set(data.split("train")["id"].to_pylist())
     assert set(_labels(data, plan["source_id"].to_pylist())) == {target}
+    assert len(set(plan["source_id"].to_pylist())) > 1
 
 
 def test_single_image_uses_one_test_image_and_replace_alters_source_pairs(data):

@@ -295,3 +295,31 @@ def test_budget_search_runs_real_trials_into_mlflow(tmp_path, ray_local, capsys)
     out = capsys.readouterr().out
     assert "Minimal poison budget for attack_success >= 0.5" in out and "round 2 done" in out
     assert "poisonsweep ui --tracking-uri " + uri in out
+
+
+def _outcome(search: BudgetSearch, rate=None):
+    from sweeps.budget_driver import BudgetOutcome
+
+    return BudgetOutcome(search.estimate(), rate, [], search, "0", "run", "sqlite://")
+
+
+def test_only_a_fitted_interval_is_printed_as_a_confidence_interval():
+    """Seeds that succeed all or nothing at 30 leave a gap between two counts and no curve: the
+    summary says what that is, and claims no confidence; a Fieller interval is printed as the CI it is."""
+    from sweeps.budget_driver import describe, summary
+
+    step = BudgetSearch(low=5, high=5000, threshold=0.9, replicates=2, max_trials=16)
+    while not step.done:
+        for point in step.propose():
+            step.observe(point, float(point.count >= 30))
+    est = step.estimate()
+    assert est.method == "gap" and est.low < 30 <= est.high
+    text = summary(_outcome(step, rate=(0.01, 0.005, 0.02))) + describe(est)
+    assert "CI" not in text and text.count("no confidence level") == 3  # count, rate and the round's line
+    assert f"between {math.floor(est.low)}, whose mean falls short, and {math.ceil(est.high)}" in text
+
+    fitted = BudgetSearch(low=LOW, high=HIGH, threshold=0.9, replicates=3)
+    est = run_simulated(fitted, SimulatedResponse(crossing=150, slope=4.0), np.random.default_rng(0))
+    assert est.method == "fieller"
+    text = summary(_outcome(fitted)) + describe(est)
+    assert text.count("95% CI") == 2 and "no confidence level" not in text

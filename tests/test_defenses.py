@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from poison import DEFENSES, ConfigError, DataSpec, Defense, load_dataset, make_attack, make_defense
-from poison.defenses import filter_metrics
+from poison.defenses import DETECTION_METRICS, detection_metrics, filter_metrics
 from poison.defenses.filters import cosine_distance, drop_highest
 from poison.defenses.outliers import lid_mle, neighbour_distances, pair_points
 from tests.conftest import backdoor
@@ -245,14 +245,19 @@ def test_a_trial_trains_on_the_rows_its_filter_keeps(monkeypatch):
 
 def test_a_training_stage_defense_trains_its_own_model_and_reports_its_split():
     """SafeCLIP through a real trial: epoch 1 trains every pair with CLIP's loss, epoch 2 splits
-    the pairs by the model's similarities; its last split comes back scored against the plan."""
+    the pairs by the model's similarities; its last split comes back scored against the plan,
+    with the detection metrics of the similarities it split by.
+
+    Whether a split after one epoch from scratch finds the poison depends on the seed (measured
+    over seeds 0-3: filter_auroc 0.89, 0.91, 0.45, 0.26), so this test checks the mechanics; the
+    split finding the poison is checked on a pretrained model (tests/test_defenses_pretrained_e2e.py)."""
     from trainers.trial import run_trial
 
     config = parse_trial_config({**TINY, "train": {**TINY["train"], "epochs": 2}, "attack": backdoor(20),
                                  "defense": {"kind": "safeclip", "safe_fraction": 0.5}})
     m = run_trial(config, baseline=False).metrics
-    assert 0 < m["filter_removed"] < 220 and 0 <= m["filter_poison_recall"] <= 1
-    assert m["filter_removed"] >= 110  # at most half of the 220 pairs were safe
+    assert 110 <= m["filter_removed"] < 220  # at most half of the 220 pairs were safe, some were
+    assert set(DETECTION_METRICS) <= m.keys() and m["filter_auroc"] != 0.5  # ranked by similarity, not tied
     assert "poisoned_cache_hit" not in m
 
 
@@ -400,3 +405,45 @@ def test_a_dataset_that_cannot_keep_trusted_pairs_apart_refuses(monkeypatch):
     main.trusted_capacity = 0  # what a dataset without a trusted split reports
     with pytest.raises(ConfigError, match="defense.clean_pairs: synthetic has no trusted pairs beside the 50"):
         make_defense({"kind": "clean-finetune"}).check(main, pretrained=False)
+
+
+# --- detection metrics of scoring defenses, by hand ---
+
+def test_detection_metrics_by_hand():
+    """Five rows, the poisoned ones ranked 1st and 3rd: of the 2 × 3 (poisoned, clean) pairs, 5
+    are ordered right (AUROC 5/6); precision at the poisoned ranks is 1/1 and 2/3 (AP 5/6); catching
+    both poisoned rows needs the threshold at 0.7, which also takes 1 of 3 clean rows (FPR 1/3)."""
+    scores, poisoned = np.array([0.9, 0.8, 0.7, 0.6, 0.5]), np.array([1, 0, 1, 0, 0], bool)
+    assert detection_metrics(scores, poisoned) == pytest.approx(
+        {"filter_auroc": 5 / 6, "filter_pr_auc": 5 / 6, "filter_fpr_at_95": 1 / 3})
+    # a perfect ranking, then the reversed one
+    assert detection_metrics(-np.arange(6.0), np.arange(6) < 2) == pytest.approx(
+        {"filter_auroc": 1.0, "filter_pr_auc": 1.0, "filter_fpr_at_95": 0.0})
+    worst = detection_metrics(np.arange(6.0), np.arange(6) < 2)  # poisoned rows scored lowest
+    assert worst["filter_auroc"] == 0.0 and worst["filter_fpr_at_95"] == 1.0
+    assert worst["filter_pr_auc"] == pytest.approx((1 / 5 + 2 / 6) / 2)  # ranked 5th and 6th
+    # ties count half: every row scored alike
+    tied = detection_metrics(np.zeros(4), np.array([1, 0, 0, 0], bool))
+    assert tied["filter_auroc"] == 0.5 and tied["filter_fpr_at_95"] == 1.0 and tied["filter_pr_auc"] == 0.25
+    # 95% of 20 poisoned rows is 19: the 20th, scored below 5 of 10 clean rows, may be missed
+    scores = np.r_[np.linspace(10, 9, 19), 0.5, np.linspace(1, 0, 10)]
+    assert detection_metrics(scores, np.arange(30) < 20)["filter_fpr_at_95"] == 0.0
+    assert all(math.isnan(v) for v in detection_metrics(scores, np.zeros(30, bool)).values())
+    assert all(math.isnan(v) for v in detection_metrics(scores, np.ones(30, bool)).values())
+
+
+def test_a_scoring_filter_selects_with_its_scores(small_synthetic):
+    """The filter's ``select`` gives the scores its keep-mask was cut from, so the trial can log
+    the detection metrics: here the similarity filter's distances, planted by hand."""
+    data, _ = planted(small_synthetic, count=10)
+    distance = np.full(len(data), 0.3)
+    distance[data.poisoned] = 0.9
+    distance[:5] = 1.0  # five clean pairs look worse than any poisoned one
+    pairs = GivenEmbeddings(*embeddings_with_distance(distance))
+    selection = make_defense({"kind": "similarity-filter", "fraction": 0.03}).select(pairs, seed=0)
+    assert np.allclose(selection.scores, distance)
+    assert (selection.keep == make_defense({"kind": "similarity-filter", "fraction": 0.03}).keep_mask(pairs, 0)).all()
+    metrics = detection_metrics(selection.scores, data.poisoned)
+    assert metrics["filter_auroc"] == pytest.approx(1 - 5 * 10 / (10 * 400))  # 5 clean above all 10 poisoned
+    assert metrics["filter_fpr_at_95"] == pytest.approx(5 / 400)
+    assert make_defense({"kind": "none"}).select(pairs, seed=0) is None

@@ -157,15 +157,18 @@ def test_zeroshot_input_is_checked(web):
 
 
 def test_a_trial_trains_on_web_pairs_and_reports_on_the_labelled_set(web, tmp_path):
+    """20 epochs on the 40 web pairs learn the colours their captions name: the folder's val/
+    images are classified (1.0 at seeds 0-2; 0.33-0.67 after 10 epochs; chance 1/3)."""
     from trainers import run_trial
 
-    config = _config(web, model={"arch": "tiny-rn"}, train={"epochs": 1, "batch_size": 16, "threads": 1},
+    config = _config(web, model={"arch": "tiny-rn"}, train={"epochs": 20, "batch_size": 16, "threads": 1},
                      attack={**backdoor(4), "target": "red"})
     result = run_trial(config, cache_dir=str(tmp_path / "cache"), baseline=False)
     m = result.metrics
     assert m["poison_count"] == 4 and m["poison_rate"] == pytest.approx(4 / 40)
     assert m["utility"] == m["zeroshot_top1"]  # classes exist: utility is zero-shot top-1 on the folder's val/
-    assert 0 <= m["backdoor_asr"] <= 1 and m["attack_success"] == m["backdoor_asr"]
+    assert m["utility"] >= 0.9
+    assert m["attack_success"] == m["backdoor_asr"]
 
 
 @pytest.fixture(scope="module")
@@ -291,9 +294,10 @@ def test_a_trial_on_caption_classes_reports_zero_shot_utility_and_asr(web, tmp_p
     config = parse_trial_config({
         "data": {"dataset": "csv", "path": str(web / "pairs.tsv"), "size": None, "test_size": 10, "image_size": 32,
                  "classes": ["red", "green", "blue"]},
-        "model": {"arch": "tiny-rn"}, "train": {"epochs": 1, "batch_size": 16, "threads": 1},
+        "model": {"arch": "tiny-rn"}, "train": {"epochs": 20, "batch_size": 16, "threads": 1},
         "attack": {**backdoor(4), "target": "red"}})
     m = run_trial(config, cache_dir=str(tmp_path / "cache"), baseline=False).metrics
     labels = load_dataset(config.data_spec()).split("test")["label"].to_numpy()
     assert (labels == -1).any() and (labels >= 0).any()  # both kinds among the 10 test pairs
-    assert m["utility"] == m["zeroshot_top1"] and 0 <= m["backdoor_asr"] <= 1 and m["poison_count"] == 4
+    # the labelled test pairs are classified after 20 epochs (1.0 at seeds 0-2; chance 1/3)
+    assert m["utility"] == m["zeroshot_top1"] >= 0.9 and m["poison_count"] == 4

@@ -19,7 +19,7 @@ import torch
 from poison import Dataset, load_dataset, plan_hash, streams
 from poison.attacks import empty_plan
 from poison.config import ConfigError
-from poison.defenses import Defense, filter_metrics
+from poison.defenses import Defense, detection_metrics, filter_metrics
 from trainers.cache import TrainedModel, cached, model_key
 from trainers.config import TrialConfig
 from trainers.data import TrainingSet
@@ -135,19 +135,21 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: Epoc
 
 def _keep(config: TrialConfig, dataset: Dataset, data: TrainingSet,
           cache_dir: str | None) -> tuple[TrainingSet, dict[str, float]]:
-    """The rows the defense's ``keep_mask`` keeps, scored against the plan (``filter_*``)."""
+    """The rows the defense's ``keep_mask`` keeps, scored against the plan (``filter_*``; the
+    detection metrics too when the defense scores pairs)."""
     start, reference = time.perf_counter(), _ReferenceSupplier(config, dataset, cache_dir)
-    keep = config.defense.keep_mask(ReferencePairs(data, reference), config.seed)
-    keep = Ranks.current().share(keep)  # data-parallel: every rank trains on rank 0's rows
-    if keep is None:
+    selection = config.defense.select(ReferencePairs(data, reference), config.seed)
+    selection = Ranks.current().share(selection)  # data-parallel: every rank trains on rank 0's rows
+    if selection is None:
         return data, {}
-    keep = np.asarray(keep, bool)
+    keep = np.asarray(selection.keep, bool)
     if keep.shape != (len(data),):
         raise ValueError(f"defense {config.defense.kind}: keep-mask of shape {keep.shape} for {len(data)} rows")
     if not keep.any():
         raise ConfigError(f"defense: {config.defense.kind} removed all {len(data):,} training pairs")
     seconds = time.perf_counter() - start - reference.seconds  # the shared reference model is not its cost
-    return data.subset(keep), {**filter_metrics(keep, data.poisoned), **reference.metrics,
+    detection = {} if selection.scores is None else detection_metrics(selection.scores, data.poisoned)
+    return data.subset(keep), {**filter_metrics(keep, data.poisoned), **detection, **reference.metrics,
                                "defense_seconds": seconds}
 
 

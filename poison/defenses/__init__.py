@@ -8,6 +8,8 @@ trainers/ (each defaults to doing nothing, so a defense implements only its own)
 2. ``keep_mask(pairs, seed)``: before training, which rows of the poisoned training
    set to train on. Data-side filters score the rows on a clean reference model's
    embeddings, asked of :class:`TrainingPairs`, so they need no torch and live here;
+   one that scores pairs also returns the scores through ``select`` (a :class:`Selection`),
+   and the trial logs how well they detect the poison (:func:`detection_metrics`);
 3. ``objective(seed)``: during training, the loss the loop minimises instead of CLIP's
    (RoCLIP's nearest-caption matching), a ``trainers.objectives.Objective``;
 4. ``after_training(session)``: changes the trained model (clean fine-tuning, CleanCLIP).
@@ -20,6 +22,7 @@ every such trial of an attack ("attack once, evaluate many defenses").
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
@@ -30,9 +33,11 @@ from poison.registry import Registry
 
 DEFENSES: Registry = Registry("defense")
 
-#: The seed's stream of a defense's own random choices (isolation forests, ...).
+#: How well a defense's per-pair scores separate poisoned from clean pairs, whatever it then drops.
+DETECTION_METRICS = ("filter_auroc", "filter_pr_auc", "filter_fpr_at_95")
 #: What every data-side filter reports, scored against the poison plan.
-FILTER_METRICS = ("filter_removed", "filter_poison_recall", "filter_precision", "defense_seconds")
+FILTER_METRICS = ("filter_removed", "filter_poison_recall", "filter_precision", *DETECTION_METRICS,
+                  "defense_seconds")
 
 Stage = Literal["none", "data", "training", "post"]
 
@@ -47,6 +52,15 @@ class TrainingPairs(Protocol):
         """L2-normalised (N, D) image and caption embeddings of every row, triggers stamped,
         under a clean reference model: ``model.pretrained`` when the trial has one, else a
         model trained once on ``trusted_pairs`` trusted pairs (None: as many as ``data.size``)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a data-side defense decided: the rows to keep, and each row's suspicion score
+    (higher: more suspicious) when it scores pairs."""
+
+    keep: np.ndarray
+    scores: np.ndarray | None = None
 
 
 class Defense(Section):
@@ -72,6 +86,12 @@ class Defense(Section):
     def keep_mask(self, pairs: TrainingPairs, seed: int) -> np.ndarray | None:
         """Before training: a boolean keep-mask over the rows of ``pairs`` (None: keep all)."""
         return None
+
+    def select(self, pairs: TrainingPairs, seed: int) -> Selection | None:
+        """``keep_mask`` with the scores behind it; a defense that scores pairs overrides this
+        (and its ``keep_mask`` returns ``select(...).keep``)."""
+        keep = self.keep_mask(pairs, seed)
+        return None if keep is None else Selection(np.asarray(keep, bool))
 
     def objective(self, seed: int) -> Any | None:
         """During training: the ``trainers.objectives.Objective`` the loop minimises (None: CLIP's loss)."""
@@ -107,6 +127,35 @@ def filter_metrics(keep: np.ndarray, poisoned: np.ndarray) -> dict[str, float]:
             "filter_precision": hits / n_removed if n_removed else math.nan}
 
 
+def detection_metrics(scores: np.ndarray, poisoned: np.ndarray) -> dict[str, float]:
+    """How well suspicion ``scores`` (higher: more suspicious) rank the plan's ``poisoned`` rows
+    above the clean ones, whatever threshold a defense then applies (scikit-learn's metrics):
+
+    - ``filter_auroc``: area under the ROC curve (the chance that a poisoned row outscores a
+      clean one, ties counted half);
+    - ``filter_pr_auc``: area under the precision-recall curve as average precision (precision
+      at each poisoned row's rank, averaged over the poisoned rows);
+    - ``filter_fpr_at_95``: the share of clean rows scored at or above the highest threshold that
+      still catches 95% of the poisoned rows.
+
+    All NaN when the rows are all poisoned or all clean.
+
+    Example (two poisoned rows, ranked 1st and 3rd of five):
+        >>> m = detection_metrics(np.array([0.9, 0.8, 0.7, 0.6, 0.5]), np.array([1, 0, 1, 0, 0], bool))
+        >>> {k: round(v, 4) for k, v in m.items()}
+        {'filter_auroc': 0.8333, 'filter_pr_auc': 0.8333, 'filter_fpr_at_95': 0.3333}
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    scores, poisoned = np.asarray(scores, np.float64), np.asarray(poisoned, bool)
+    if poisoned.all() or not poisoned.any():
+        return dict.fromkeys(DETECTION_METRICS, math.nan)
+    fpr, tpr, _ = roc_curve(poisoned, scores)
+    return {"filter_auroc": float(roc_auc_score(poisoned, scores)),
+            "filter_pr_auc": float(average_precision_score(poisoned, scores)),
+            "filter_fpr_at_95": float(fpr[np.argmax(tpr >= 0.95)])}
+
+
 def check_trusted(dataset: Dataset, pairs: int, key: str) -> None:
     """Raises ConfigError naming ``key`` when ``dataset`` has fewer than ``pairs`` trusted pairs."""
     capacity = dataset.trusted_capacity
@@ -125,5 +174,5 @@ def make_defense(data: object, path: str = "defense") -> Defense:
 
 from poison.defenses import filters, outliers  # noqa: E402,F401  (registration on import)
 
-__all__ = ["DEFENSES", "Defense", "FILTER_METRICS", "NoDefense", "TrainingPairs",
-           "check_trusted", "filter_metrics", "make_defense"]
+__all__ = ["DEFENSES", "DETECTION_METRICS", "Defense", "FILTER_METRICS", "NoDefense", "Selection", "TrainingPairs",
+           "check_trusted", "detection_metrics", "filter_metrics", "make_defense"]

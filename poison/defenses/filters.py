@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from poison.defenses import DEFENSES, FILTER_METRICS, Defense, Stage, TrainingPairs, check_trusted
+from poison.defenses import DEFENSES, FILTER_METRICS, Defense, Selection, Stage, TrainingPairs, check_trusted
 from poison.manifest import Dataset
 
 
@@ -36,9 +36,17 @@ class EmbeddingFilter(Defense):
         """One suspicion score per pair from its (N, D) reference embeddings."""
         raise NotImplementedError
 
-    def keep_mask(self, pairs: TrainingPairs, seed: int) -> np.ndarray:
+    def keep(self, scores: np.ndarray) -> np.ndarray:
+        """The keep-mask the scores give: the highest ``fraction`` dropped."""
+        return drop_highest(scores, self.fraction)
+
+    def select(self, pairs: TrainingPairs, seed: int) -> Selection:
         image, text = pairs.reference_embeddings(trusted_pairs=self.reference_pairs)
-        return drop_highest(self.scores(image, text, seed), self.fraction)
+        scores = self.scores(image, text, seed)
+        return Selection(self.keep(scores), scores)
+
+    def keep_mask(self, pairs: TrainingPairs, seed: int) -> np.ndarray:
+        return self.select(pairs, seed).keep
 
 
 @DEFENSES.register("similarity-filter")
@@ -58,11 +66,8 @@ class SimilarityFilter(EmbeddingFilter):
     def scores(self, image: np.ndarray, text: np.ndarray, seed: int) -> np.ndarray:
         return cosine_distance(image, text)
 
-    def keep_mask(self, pairs: TrainingPairs, seed: int) -> np.ndarray:
-        if self.threshold is None:
-            return super().keep_mask(pairs, seed)
-        image, text = pairs.reference_embeddings(trusted_pairs=self.reference_pairs)
-        return self.scores(image, text, seed) <= self.threshold
+    def keep(self, scores: np.ndarray) -> np.ndarray:
+        return super().keep(scores) if self.threshold is None else scores <= self.threshold
 
 
 def cosine_distance(image: np.ndarray, text: np.ndarray) -> np.ndarray:

@@ -33,7 +33,8 @@ import torch
 from pydantic import Field
 
 from poison import streams
-from poison.defenses import DEFENSES, FILTER_METRICS, Defense, Stage, filter_metrics
+from poison.defenses import (DEFENSES, DETECTION_METRICS, FILTER_METRICS, Defense, Stage, detection_metrics,
+                             filter_metrics)
 from trainers.defenses.cleanclip import InModal, augment_images, augment_tokens
 from trainers.objectives import Step
 
@@ -48,8 +49,9 @@ class SafeClip(Defense):
     token_drop: float = Field(0.1, ge=0, lt=1)     # caption views (see cleanclip)
 
     # the last split scored against the plan like a filter's keep-mask: filter_removed = risky
-    # pairs, filter_poison_recall = poisoned pairs found risky, filter_precision = risky that are poison
-    metric_names: ClassVar[tuple[str, ...]] = FILTER_METRICS[:3]
+    # pairs, filter_poison_recall = poisoned pairs found risky, filter_precision = risky that are poison;
+    # the detection metrics rank the pairs by their image-caption dissimilarity at that split
+    metric_names: ClassVar[tuple[str, ...]] = (*FILTER_METRICS[:3], *DETECTION_METRICS)
     stage: ClassVar[Stage] = "training"
 
     def objective(self, seed: int) -> "SafeRisky":
@@ -100,7 +102,8 @@ class SafeRisky(InModal):
         fraction = min(1.0, c.safe_fraction + c.safe_growth * (split - 1))
         seed = int(streams.rng(self.seed, streams.SAFECLIP_EPOCH, epoch).integers(2**31))
         self.safe = safe_split(similarity, fraction, seed)
-        self.scores = filter_metrics(self.safe, pairs.data.poisoned)
+        self.scores = {**filter_metrics(self.safe, pairs.data.poisoned),
+                       **detection_metrics(-similarity, pairs.data.poisoned)}
 
     def metrics(self) -> dict[str, float]:
         return dict(self.scores)
