@@ -91,7 +91,6 @@ def test_the_filter_drops_the_poison_before_training(sweep):
         assert m["filter_removed"] == 215  # round(0.1 × 2,150)
         # removing 10% at random would give recall 0.1 and precision 0.07
         assert m["filter_poison_recall"] >= 0.8 and m["filter_precision"] >= 0.5, trial.data.tags["defense"]
-        print("MEASURE", trial.data.tags["defense"], {k: v for k, v in m.items() if k.startswith("filter_")})
         # the scores behind the cut, logged beside it
         assert m["filter_auroc"] >= 0.9 and m["filter_fpr_at_95"] <= 0.2 and m["filter_pr_auc"] >= 0.5
         # a filtered model trains from scratch on 10% fewer pairs, so its utility carries this

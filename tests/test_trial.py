@@ -137,11 +137,12 @@ def _towers(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
 
 @pytest.mark.parametrize("arch, trainable", [("tiny-rn", "image"), ("tiny-rn", "text"), ("tiny-rn", "both"),
                                              ("tiny-vit", "image"), ("tiny-vit", "text")])
-def test_trainable_freezes_the_other_tower(arch, trainable):
+def test_trainable_with_freeze_tower_freezes_the_whole_other_tower(arch, trainable):
     from trainers.models import build_model
 
     config = parse_trial_config({"data": {"size": 256, "test_size": 64}, "model": {"arch": arch},
-                                 "train": {"epochs": 1, "batch_size": 64, "trainable": trainable}})
+                                 "train": {"epochs": 1, "batch_size": 64, "trainable": trainable,
+                                           "freeze": "tower"}})
     torch.manual_seed(config.seed)  # as _train does: the model the trial started from
     initial = build_model(arch, None, device=torch.device("cpu"), image_size=32).model
     parameters = {n for n, _ in initial.named_parameters()}
@@ -161,6 +162,32 @@ def test_trainable_freezes_the_other_tower(arch, trainable):
     build_model(arch, None, device=torch.device("cpu"), image_size=32).model.load_state_dict(result.state_dict)
 
 
+@pytest.mark.parametrize("arch, trainable", [("tiny-rn", "image"), ("tiny-rn", "text"), ("tiny-vit", "image")])
+def test_trainable_freezes_the_encoder_as_yang_et_al(arch, trainable):
+    """The default ``freeze: encoder`` (mm_poison's --freeze_encoder): a frozen image tower is
+    ``visual``'s parameters alone (BatchNorm statistics still move); a frozen text tower is the
+    transformer alone, while token and positional embeddings, ln_final and text_projection train."""
+    from trainers.models import build_model
+
+    config = parse_trial_config({"data": {"size": 256, "test_size": 64}, "model": {"arch": arch},
+                                 "train": {"epochs": 1, "batch_size": 64, "trainable": trainable}})
+    assert config.train.freeze == "encoder"
+    torch.manual_seed(config.seed)
+    initial = build_model(arch, None, device=torch.device("cpu"), image_size=32).model
+    parameters = {n for n, _ in initial.named_parameters()}
+    start, trained = initial.state_dict(), run_trial(config, baseline=False).state_dict
+    assert start.keys() == trained.keys()  # no BatchNorm swapped for a frozen one
+    frozen = "visual." if trainable == "text" else "transformer."
+    same = {k for k in parameters if torch.equal(start[k], trained[k])}
+    assert same == {k for k in parameters if k.startswith(frozen)}, same ^ {k for k in parameters if k.startswith(frozen)}
+    if trainable == "image":
+        assert {"token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection"} <= (
+            parameters - same)
+    elif arch == "tiny-rn":  # the frozen ResNet's running statistics follow the batches, as in mm_poison
+        stats = [k for k in start if k.startswith("visual.") and k.endswith("running_mean")]
+        assert stats and all(not torch.equal(start[k], trained[k]) for k in stats)
+
+
 @pytest.mark.parametrize("arch", ["tiny-rn", "tiny-vit"])
 def test_frozen_parameters_are_not_handed_to_the_optimizer(arch):
     from trainers.models import build_model
@@ -168,7 +195,7 @@ def test_frozen_parameters_are_not_handed_to_the_optimizer(arch):
 
     for trainable, frozen_prefix in (("image", "text"), ("text", "visual.")):
         model = build_model(arch, None, device=torch.device("cpu"), image_size=32).model
-        freeze_tower(model, trainable)
+        freeze_tower(model, trainable, "tower")
         config = parse_trial_config({"model": {"arch": arch}, "train": {"trainable": trainable}})
         optimizer, _ = _optimizer(model, config.train, total_steps=10)
         handed = {id(p) for group in optimizer.param_groups for p in group["params"]}

@@ -45,7 +45,7 @@ class TrainedModel:
         built = build_model(config.model.arch, config.model.pretrained, device=device_for(config),
                             image_size=config.data.image_size)
         built.model.load_state_dict(self.state_dict)
-        freeze_tower(built.model, config.train.trainable)
+        freeze_tower(built.model, config.train.trainable, config.train.freeze)
         return built
 
     def evaluator(self, config: TrialConfig, dataset: Dataset) -> Evaluator:

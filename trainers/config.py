@@ -111,6 +111,11 @@ class TrainConfig(Section):
     # which CLIP towers train; the other stays at its initial (or pretrained) weights:
     # Yang et al.'s frozen-encoder ablation (image / text encoder poisoned alone)
     trainable: Literal["both", "image", "text"] = "both"
+    # what "frozen" covers: ``encoder`` as Yang et al.'s code (mm_poison retrieval_by_CLIP.py:main,
+    # --freeze_encoder): the image encoder (visual) alone, its BatchNorm statistics still updating,
+    # or the text transformer alone (token and positional embeddings, ln_final and text_projection
+    # train); ``tower``, ours: every parameter of the tower, BatchNorm statistics frozen too
+    freeze: Literal["encoder", "tower"] = "encoder"
 
 
 class TrialConfig(Section):

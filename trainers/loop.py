@@ -245,9 +245,15 @@ def _restore(saved: dict, built: Built, optimizer: torch.optim.Optimizer, schedu
     return epoch
 
 
-def freeze_tower(model: torch.nn.Module, trainable: str) -> None:
-    """Locks the tower that ``train.trainable`` leaves out, with open_clip's own LiT locking.
+def freeze_tower(model: torch.nn.Module, trainable: str, scope: str) -> None:
+    """Freezes the tower that ``train.trainable`` leaves out, as far as ``train.freeze`` says.
 
+    ``encoder`` (Yang et al.'s code, mm_poison ``retrieval_by_CLIP.py:main``): ``requires_grad``
+    off for the image encoder's parameters (``visual``; its BatchNorm running statistics still
+    update, the model being in training mode) or the text transformer's (``transformer``, or
+    ``text.transformer`` in open_clip's custom-text models), nothing else.
+
+    ``tower`` (ours): every parameter of the tower, with open_clip's own LiT locking;
     ``lock_image_tower(freeze_bn_stats=True)`` also swaps the tower's BatchNorm2d for
     torchvision's FrozenBatchNorm2d (buffers only, no running-stat update), which survives
     ``model.train()``; a frozen ModifiedResNet's state_dict then has no ``num_batches_tracked``
@@ -256,6 +262,12 @@ def freeze_tower(model: torch.nn.Module, trainable: str) -> None:
     if trainable == "both":
         return
     image_frozen = trainable == "text"
+    if scope == "encoder":
+        body = ("visual.",) if image_frozen else ("transformer.", "text.transformer.")
+        for name, param in model.named_parameters():
+            if name.startswith(body):
+                param.requires_grad_(False)
+        return
     if image_frozen:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     else:

@@ -118,7 +118,7 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: Epoc
     device = device_for(config)
     built = build_model(config.model.arch, config.model.pretrained, device=device,
                         image_size=config.data.image_size)
-    freeze_tower(built.model, config.train.trainable)
+    freeze_tower(built.model, config.train.trainable, config.train.freeze)
     evaluator = Evaluator(built, dataset, autocast=autocast_for(config, device))
     objective = config.defense.objective(config.seed)
     fitted = fit(built, data, config, rng=streams.rng(config.seed, streams.BATCHES), on_epoch=on_epoch,
