@@ -48,6 +48,17 @@ def test_a_corrupt_clean_cache_entry_is_rebuilt(tmp_path):
     assert torch.load(weights, weights_only=True).keys() == first.state_dict.keys()
 
 
+def test_an_injecting_trial_takes_its_clean_models_optimizer_steps(tmp_path):
+    """250 clean pairs and 20 injected ones at batch 64: the clean model's epoch is 3 full
+    batches, and so is the poisoned trial's (270 pairs would make 4): ``utility_drop`` compares
+    models trained for as long. Each epoch the trial sees 192 of its 270 pairs, shuffled anew."""
+    config = parse_trial_config({"data": {"size": 250, "test_size": 40},
+                                 "train": {"epochs": 2, "batch_size": 64, "threads": 1}, "attack": backdoor(20)})
+    m = run_trial(config, cache_dir=str(tmp_path)).metrics
+    assert m["train_steps"] == m["clean_train_steps"] == 6
+    assert m["samples_per_second"] * m["train_seconds"] == pytest.approx(6 * 64)
+
+
 def test_a_nan_loss_fails_the_trial():
     config = parse_trial_config({"data": {"size": 200, "test_size": 20},
                                  "train": {"epochs": 1, "batch_size": 64, "lr": 1e30}})

@@ -37,6 +37,7 @@ class TrainedModel:
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's report
     seconds: float = 0.0  # training time, evaluation excluded
     samples: int = 0
+    steps: int = 0  # optimizer steps
     data_seconds: float = 0.0  # the part of ``seconds`` spent getting batches ready
     cached: bool = False  # loaded from the cache rather than trained now
 
@@ -65,7 +66,7 @@ def model_key(config: TrialConfig, plan: pa.Table | None = None, **extra: Any) -
     parts = {k: resolved[k] for k in ("seed", "data", "model", "train")}
     if config.attack.kind != "none":
         parts.update(attack=resolved["attack"], plan=plan_hash(plan) if plan is not None else None)
-    return cache_key(**parts, **extra, arch=architecture_fingerprint(config.model.arch), version=1)
+    return cache_key(**parts, **extra, arch=architecture_fingerprint(config.model.arch), version=2)
 
 
 def cached(folder: Path | None, train: Callable[[], TrainedModel], *, meta: dict[str, Any],
@@ -125,6 +126,7 @@ def _load(folder: Path) -> TrainedModel | None:
         record = json.loads(meta.read_text())
         return TrainedModel(state, record["metrics"], history=record.get("history", []),
                             seconds=record.get("seconds", 0.0), samples=record.get("samples", 0),
+                            steps=record.get("steps", 0),
                             data_seconds=record.get("data_seconds", 0.0), cached=True)
     except Exception:  # partial or corrupt entry: rebuild it, never use it
         return None
@@ -133,7 +135,7 @@ def _load(folder: Path) -> TrainedModel | None:
 def _store(folder: Path, model: TrainedModel, meta: dict[str, Any]) -> None:
     atomic_write(folder / "model.pt", lambda fh: torch.save(model.state_dict, fh))
     record = {"metrics": model.metrics, "history": model.history, "seconds": model.seconds,
-              "samples": model.samples, "data_seconds": model.data_seconds, **meta}
+              "samples": model.samples, "steps": model.steps, "data_seconds": model.data_seconds, **meta}
     atomic_write(folder / "metrics.json", lambda fh: fh.write(json.dumps(record, indent=1).encode()))
 
 

@@ -39,6 +39,8 @@ class TrainingSet:
         replaced = plan.filter(pc.equal(plan["op"], "replace"))["poison_id"]  # altered pairs keep their id
         clean = train.filter(pc.invert(pc.is_in(train["id"], value_set=replaced)))
         self.dataset, self.attack = dataset, attack
+        # an epoch's length: the clean training pairs, whatever the attack adds or a filter removes
+        self.epoch_rows = train.num_rows
         self.image = np.concatenate([clean["image"].to_numpy(), plan["image"].to_numpy()])
         self.plan_row = np.concatenate([np.full(clean.num_rows, -1), np.arange(plan.num_rows)])
         captions = pa.concat_arrays([clean["caption"].combine_chunks().cast(pa.string()),
@@ -89,12 +91,34 @@ class TrainingSet:
         """uint8 images (B, H, W, 3) with triggers stamped, and token ids (B, L)."""
         return self.images(rows), self.tokens[self.caption[rows]]
 
+    def steps(self, batch_size: int) -> int:
+        """Optimizer steps in an epoch: as many full batches as the clean training pairs make
+        (``epoch_rows``), so a trial whose attack injects pairs, or whose filter removes some,
+        takes exactly the steps of its clean model, and ``utility_drop`` measures the poison, not
+        a different amount of training. One batch of every row when there are fewer than a batch."""
+        if len(self) < batch_size:
+            return 1
+        return max(1, self.epoch_rows // batch_size)
+
     def epoch(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-        """The rows of an epoch's shuffled full batches (a contrastive batch needs its negatives);
-        ``batch(rows)`` loads one."""
+        """The rows of an epoch's ``steps`` shuffled full batches (a contrastive batch needs its
+        negatives), drawn from one shuffled pass over the rows, then the next pass's as far as
+        needed (a filtered set smaller than an epoch); ``batch(rows)`` loads one. When the set
+        is the clean pairs alone this is one permutation cut into batches, the remainder left out.
+
+        Example (10 clean rows, batches of 4: two steps, however many rows the set has):
+            >>> class Rows(TrainingSet):
+            ...     def __init__(self, n): self.image, self.epoch_rows = np.zeros(n), 10
+            >>> [len(Rows(n).epoch(4, np.random.default_rng(0))) for n in (10, 13, 6, 3)]
+            [2, 2, 2, 1]
+        """
+        steps = self.steps(batch_size)
+        if len(self) < batch_size:
+            return [rng.permutation(len(self))]
         order = rng.permutation(len(self))
-        usable = len(order) - len(order) % batch_size if len(order) >= batch_size else len(order)
-        return [order[start : start + batch_size] for start in range(0, usable, batch_size)]
+        while len(order) < steps * batch_size:
+            order = np.concatenate([order, rng.permutation(len(self))])
+        return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
 Item, Prepared = TypeVar("Item"), TypeVar("Prepared")

@@ -39,6 +39,7 @@ class Fitted:
     seconds: float = 0.0    # training time, evaluation excluded
     data_seconds: float = 0.0  # the part of it spent waiting for batches (see _next_batch)
     samples: int = 0
+    steps: int = 0          # optimizer steps taken
     resumed_from: int = 0   # the saved epoch training went on from (0: none)
 
 
@@ -92,7 +93,7 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
     recipe = recipe or config.train
     device, ranks = built.mean.device, Ranks.current()
     set_memory_format(built.model, config.train.memory_format)
-    steps_per_epoch = max(1, len(data) // recipe.batch_size)
+    steps_per_epoch = data.steps(recipe.batch_size)
     optimizer, schedule = _optimizer(built.model, recipe, steps_per_epoch * recipe.epochs)
     scaler = torch.amp.GradScaler(enabled=recipe.precision == "fp16" and device.type == "cuda")
     autocast, objective = autocast_for(config, device), objective or Objective()
@@ -128,6 +129,7 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
                     losses.append(_finite(previous, epoch))
                 previous = loss.detach()
                 fitted.samples += len(images)
+                fitted.steps += 1
         if previous is not None:  # before the epoch is evaluated or saved
             losses.append(_finite(previous, epoch))
         seconds = time.perf_counter() - start
@@ -143,7 +145,7 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
                 "torch_rng": torch.get_rng_state(), "rng": rng_state(rng), "epoch": epoch,
                 "last": fitted.last, "history": fitted.history, "seconds": fitted.seconds,
                 "data_seconds": fitted.data_seconds,
-                "samples": fitted.samples, "resumed_from": fitted.resumed_from,
+                "samples": fitted.samples, "steps": fitted.steps, "resumed_from": fitted.resumed_from,
                 "objective": objective.state_dict()})
         if on_epoch is not None:
             on_epoch(fitted.history[-1])
@@ -241,7 +243,7 @@ def _restore(saved: dict, built: Built, optimizer: torch.optim.Optimizer, schedu
     set_rng_state(rng, saved["rng"])
     fitted.last, fitted.history = saved["last"], saved["history"]
     fitted.seconds, fitted.samples, fitted.resumed_from = saved["seconds"], saved["samples"], epoch
-    fitted.data_seconds = saved.get("data_seconds", 0.0)
+    fitted.data_seconds, fitted.steps = saved.get("data_seconds", 0.0), saved.get("steps", 0)
     return epoch
 
 

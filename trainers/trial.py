@@ -65,7 +65,7 @@ def run_trial(config: TrialConfig, *, cache_dir: str | None = None, on_epoch: Ep
     model, metrics = trained_model(config, dataset, plan, cache_dir=cache_dir, on_epoch=on_epoch,
                                    checkpointer=checkpointer)
     metrics.update(model.metrics, train_seconds=model.seconds, data_seconds=model.data_seconds,
-                   samples_per_second=model.samples / max(model.seconds, 1e-9))
+                   samples_per_second=model.samples / max(model.seconds, 1e-9), train_steps=float(model.steps))
     state = model.state_dict
     defended = _after_training(config, dataset, model, cache_dir=cache_dir, on_epoch=on_epoch)
     if defended is not None:
@@ -125,7 +125,7 @@ def _train(config: TrialConfig, dataset: Dataset, plan: pa.Table, on_epoch: Epoc
                  evaluate=lambda: evaluate_trial(evaluator, config.attack, dataset, config.seed),
                  checkpointer=checkpointer, objective=objective)
     model = TrainedModel(built.model.state_dict(), fitted.last, history=fitted.history, seconds=fitted.seconds,
-                         samples=fitted.samples, data_seconds=fitted.data_seconds)
+                         samples=fitted.samples, steps=fitted.steps, data_seconds=fitted.data_seconds)
     if objective is not None:
         defense_metrics = {**defense_metrics, **objective.metrics()}
     if fitted.resumed_from:
@@ -216,7 +216,8 @@ def _final_metrics(config: TrialConfig, dataset: Dataset, plan: pa.Table, metric
                    data_skipped=float(dataset.skipped))  # unusable pairs the loader left out
     if clean is not None:
         metrics.update(clean_utility=clean.metrics["utility"],
-                       utility_drop=clean.metrics["utility"] - metrics["utility"])
+                       utility_drop=clean.metrics["utility"] - metrics["utility"],
+                       clean_train_steps=float(clean.steps))
         attack_on_clean = config.attack.evaluate(dataset, clean.evaluator(config, dataset), config.seed)
         if "attack_success" in attack_on_clean:
             metrics["clean_attack_success"] = attack_on_clean["attack_success"]
