@@ -106,8 +106,9 @@ def test_a_filter_removes_the_backdoor_within_003_of_utility(trials, kind):
     undefended, m = trials["none", 150], trials[kind, 150]
     assert m["filter_removed"] == 215  # round(0.1 × 2,150)
     # random removal gives recall 0.1; of the 215 removed at most 150 are poison
-    print("MEASURE", kind, {k: round(v, 4) for k, v in m.items() if k.startswith("filter_")})
     assert m["filter_poison_recall"] >= 0.95
+    # the scores behind the cut (measured AUROC 0.997 / 0.996, FPR at 95% recall 0.012 / 0.017)
+    assert m["filter_auroc"] >= 0.98 and m["filter_fpr_at_95"] <= 0.05
     assert m["attack_success"] <= 0.05
     assert m["utility"] >= undefended["utility"] - 0.03
 
@@ -117,8 +118,9 @@ def test_safeclip_keeps_the_poison_out_of_the_clip_loss(trials):
     +0.004 over four seeds (table above): the in-modal losses on the risky sixth of the pairs
     (AutoAugment views of 32 px grayscale images) cost a little more than a filter, so 0.04."""
     undefended, m = trials["none", 150], trials["safeclip", 150]
-    print("MEASURE safeclip", {k: round(v, 4) for k, v in m.items() if k.startswith("filter_")})
     assert m["filter_poison_recall"] >= 0.95  # the poisoned pairs fell among the risky ones
+    # its split's similarities rank the poison first (measured AUROC 0.993, FPR at 95% recall 0.025)
+    assert m["filter_auroc"] >= 0.97 and m["filter_fpr_at_95"] <= 0.1
     assert m["attack_success"] <= 0.05
     assert m["utility"] >= undefended["utility"] - 0.04
 
