@@ -87,13 +87,19 @@ def test_cleanclip_loss_is_the_weighted_sum_of_cross_modal_and_in_modal_terms():
     raw = np.zeros((2, 8, 8, 3), np.uint8)
     tokens = torch.tensor([[9, 5, 6, 10, 0], [9, 7, 10, 0, 0]])
     model = Views(image_views, text_views)
-    loss = InModal(clip_weight=0.5, inmodal_weight=2.0, token_drop=0.0).loss(
+    loss = InModal(clip_weight=0.5, inmodal_weight=2.0, token_drop=0.0, symmetric=True).loss(
         step(images, texts, 1, model=model, raw=raw, tokens=tokens))
     expected = 0.5 * info_nce(images, texts, 10.0) + 2.0 * (
         info_nce(images, image_views, 10.0) + info_nce(texts, text_views, 10.0)) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert model.calls == [("image", (2, 8, 8, 3)), ("text", (2, 5))]  # the views of this batch
-    plain = InModal(clip_weight=1.0, inmodal_weight=0.0, token_drop=0.0)
+    # the authors' in-modal term (the default): originals' rows against the views, one way
+    one_way = InModal(clip_weight=0.5, inmodal_weight=2.0, token_drop=0.0, symmetric=False).loss(
+        step(images, texts, 1, model=Views(image_views, text_views), raw=raw, tokens=tokens))
+    rows = lambda a, b: F.cross_entropy(10.0 * a @ b.T, torch.arange(len(a)))  # noqa: E731
+    expected = 0.5 * info_nce(images, texts, 10.0) + 2.0 * (rows(images, image_views) + rows(texts, text_views)) / 2
+    assert one_way.item() == pytest.approx(expected.item(), rel=1e-5) and one_way.item() != pytest.approx(loss.item())
+    plain = InModal(clip_weight=1.0, inmodal_weight=0.0, token_drop=0.0, symmetric=False)
     assert plain.loss(step(images, texts, 1, model=Views(None, None))).item() == \
         pytest.approx(info_nce(images, texts, 10.0).item(), rel=1e-5)
 
@@ -157,7 +163,9 @@ def test_safeclip_phases_and_the_safe_pairs_alone_in_the_cross_modal_loss():
     assert pairs.calls == 0 and objective.clip_all
     objective.start_epoch(3, pairs)   # first split: the most similar half, within the high component
     assert pairs.calls == 1 and objective.safe.tolist() == [True, True, True, False, False, False]
-    assert objective.metrics() == {"filter_removed": 3.0, "filter_poison_recall": 1.0, "filter_precision": 2 / 3}
+    # the two poisoned rows are the least similar: ranked first by dissimilarity, a perfect detection
+    assert objective.metrics() == {"filter_removed": 3.0, "filter_poison_recall": 1.0, "filter_precision": 2 / 3,
+                                   "filter_auroc": 1.0, "filter_pr_auc": 1.0, "filter_fpr_at_95": 0.0}
     objective.start_epoch(4, pairs)   # grows by a quarter: the poison stays out (low component)
     assert objective.safe.tolist() == [True, True, True, True, False, False]
 

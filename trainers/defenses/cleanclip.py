@@ -5,11 +5,14 @@ augmented view and the spurious trigger-to-caption link fades.
 
 It is ``clean-finetune`` (same clean pairs, epochs, lr, ``predefense_*`` metrics) with the loss
 
-    clip_weight · CLIP(images, captions) + inmodal_weight · (InfoNCE(images, images') + InfoNCE(captions, captions')) / 2
+    clip_weight · CLIP(images, captions) + inmodal_weight · (InModal(images, images') + InModal(captions, captions')) / 2
 
-where InfoNCE is CLIP's symmetric loss with the model's temperature between each row and its
-augmented view, the other rows of the batch as negatives. Image views: torchvision's AutoAugment
-(ImageNet policy), per image, as the authors' code. Caption views: the authors use EDA on the
+as the authors' code (CleanCLIP ``src/train.py:get_loss``): ``InModal(x, x')`` is the
+cross-entropy of each original's row of ``scale · x x'ᵀ`` against its own view, the batch's other
+views as negatives, in that one direction (``inmodal_loss: one-way``, the default).
+``inmodal_loss: symmetric`` is ours, a named variant: CLIP's symmetric loss between the originals
+and their views (both directions averaged). Image views: torchvision's AutoAugment (ImageNet
+policy), per image, as the authors' code. Caption views: the authors use EDA on the
 words (synonyms, insertion, swap, deletion); here, without WordNet, EDA's deletion and swap act
 on the token ids between the start and end tokens (each token dropped with ``token_drop``,
 keeping one, then two tokens swapped). Needs open_clip's BPE tokenizer, whose end token has the
@@ -35,19 +38,29 @@ class CleanClip(CleanFinetune):
     clip_weight: float = Field(1.0, ge=0)
     inmodal_weight: float = Field(1.0, ge=0)
     token_drop: float = Field(0.1, ge=0, lt=1)
+    inmodal_loss: Literal["one-way", "symmetric"] = "one-way"  # the authors' / ours (see above)
 
     def finetune_objective(self, seed: int) -> "InModal":
-        return InModal(self.clip_weight, self.inmodal_weight, self.token_drop)
+        return InModal(self.clip_weight, self.inmodal_weight, self.token_drop, symmetric=self.inmodal_loss == "symmetric")
 
 
 class InModal(Objective):
-    """CleanCLIP's loss: weighted cross-modal plus in-modal (augmented view) InfoNCE."""
+    """CleanCLIP's loss: weighted cross-modal plus in-modal (augmented view) InfoNCE, the in-modal
+    terms one-way (originals against views, the authors') or ``symmetric`` (ours)."""
 
     augment = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
 
-    def __init__(self, clip_weight: float, inmodal_weight: float, token_drop: float) -> None:
+    def __init__(self, clip_weight: float, inmodal_weight: float, token_drop: float, *, symmetric: bool) -> None:
         super().__init__()
         self.clip_weight, self.inmodal_weight, self.token_drop = clip_weight, inmodal_weight, token_drop
+        self.symmetric = symmetric
+
+    def view_loss(self, x: torch.Tensor, views: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The in-modal term of originals ``x`` against their ``views``."""
+        if self.symmetric:
+            return self.pair_loss(x, views, scale)
+        logits = scale * x @ views.T
+        return torch.nn.functional.cross_entropy(logits, torch.arange(len(x), device=x.device))
 
     def loss(self, step: Step) -> torch.Tensor:
         images, texts, scale = step.out["image_features"], step.out["text_features"], step.out["logit_scale"]
@@ -56,7 +69,7 @@ class InModal(Objective):
             image_views = step.model.encode_image(step.to_input(augment_images(step.images, self.augment)),
                                                   normalize=True)
             text_views = step.model.encode_text(augment_tokens(step.tokens, self.token_drop), normalize=True)
-            inmodal = (self.pair_loss(images, image_views, scale) + self.pair_loss(texts, text_views, scale)) / 2
+            inmodal = (self.view_loss(images, image_views, scale) + self.view_loss(texts, text_views, scale)) / 2
             loss = loss + self.inmodal_weight * inmodal
         return loss
 

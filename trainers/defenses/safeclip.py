@@ -85,7 +85,7 @@ class SafeRisky(InModal):
     in-modal losses on its risky ones, the split refitted before every epoch."""
 
     def __init__(self, config: SafeClip, seed: int) -> None:
-        super().__init__(clip_weight=1.0, inmodal_weight=1.0, token_drop=config.token_drop)
+        super().__init__(clip_weight=1.0, inmodal_weight=1.0, token_drop=config.token_drop, symmetric=True)
         self.config, self.seed = config, seed
         self.safe: np.ndarray | None = None  # per training row; None: every pair alike
         self.clip_all = False                # phase 2: CLIP's loss on every pair
@@ -122,7 +122,7 @@ class SafeRisky(InModal):
             image_views = step.model.encode_image(step.to_input(augment_images(step.images[risky], self.augment)),
                                                   normalize=True)
             text_views = step.model.encode_text(augment_tokens(step.tokens[~safe_t], self.token_drop), normalize=True)
-            inmodal = (self.pair_loss(images[~safe_t], image_views, scale)
-                       + self.pair_loss(texts[~safe_t], text_views, scale)) / 2
+            inmodal = (self.view_loss(images[~safe_t], image_views, scale)
+                       + self.view_loss(texts[~safe_t], text_views, scale)) / 2
             loss = loss + risky.mean() * inmodal
         return loss
