@@ -63,6 +63,7 @@ DEFENSE_TORCH = Stream((23,), "post-training defenses: torch's seed before an ep
 
 # defenses
 OUTLIER_FILTER = Stream((31,), "outlier filter: the isolation forest's random state")
+ROCLIP_POOL = Stream((33,), "RoCLIP: the caption pool's random first rows")
 SAFECLIP_EPOCH = Stream((32,), "SafeCLIP: the mixture fit of an epoch's safe/risky split", index="epoch")
 
 TABLE: dict[str, Stream] = {name: value for name, value in globals().items() if isinstance(value, Stream)}

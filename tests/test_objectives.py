@@ -36,7 +36,8 @@ def test_the_default_objective_is_clips_loss():
 
 
 def test_roclip_pairs_each_image_with_its_nearest_pool_caption_in_matching_epochs():
-    roclip = NearestCaption(pool_size=3, period=2)
+    """``schedule: every-step`` (ours): the pool takes every step's captions, epochs 2, 4, ... match."""
+    roclip = NearestCaption(pool_size=3, period=2, schedule="every-step")
     images = unit([1, 0], [0, 1])
     first = unit([0.6, 0.8], [1, 0])
     # epoch 1 is not a matching epoch: own captions; the pool then holds them
@@ -55,14 +56,67 @@ def test_roclip_pairs_each_image_with_its_nearest_pool_caption_in_matching_epoch
 
 
 def test_roclip_trains_on_own_captions_before_it_has_a_pool_and_keeps_the_pool_in_its_state():
-    roclip = NearestCaption(pool_size=8, period=1)
+    roclip = NearestCaption(pool_size=8, period=1, schedule="every-step")
     images, texts = unit([1, 0], [0, 1]), unit([1, 0.5], [0.5, 1])
     assert roclip.loss(step(images, texts, 1)).item() == pytest.approx(info_nce(images, texts, 10.0).item(), rel=1e-5)
-    again = NearestCaption(pool_size=8, period=1)
+    again = NearestCaption(pool_size=8, period=1, schedule="every-step")
     again.load_state_dict(roclip.state_dict())
     assert torch.equal(again.pool, roclip.pool)
     assert again.loss(step(images, texts, 2)).item() == roclip.loss(step(images, texts, 2)).item()
     assert NearestCaption(8, 1).state_dict() == {}
+
+
+def _step_of(images, texts, epoch, last_epoch):
+    return Step(None, None, None, {"image_features": images, "text_features": texts, "logit_scale": torch.tensor(10.0)},
+                epoch, lambda x: torch.as_tensor(x), last_epoch=last_epoch)
+
+
+def test_roclip_as_the_authors_pool_only_in_matching_epochs_from_random_rows():
+    """``schedule: authors``: epochs 2 and 4 of 4 match (3 of 3); the pool is untouched outside them,
+    starts as the seed's standard-normal rows (unnormalised), is searched by cosine, returns the raw
+    row, and takes the batch's captions over its oldest rows, wrapping around."""
+    from poison import streams
+    from trainers.defenses.roclip import matching
+
+    assert [e for e in range(1, 7) if matching(e, 6, 3)] == [3, 6]
+    assert [e for e in range(1, 4) if matching(e, 3, 2)] == [3] and [e for e in range(1, 3) if matching(e, 2, 1)] == [1, 2]
+    roclip = NearestCaption(pool_size=3, period=2, seed=5)
+    images, texts = unit([1, 0], [0, 1]), unit([0.6, 0.8], [1, 0])
+    assert roclip.loss(_step_of(images, texts, 1, 4)).item() == pytest.approx(info_nce(images, texts, 10.0).item(),
+                                                                               rel=1e-5)
+    assert roclip.pool is None  # epoch 1 does not match: nothing read or written
+    random_rows = torch.as_tensor(streams.rng(5, streams.ROCLIP_POOL).standard_normal((3, 2)), dtype=torch.float32)
+    cosine = unit(*random_rows.tolist()) @ images.T  # each image's nearest random row by cosine
+    nearest = random_rows[cosine.argmax(dim=0)]      # returned raw, unnormalised
+    texts = texts.clone().requires_grad_()
+    loss = roclip.loss(_step_of(images, texts, 2, 4))
+    assert loss.item() == pytest.approx(info_nce(images, nearest, 10.0).item(), rel=1e-5)
+    loss.backward()
+    assert texts.grad is not None and not texts.grad.any()  # in the graph with weight 0, as the authors'
+    # the two captions went over rows 0 and 1; row 2 still random; the next write starts at row 2
+    assert torch.equal(roclip.pool[:2], texts.detach()) and torch.equal(roclip.pool[2], random_rows[2])
+    roclip.loss(_step_of(images, texts.detach(), 3, 4))  # not matching: the pool stays as it was
+    assert torch.equal(roclip.pool[:2], texts.detach()) and roclip.next_row == 2
+    later = unit([0, 1], [-1, 0])
+    roclip.loss(_step_of(images, later, 4, 4))
+    assert torch.equal(roclip.pool, torch.stack([later[1], texts.detach()[1], later[0]]))  # wrapped around
+    again = NearestCaption(pool_size=3, period=2, seed=5)
+    again.load_state_dict(roclip.state_dict())
+    assert torch.equal(again.pool, roclip.pool) and again.next_row == roclip.next_row == 1
+
+
+def test_roclip_pool_as_a_fraction_of_the_training_pairs_and_one_size_only():
+    from poison import make_defense
+
+    class Pairs:
+        data = range(2150)
+
+    objective = make_defense({"kind": "roclip", "pool_fraction": 0.1}).objective(seed=0)
+    objective.start_epoch(1, Pairs())
+    assert objective.pool_size == 215
+    assert make_defense({"kind": "roclip"}).pool_size == 21845  # the authors' --memory_bank_size
+    with pytest.raises(ConfigError, match="defense.pool_fraction: give pool_size or pool_fraction"):
+        make_defense({"kind": "roclip", "pool_size": 10, "pool_fraction": 0.1})
 
 
 class Views(torch.nn.Module):

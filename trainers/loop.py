@@ -117,7 +117,7 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
                 rows, images, x, tokens = batch  # x: this rank's slice; the rest: the global batch
                 with autocast:
                     out = ranks.gather(model(x, tokens[ranks.local(len(rows))]))
-                    loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input, rows))
+                    loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input, rows, last_epoch))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

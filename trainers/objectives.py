@@ -29,6 +29,7 @@ class Step:
     epoch: int                           # 1-based, as reported
     to_input: Callable[[np.ndarray], torch.Tensor]  # uint8 images → the model's normalised input
     rows: np.ndarray | None = None       # the batch's rows of the training set
+    last_epoch: int | None = None        # the run's last epoch, numbered as ``epoch``
 
 
 class Objective:

@@ -3,50 +3,115 @@ against Data Poisoning and Backdoor Attacks"): in every ``period``-th epoch, eac
 paired not with its own caption but with the caption nearest to it in a pool of captions
 seen in earlier steps, so a poisoned caption is rarely the one an image is pulled towards.
 
-Following the authors' code (a nearest-neighbour memory bank, as in NNCLR): the pool is a
-first-in-first-out queue of the last ``pool_size`` caption embeddings (detached), updated
-after every step of every epoch; in a matching epoch (epoch % period == 0, epochs counted
-from 1) the loss is CLIP's between the batch's images and their nearest pool captions by
-cosine similarity, so the text tower gets no gradient in those epochs; other epochs train
-with CLIP's loss as usual. The pool is part of the loop's checkpoints.
+``schedule: authors`` (the default) follows the authors' code (BigML-CS-UCLA/RoCLIP,
+``model/src/train.py:get_loss`` and ``model/src/memory_bank.py:NNMemoryBankModule``, over lightly
+1.2.39's ``MemoryBankModule``):
+
+- the pool is a ring of ``pool_size`` caption embeddings (the authors' default 21,845; or
+  ``pool_fraction`` of the training pairs), created at the first matching step as standard-normal
+  rows, left unnormalised as lightly 1.2.39 leaves them (its normalisation's result is discarded),
+  drawn from the seed's ``ROCLIP_POOL`` stream;
+- it is read and written only in matching epochs: each image's nearest pool row by cosine is
+  looked up, then the batch's detached caption embeddings are written over the oldest rows;
+- matching epochs are every ``period``-th epoch counted back from the last, never before epoch
+  ``period``: the run ends on a matching epoch, and when ``train.epochs`` is a multiple of
+  ``period`` these are the authors' epochs ``period``, ``2·period``, ... (``epoch % K == 0``);
+- a matching epoch's loss is CLIP's symmetric loss between each image and its nearest pool row,
+  plus CLIP's loss on the batch's own pairs times 0, as the authors add it: the text tower gets zero
+  gradients (not none), so AdamW still decays it and applies its momentum;
+- other epochs train with CLIP's loss as usual.
+
+Not matched: the authors' augmentations (a SimCLR-style view replacing every image, one EDA variant
+replacing every caption); a wrapping batch here wraps around the ring, where lightly drops its
+tail; the pool is part of the loop's checkpoints (theirs is not saved). ``docs/sources/roclip.md``
+lists every difference.
+
+``schedule: every-step`` is ours, a named variant: the pool starts empty (a step without one trains
+on its own captions), holds the last ``pool_size`` captions of every step of every epoch, and
+epochs ``period``, ``2·period``, ... match, whatever the run's length; the text tower is left out of
+a matching epoch's graph.
 """
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from poison import streams
 from poison.defenses import DEFENSES, Defense, Stage
 from trainers.objectives import Objective, Step
+
+AUTHORS_POOL_SIZE = 21845  # model/src/parser.py: --memory_bank_size
 
 
 @DEFENSES.register("roclip")
 class RoClip(Defense):
     kind: Literal["roclip"] = "roclip"
-    pool_size: int = Field(2048, ge=1)  # caption embeddings kept in the pool
+    pool_size: int = Field(AUTHORS_POOL_SIZE, ge=1)  # caption embeddings kept in the pool
+    pool_fraction: float | None = Field(None, gt=0, le=1)  # instead: this share of the training pairs
     period: int = Field(2, ge=1)        # every period-th epoch matches images to pool captions
+    schedule: Literal["authors", "every-step"] = "authors"
 
     metric_names: ClassVar[tuple[str, ...]] = ()
     stage: ClassVar[Stage] = "training"
 
+    @model_validator(mode="after")
+    def _one_size(self) -> "RoClip":
+        if self.pool_fraction is not None and "pool_size" in self.model_fields_set:
+            raise ValueError(f"pool_fraction: give pool_size or pool_fraction, not both "
+                             f"(got pool_size={self.pool_size}, pool_fraction={self.pool_fraction})")
+        return self
+
     def objective(self, seed: int) -> "NearestCaption":
-        return NearestCaption(self.pool_size, self.period)
+        return NearestCaption(self.pool_size, self.period, schedule=self.schedule, seed=seed,
+                              pool_fraction=self.pool_fraction)
+
+
+def matching(epoch: int, last_epoch: int, period: int) -> bool:
+    """Whether ``epoch`` (1-based) matches: every ``period``-th counted back from ``last_epoch``,
+    never before ``period``.
+
+    Example:
+        >>> [e for e in range(1, 5) if matching(e, 4, 2)], [e for e in range(1, 4) if matching(e, 3, 2)]
+        ([2, 4], [3])
+    """
+    return epoch >= period and (last_epoch - epoch) % period == 0
 
 
 class NearestCaption(Objective):
-    """CLIP's loss, with each image's caption replaced by its nearest pool caption every
-    ``period``-th epoch; the pool is a FIFO queue of detached caption embeddings."""
+    """CLIP's loss, with each image's caption replaced by its nearest pool caption in matching
+    epochs; the pool's schedule is the authors' or ours (module docstring)."""
 
-    def __init__(self, pool_size: int, period: int) -> None:
+    def __init__(self, pool_size: int, period: int, *, schedule: str = "authors", seed: int = 0,
+                 pool_fraction: float | None = None) -> None:
         super().__init__()
-        self.pool_size, self.period = pool_size, period
-        self.pool: torch.Tensor | None = None  # (filled, D), oldest first
+        self.pool_size, self.period, self.schedule, self.seed = pool_size, period, schedule, seed
+        self.pool_fraction = pool_fraction
+        self.pool: torch.Tensor | None = None  # every-step: (filled, D), oldest first; authors: the ring
+        self.next_row = 0  # authors: the ring row the next caption is written to
+
+    def start_epoch(self, epoch: int, pairs: Any) -> None:
+        if self.pool_fraction is not None:  # sized by the training set, which only the loop knows
+            self.pool_size = max(1, round(self.pool_fraction * len(pairs.data)))
 
     def loss(self, step: Step) -> torch.Tensor:
         images, texts, scale = step.out["image_features"], step.out["text_features"], step.out["logit_scale"]
         if self.pool is not None and self.pool.device != images.device:  # loaded from a checkpoint
             self.pool = self.pool.to(images.device)
+        if self.schedule == "every-step":
+            return self._every_step(step, images, texts, scale)
+        if not matching(step.epoch, step.last_epoch or step.epoch, self.period):
+            return self.pair_loss(images, texts, scale)
+        if self.pool is None:
+            rows = streams.rng(self.seed, streams.ROCLIP_POOL).standard_normal((self.pool_size, texts.shape[1]))
+            self.pool = torch.as_tensor(rows, dtype=torch.float32, device=images.device)
+        nearest = self.pool[(images.detach().float() @ torch.nn.functional.normalize(self.pool, dim=1).T).argmax(dim=1)]
+        loss = self.pair_loss(images, nearest.to(images.dtype), scale) + 0 * self.pair_loss(images, texts, scale)
+        self._write(texts.detach().float())
+        return loss
+
+    def _every_step(self, step: Step, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         if step.epoch % self.period == 0 and self.pool is not None:
             nearest = self.pool[(images.detach().float() @ self.pool.T).argmax(dim=1)]
             loss = self.pair_loss(images, nearest.to(images.dtype), scale)
@@ -56,12 +121,23 @@ class NearestCaption(Objective):
         return loss
 
     def push(self, texts: torch.Tensor) -> None:
-        """Appends ``texts`` to the pool, dropping the oldest beyond ``pool_size``."""
+        """every-step: appends ``texts`` to the pool, dropping the oldest beyond ``pool_size``."""
         pool = texts if self.pool is None else torch.cat([self.pool, texts])
         self.pool = pool[-self.pool_size:]
 
+    def _write(self, texts: torch.Tensor) -> None:
+        """authors: ``texts`` over the ring's oldest rows, wrapping around (the last ``pool_size``
+        of a batch larger than the ring)."""
+        texts = texts[-self.pool_size:]
+        rows = (self.next_row + torch.arange(len(texts), device=texts.device)) % self.pool_size
+        self.pool[rows] = texts
+        self.next_row = int((self.next_row + len(texts)) % self.pool_size)
+
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.pool is None else {"pool": self.pool.cpu()}
+        return {} if self.pool is None else {"pool": self.pool.cpu(), "next_row": self.next_row,
+                                             "pool_size": self.pool_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pool = state.get("pool")
+        self.next_row = state.get("next_row", 0)
+        self.pool_size = state.get("pool_size", self.pool_size)
