@@ -232,6 +232,27 @@ def test_single_label_pairs_source_captions_with_target_images(data):
     assert len(set(plan["source_id"].to_pylist())) > 1
 
 
+def test_single_label_cycles_through_the_target_images_and_reports_the_source_rate(data):
+    """Attack II as mm_poison spreads it: 500 pairs over the target class's m training images use
+    each ⌊500/m⌋ or ⌈500/m⌉ times; a smaller count's images are a prefix; ``independent`` (ours)
+    draws with replacement. ``source_poison_rate`` is the count over the source's training pairs."""
+    from poison.attacks.backdoor import class_rows
+
+    target = data.classnames.index(TARGET)
+    m = class_rows(data, "train", target).num_rows
+    attack = make_attack({"kind": "mm-single-label", "source": SOURCE, "target": TARGET, "poison_count": 500})
+    uses = list(__import__("collections").Counter(attack.plan(data, 0)["source_id"].to_pylist()).values())
+    assert len(uses) == m and set(uses) <= {500 // m, 500 // m + 1}
+    small = make_attack({"kind": "mm-single-label", "source": SOURCE, "target": TARGET, "poison_count": 30})
+    assert small.plan(data, 0)["source_id"].to_pylist() == attack.plan(data, 0)["source_id"].to_pylist()[:30]
+    independent = make_attack({"kind": "mm-single-label", "source": SOURCE, "target": TARGET, "poison_count": 500,
+                               "target_images": "independent"})
+    spread = __import__("collections").Counter(independent.plan(data, 0)["source_id"].to_pylist()).values()
+    assert max(spread) - min(spread) > 1  # uniform draws are not balanced
+    sources = class_rows(data, "train", data.classnames.index(SOURCE)).num_rows
+    assert small.source_poison_rate(data) == pytest.approx(30 / sources)
+
+
 def test_single_image_uses_one_test_image_and_replace_alters_source_pairs(data):
     attack = make_attack({"kind": "mm-single-image", "source": SOURCE, "target": TARGET, "poison_count": 9,
                           "mode": "replace"})

@@ -5,13 +5,21 @@ target class B, so that A's captions come to retrieve B's images:
 
 - ``mm-single-image`` (attack I): all pairs use one target image, a test image
   of B drawn with the trial's seed (so it is in the retrieval gallery);
-- ``mm-single-label`` (attack II): each pair uses a random training image of B;
+- ``mm-single-label`` (attack II): the pairs cycle through B's training images in a seeded
+  random order, so each is used ⌊n/m⌋ or ⌈n/m⌉ times, as mm_poison's
+  ``poisoning/dirty_label_poison.py:generate_one_label`` spreads them (``target_images: cycle``,
+  the default; ``independent``, ours, draws each pair's image uniformly with replacement);
 - ``mm-multi-label`` (attack III): several ``goals`` (A→B) at once, the budget
   split as evenly as possible over them (earlier goals take the odd pairs).
 
 Captions are real training captions of A (``caption_source: dataset``, the
-paper's setting) or prompt templates naming A. ``inject`` adds the pairs;
-``replace`` swaps the image of existing A pairs.
+paper's setting) or prompt templates naming A. ``replace`` swaps the image of existing A pairs,
+drawn without replacement: the authors' code (``generate_one_label`` samples a ``poisoned_ratio``
+of the source class's rows and overwrites their image), and the mode of the ``mm-*`` presets;
+``inject`` (ours) adds the pairs, their captions drawn with replacement. Every trial logs
+``source_poison_rate``, the poisoned pairs over the source class's training pairs (mm_poison's
+``poisoned_ratio``, per goal averaged over the goals), beside ``poison_rate`` (over all training
+pairs).
 
 Success (``retrieval.py`` pins the ranks): every test caption of A queries the
 whole test gallery; ``min_rank`` is the 1-based rank of its best target image
@@ -47,8 +55,9 @@ class RetrievalPoisoning(Attack):
     poison_count: int = Field(ge=0)
     mode: Literal["inject", "replace"] = "inject"
     caption_source: Literal["dataset", "templates"] = "dataset"
+    target_images: Literal["cycle", "independent"] = "cycle"  # attacks II and III (module docstring)
     metric_names: ClassVar[tuple[str, ...]] = ("attack_success", *retrieval.metric_names(),
-                                               *retrieval.metric_names("i2t_"))
+                                               *retrieval.metric_names("i2t_"), "source_poison_rate")
     single_image: ClassVar[bool] = False
 
     @property
@@ -116,7 +125,8 @@ class RetrievalPoisoning(Attack):
                 images = self.chosen(dataset, seed, goal, index).take(pa.array(np.zeros(count, np.int64)))
             else:
                 pool = class_rows(dataset, "train", target_label(dataset, goal.target))
-                images = pool.take(pa.array(image_rng.integers(pool.num_rows, size=count), pa.int64()))
+                images = pool.take(pa.array(target_images(pool.num_rows, count, image_rng, self.target_images),
+                                            pa.int64()))
             tables.append(make_plan(
                 op=self.mode, altered=rows["id"].to_numpy(), images=images, captions=captions, first_new=first,
                 meta=meta, extra={"caption_source_id": caption_ids, "goal": pa.array(np.full(count, index), pa.int32())}))
@@ -139,7 +149,29 @@ class RetrievalPoisoning(Attack):
             t2i.append(retrieval.ranks_by_embedding(texts[queries], images, is_target))
             i2t.append(retrieval.ranks_by_embedding(images[is_target], texts, queries))
         out = {**retrieval.hit_metrics(np.concatenate(t2i)), **retrieval.hit_metrics(np.concatenate(i2t), "i2t_")}
-        return {**out, "attack_success": out["hit_at_10"]}
+        return {**out, "attack_success": out["hit_at_10"], "source_poison_rate": self.source_poison_rate(dataset)}
+
+    def source_poison_rate(self, dataset: Dataset) -> float:
+        """Poisoned pairs over the source class's training pairs, averaged over the goals."""
+        rates = [count / max(1, class_rows(dataset, "train", target_label(dataset, goal.source)).num_rows)
+                 for (_, goal), count in zip(self.goal_list(), self.counts())]
+        return float(np.mean(rates))
+
+
+def target_images(pool: int, count: int, rng: np.random.Generator, how: str) -> np.ndarray:
+    """Which of ``pool`` target-class images each of ``count`` poisoned pairs gets: ``cycle`` runs
+    through one seeded permutation of them again and again (each used ⌊count/pool⌋ or
+    ⌈count/pool⌉ times, the extra ones a random subset, as mm_poison's ``generate_one_label``;
+    nested: a smaller count's images are a prefix), ``independent`` draws each uniformly.
+
+    Example:
+        >>> rows = target_images(3, 7, np.random.default_rng(0), "cycle")
+        >>> sorted(np.bincount(rows, minlength=3).tolist()), rows[:3].tolist() == rows[3:6].tolist()
+        ([2, 2, 3], True)
+    """
+    if how == "independent":
+        return rng.integers(pool, size=count)
+    return np.resize(rng.permutation(pool), count)
 
 
 @ATTACKS.register("mm-single-image")
@@ -187,4 +219,4 @@ class MultiLabel(RetrievalPoisoning):
 
 
 
-__all__ = ["Goal", "MultiLabel", "SingleImage", "SingleLabel"]
+__all__ = ["Goal", "MultiLabel", "SingleImage", "SingleLabel", "target_images"]
