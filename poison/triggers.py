@@ -34,6 +34,9 @@ class Trigger(Section):
         raise NotImplementedError
 
 
+CARLINI_SIDE = 16 / 224  # Carlini & Terzis 2022's patch: 16 px on 224 px images
+
+
 @TRIGGERS.register("patch")
 class PatchTrigger(Trigger):
     """A square patch (Carlini & Terzis): checkerboard, uniform noise or a solid colour.
@@ -59,6 +62,19 @@ class PatchTrigger(Trigger):
 
     def pixels(self, image_size: int) -> int:
         return int(round(self.size * image_size)) if self.size < 1 else int(self.size)
+
+    def scale(self, image_size: int) -> str:
+        """The patch against Carlini & Terzis's (16 px on 224 px images: 0.0714 of the side,
+        0.51% of the area), as every preset states it.
+
+        Example:
+            >>> PatchTrigger(size=6).scale(32)
+            "6 px on 32 px: 0.188 of the side, 6.9 times Carlini & Terzis's area (16 px on 224 px)"
+        """
+        side = self.pixels(image_size)
+        ratio = (side / image_size) ** 2 / CARLINI_SIDE ** 2
+        return (f"{side} px on {image_size} px: {side / image_size:.3f} of the side, {ratio:.2g} times "
+                f"Carlini & Terzis's area (16 px on 224 px)")
 
     def check(self, image_size: int, path: str = "attack.trigger") -> None:
         side = self.pixels(image_size)

@@ -174,6 +174,30 @@ def test_every_packaged_preset_validates(name):
     assert cfg.search.num_samples >= 8 and cfg.dimensions
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_states_its_patch_against_carlini_and_terzis(name):
+    """Each patch size a preset can draw is stated in it as a share of the side and an area ratio
+    against Carlini & Terzis's 16 px on 224 px (the line ``PatchTrigger.scale`` writes), so the
+    statement cannot drift from the config; one preset is at their scale."""
+    from importlib import resources
+
+    import yaml
+
+    from poison.triggers import PatchTrigger
+
+    text = (resources.files("sweeps.presets") / name).read_text()
+    trigger = (yaml.safe_load(text).get("attack") or {}).get("trigger") or {}
+    kinds = trigger.get("kind", {}).get("choices", []) if isinstance(trigger.get("kind"), dict) else [trigger.get("kind")]
+    if "patch" not in kinds:
+        pytest.skip("no patch trigger")
+    size = trigger.get("size", PatchTrigger.model_fields["size"].default)
+    image_size = yaml.safe_load(text)["data"].get("image_size", 224)
+    for side in (size["choices"] if isinstance(size, dict) else [size]):
+        assert f"# patch trigger, {PatchTrigger(size=side).scale(image_size)}" in text, side
+    if name == "backdoor-carlini-scale.yaml":
+        assert PatchTrigger(size=size).pixels(image_size) / image_size == pytest.approx(16 / 224, abs=2e-3)
+
+
 # --- kind-switched sections: searching over attack.kind / attack.trigger.kind -------------------
 
 def mixed(**attack):
