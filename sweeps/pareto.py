@@ -129,6 +129,11 @@ def replicate_stats(frame: pd.DataFrame, keys: list[str], metrics: list[str], *,
     needs, or the normal approximation without ``student_t``; 0 for one value), ``replicates``
     (rows) and their sorted ``run_id`` joined by commas. NaNs are skipped.
 
+    ``_low`` and ``_high`` bound the 95% interval of the mean: the mean ∓ ``_ci95``, except where
+    every run's value is 0 or 1 (a run succeeded or not, as in Carlini & Terzis's targeted
+    poisoning, one target per run): the mean is then a success rate over runs and its interval
+    Wilson's score interval (scipy's ``binomtest``), ``_interval`` saying which.
+
     Example:
         >>> f = pd.DataFrame({"run_id": ["a", "b"], "k": [1, 1], "m": [0.5, 0.7]})
         >>> replicate_stats(f, ["k"], ["m"])[["m", "replicates", "run_id"]].values.tolist()
@@ -144,6 +149,14 @@ def replicate_stats(frame: pd.DataFrame, keys: list[str], metrics: list[str], *,
         n = out.pop(f"{name}_n").to_numpy(dtype=float)
         factor = stats.t.ppf(0.975, np.maximum(n - 1, 1)) if student_t else 1.96
         out[f"{name}_ci95"] = factor * out[f"{name}_std"].fillna(0) / np.sqrt(np.maximum(n, 1))
+        binary = grouped[name].agg(lambda v: bool(len(v.dropna())) and v.dropna().isin((0.0, 1.0)).all()).to_numpy()
+        low, high = out[name] - out[f"{name}_ci95"], out[name] + out[f"{name}_ci95"]
+        for i in np.flatnonzero(binary):
+            runs = int(n[i])
+            interval = stats.binomtest(int(round(out[name].iloc[i] * runs)), runs).proportion_ci(0.95, "wilson")
+            low.iloc[i], high.iloc[i] = interval.low, interval.high
+        out[f"{name}_low"], out[f"{name}_high"] = low, high
+        out[f"{name}_interval"] = np.where(binary, "wilson", "t" if student_t else "normal")
     return out
 
 
@@ -174,7 +187,8 @@ def format_front(front: Front, *, only_front: bool = True) -> str:
     head = ["group", *front.objectives, "replicates", "runs"] + ([] if only_front else ["pareto"])
     body = []
     for _, r in rows.sort_values(["group", *front.objectives]).iterrows():
-        cells = [mean_ci(r[o], r[f"{o}_ci95"]) for o in front.objectives]
+        cells = [rate_ci(r, o) if r[f"{o}_interval"] == "wilson" and r["replicates"] > 1
+                 else mean_ci(r[o], r[f"{o}_ci95"]) for o in front.objectives]
         extra = [] if only_front else ["yes" if r["pareto"] else ""]
         body.append([str(r["group"]), *cells, str(int(r["replicates"])), _short(r["run_id"]), *extra])
     volumes = "  ".join(f"{g}: {v:.4g}" for g, v in front.hypervolume.items())
@@ -193,6 +207,11 @@ def mean_ci(mean: float, ci: float) -> str:
     if mean is None or math.isnan(mean):
         return "-"
     return f"{mean:.4g}" if not ci or math.isnan(ci) else f"{mean:.4g} ± {ci:.2g}"
+
+
+def rate_ci(row: pd.Series, name: str) -> str:
+    """A success rate over runs with its Wilson interval: ``0.35 [0.18, 0.57] of 20``."""
+    return f"{row[name]:.3g} [{row[f'{name}_low']:.2g}, {row[f'{name}_high']:.2g}] of {int(row['replicates'])}"
 
 
 def _short(run_ids: str) -> str:

@@ -32,6 +32,26 @@ def test_replicates_are_averaged_before_the_front():
     assert front["pareto"].to_dict() == {"a1,a2": True, "b1": True, "c1": False}
 
 
+def test_a_success_rate_over_runs_gets_wilsons_interval():
+    """Carlini & Terzis's protocol: one target per run, a run succeeds or not; 7 of 20 runs succeed.
+    Wilson's score interval by hand (z = 1.96): centre (0.35 + z²/40) / (1 + z²/20) = 0.37417,
+    half-width z·√(0.35·0.65/20 + z²/1600) / (1 + z²/20) = 0.19298: [0.1812, 0.5672]. A metric
+    with values between 0 and 1 keeps the t-interval."""
+    from sweeps.pareto import format_front, replicate_stats
+
+    frame = pd.DataFrame({"run_id": [f"r{i:02d}" for i in range(20)], "k": 1,
+                          "targeted_success": [1.0] * 7 + [0.0] * 13, "utility": np.linspace(0.5, 0.7, 20)})
+    row = replicate_stats(frame, ["k"], ["targeted_success", "utility"]).iloc[0]
+    assert row["targeted_success"] == pytest.approx(0.35) and row["targeted_success_interval"] == "wilson"
+    assert (row["targeted_success_low"], row["targeted_success_high"]) == (pytest.approx(0.1812, abs=1e-4),
+                                                                          pytest.approx(0.5672, abs=1e-4))
+    assert row["utility_interval"] == "t"
+    assert row["utility_low"] == pytest.approx(row["utility"] - row["utility_ci95"])
+    table = runs([(f"r{i:02d}", i, 1, "none", 1.0 if i < 7 else 0.0, 0.5) for i in range(20)])
+    text = format_front(pareto_front(table, OBJ))
+    assert "0.35 [0.18, 0.57] of 20" in text
+
+
 def test_directions_and_hypervolume_by_hand():
     table = runs([("p", 0, 1, "n", 0.9, 0.2), ("q", 0, 2, "n", 0.5, 0.6), ("r", 0, 3, "n", 0.4, 0.1)])
     table["metrics.poison_count"] = [100.0, 10.0, 50.0]
