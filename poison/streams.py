@@ -63,6 +63,7 @@ DEFENSE_TORCH = Stream((23,), "post-training defenses: torch's seed before an ep
 
 # defenses
 OUTLIER_FILTER = Stream((31,), "outlier filter: the isolation forest's random state")
+SAFECLIP_BANK = Stream((34,), "SafeCLIP: the memory banks' random first rows", index="modality")
 ROCLIP_POOL = Stream((33,), "RoCLIP: the caption pool's random first rows")
 SAFECLIP_EPOCH = Stream((32,), "SafeCLIP: the mixture fit of an epoch's safe/risky split", index="epoch")
 

@@ -52,7 +52,7 @@ SWEEP = {
                "caption_source": "dataset", "trigger": {"kind": "patch", "size": 6, "location": "bottom-right"}},
     "defense": {"kind": {"choices": ["none", "similarity-filter", "outlier-filter", "safeclip", "roclip"]},
                 "fraction": 0.1,                           # both filters
-                "clip_epochs": 0, "safe_fraction": 0.8,    # safeclip
+                "inmodal_epochs": 0, "clip_epochs": 0,     # safeclip: split from the first epoch
                 "pool_size": 512},                         # roclip
     # the default point (150 pairs, 2 epochs, undefended), the filters and SafeCLIP against it; RoCLIP
     # against the weaker attack it can hold (60 pairs, 2.9%) and that attack undefended, 4 epochs

@@ -181,8 +181,10 @@ def test_caption_views_delete_and_swap_tokens_between_start_and_end():
     ({"kind": "cleanclip", "inmodal_weight": -1}, "defense.inmodal_weight: expected greater than or equal to 0"),
     ({"kind": "cleanclip", "token_drop": 1}, "defense.token_drop: expected less than 1"),
     ({"kind": "roclip", "clean_pairs": 10}, "defense.clean_pairs: unknown key"),
-    ({"kind": "safeclip", "safe_fraction": 0}, "defense.safe_fraction: expected greater than 0"),
-    ({"kind": "safeclip", "safe_growth": 2}, "defense.safe_growth: expected less than or equal to 1"),
+    ({"kind": "safeclip-mixed", "safe_fraction": 0}, "defense.safe_fraction: expected greater than 0"),
+    ({"kind": "safeclip-mixed", "safe_growth": 2}, "defense.safe_growth: expected less than or equal to 1"),
+    ({"kind": "safeclip", "safe_fraction": 0.5}, "defense.safe_fraction: unknown key"),
+    ({"kind": "safeclip", "first_posterior": 1}, "defense.first_posterior: expected less than 1"),
 ])
 def test_bad_objective_defense_input_names_the_key(defense, expected):
     with pytest.raises(ConfigError) as info:
@@ -202,10 +204,11 @@ class Pairs:
         return self.images, self.texts
 
 
-def test_safeclip_phases_and_the_safe_pairs_alone_in_the_cross_modal_loss():
-    from trainers.defenses.safeclip import SafeClip
+def test_safeclip_mixed_phases_and_the_safe_pairs_alone_in_the_cross_modal_loss():
+    """``safeclip-mixed`` (ours): safe and risky pairs in one batch, each term weighted by its share."""
+    from trainers.defenses.safeclip import SafeClipMixed
 
-    objective = SafeClip(inmodal_epochs=1, clip_epochs=1, safe_fraction=0.5, safe_growth=0.25).objective(seed=0)
+    objective = SafeClipMixed(inmodal_epochs=1, clip_epochs=1, safe_fraction=0.5, safe_growth=0.25).objective(seed=0)
     # six pairs: cosine similarities 0.95, 0.9, 0.85, 0.8 (clean) and 0.0, -0.1 (the poison)
     sims = np.array([0.95, 0.9, 0.85, 0.8, 0.0, -0.1])
     texts = torch.tensor([[1.0, 0.0]] * 6)
@@ -237,3 +240,72 @@ def test_safeclip_phases_and_the_safe_pairs_alone_in_the_cross_modal_loss():
         info_nce(feats_i[risky], views_i, 10.0) + info_nce(feats_t[risky], views_t, 10.0)) / 2
     assert objective.loss(batch).item() == pytest.approx(expected.item(), rel=1e-5)
     assert model.calls == [("image", (2, 8, 8, 3)), ("text", (2, 3))]  # views of the risky rows only
+
+
+class Banked(torch.nn.Module):
+    """A model whose augmented views are the given rows, a call at a time (view 1, then view 2)."""
+
+    def __init__(self, images, texts):
+        super().__init__()
+        self.images, self.texts = list(images), list(texts)
+
+    def encode_image(self, x, normalize=False):
+        return self.images.pop(0)
+
+    def encode_text(self, tokens, normalize=False):
+        return self.texts.pop(0)
+
+
+def test_safeclip_as_the_authors_phases_splits_passes_and_memory_bank():
+    """The authors' SafeCLIP on six pairs (four clean at cosine 0.95-0.8, two poisoned at 0 and
+    -0.1): in-modal epochs, a CLIP epoch, then splits by the mixture's posterior (the first at 0.9,
+    later the top share, +0.01 per split), each epoch the risky pairs' batches before the safe ones',
+    and the in-modal loss against each modality's memory bank, worked by hand."""
+    from poison import streams
+    from trainers.defenses.safeclip import SafeClip
+
+    objective = SafeClip(inmodal_epochs=1, clip_epochs=1, memory_bank=3).objective(seed=4)
+    sims = np.array([0.95, 0.9, 0.85, 0.8, 0.0, -0.1])
+    texts = torch.tensor([[1.0, 0.0]] * 6)
+    images = torch.tensor([[s, float(np.sqrt(1 - s * s))] for s in sims], dtype=torch.float32)
+    pairs = Pairs(images, texts, [False, False, False, False, True, True])
+
+    objective.start_epoch(1, pairs)  # in-modal warm-up: nothing embedded
+    assert pairs.calls == 0 and objective.phase == "inmodal"
+    # the in-modal loss: view 1 (no gradient) looks up the bank, as it was, by cosine; view 2 is scored
+    bank = {m: torch.as_tensor(streams.rng(4, streams.SAFECLIP_BANK, i).standard_normal((3, 2)), dtype=torch.float32)
+            for i, m in enumerate(("image", "text"))}
+    first_i, second_i = unit([1, 0], [0, 1]), unit([1, 0.2], [0.1, 1])
+    first_t, second_t = unit([0.6, 0.8], [1, 0]), unit([0.5, 1], [1, 0.1])
+    model = Banked([first_i, second_i], [first_t, second_t])
+    step_ = Step(model, np.zeros((2, 8, 8, 3), np.uint8), torch.tensor([[9, 5, 10], [9, 6, 10]]),
+                 {"image_features": None, "text_features": None, "logit_scale": torch.tensor(10.0)}, 1,
+                 lambda x: torch.as_tensor(x), rows=np.array([0, 1]))
+    def one_way(second, first, rows):
+        nearest = rows[(first @ unit(*rows.tolist()).T).argmax(dim=1)]
+        return F.cross_entropy(10.0 * second @ nearest.T, torch.arange(len(second)))
+    expected = (one_way(second_i, first_i, bank["image"]) + one_way(second_t, first_t, bank["text"])) / 2
+    assert objective.loss(step_).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.equal(objective.banks["image"][:2], first_i) and objective.next_row["image"] == 2
+
+    objective.start_epoch(2, pairs)  # CLIP's loss alone, on every pair
+    assert objective.phase == "clip" and pairs.calls == 0
+    feats_i, feats_t = unit([1, 0], [0, 1]), unit([1, 0.5], [0.2, 1])
+    clip_step = Step(None, None, None, {"image_features": feats_i, "text_features": feats_t,
+                                        "logit_scale": torch.tensor(10.0)}, 2, lambda x: x, rows=np.array([4, 0]))
+    assert objective.loss(clip_step).item() == pytest.approx(info_nce(feats_i, feats_t, 10.0).item(), rel=1e-5)
+
+    objective.start_epoch(3, pairs)  # the first split: posterior of the similar component >= 0.9
+    assert pairs.calls == 1 and objective.safe.tolist() == [True, True, True, True, False, False]
+    assert objective.share == pytest.approx(4 / 6)
+    assert objective.metrics() == {"filter_removed": 2.0, "filter_poison_recall": 1.0, "filter_precision": 1.0,
+                                   "filter_auroc": 1.0, "filter_pr_auc": 1.0, "filter_fpr_at_95": 0.0}
+    data = type("Data", (), {"epoch": None})()
+    batches = objective.batches(3, data, 2, np.random.default_rng(0))  # risky first, then safe, pure
+    assert [sorted(b.tolist()) for b in batches[:1]] == [[4, 5]] and len(batches) == 3
+    assert sorted(np.concatenate(batches[1:]).tolist()) == [0, 1, 2, 3]
+    objective.start_epoch(4, pairs)  # later: the top share by posterior, grown by 0.01 (round(0.677 × 6) = 4)
+    assert objective.share == pytest.approx(4 / 6 + 0.01) and objective.safe.sum() == 4
+    objective.share = 0.845
+    objective.start_epoch(5, pairs)  # capped at 0.85: round(5.1) = 5 pairs
+    assert objective.share == 0.85 and objective.safe.sum() == 5

@@ -111,7 +111,7 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
         built.model.train()
         prepare = functools.partial(_prepare_batch, data, built, ranks)
         previous = None  # the last step's loss, read once the next step is queued (see _finite)
-        with contextlib.closing(prefetched(prepare, data.epoch(recipe.batch_size, rng),
+        with contextlib.closing(prefetched(prepare, objective.batches(epoch, data, recipe.batch_size, rng),
                                            loader_threads(config, device))) as batches:
             while (batch := _next_batch(batches, fitted)) is not None:
                 rows, images, x, tokens = batch  # x: this rank's slice; the rest: the global batch

@@ -50,6 +50,12 @@ class Objective:
         """Before each epoch: ``pairs`` (``trainers.loop.TrainingEmbeddings``) embeds every
         training pair under the current model when asked (``pairs.embed()``)."""
 
+    def batches(self, epoch: int, data: Any, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """The epoch's batches (rows of ``data``, a ``trainers.data.TrainingSet``), after
+        ``start_epoch``: by default ``data.epoch``'s shuffled full batches. An objective that trains
+        subsets apart (SafeCLIP's risky pairs, then its safe ones) returns its own."""
+        return data.epoch(batch_size, rng)
+
     def metrics(self) -> dict[str, float]:
         """What it reports at the end of training (added to the trial's metrics)."""
         return {}

@@ -1,28 +1,41 @@
 """``safeclip`` (Yang et al. 2024, "Better Safe than Sorry: Pre-training CLIP against Targeted
 Data Poisoning and Backdoor Attacks"): never let a pair the model finds unlikely teach the
-image–caption link.
+image–caption link. As the authors' code (BigML-CS-UCLA/SafeCLIP, ``SafeCLIP/src/main.py:worker``,
+``src/train.py:get_loss``, ``src/samplers.py:fit_gmm_to_cos_sim``):
 
-1. ``inmodal_epochs`` (default 0) train every pair with in-modal losses only (each image
-   against its augmented view, each caption against its own; CleanCLIP's views and InfoNCE),
-   so the towers learn their modalities without any pairing;
-2. ``clip_epochs`` (default 1) train every pair with CLIP's loss plus the in-modal losses
-   (the authors' one slow CLIP epoch), so images and captions share a space;
-3. before each later epoch, every training pair is embedded by the current model; the *safe*
-   pairs are those in the higher-mean component of a two-component Gaussian mixture
-   (scikit-learn, seeded) fitted to the pairs' image–caption cosine similarities, and among
-   the most similar ``safe_fraction`` of all pairs, a fraction that grows by ``safe_growth``
-   each epoch (the authors grow the safe set slowly, so a poison learned from a few pairs
-   cannot pull the rest in). A batch trains its safe pairs with CLIP's loss among themselves
-   and its risky pairs with the in-modal losses, each term weighted by its share of the batch.
+1. ``inmodal_epochs`` (default 5) train every pair with the in-modal loss alone: per modality, two
+   augmented views of the batch; each view-1 embedding is replaced by its nearest neighbour (cosine)
+   in a first-in-first-out memory bank of ``memory_bank`` (default 256) detached view-1 embeddings,
+   looked up before the batch is added, and the loss is the cross-entropy of
+   ``scale · view2 · neighboursᵀ`` over rows (one direction), images and captions averaged; the
+   bank starts as the seed's standard-normal rows, unnormalised, as lightly 1.2.39 leaves them;
+2. ``clip_epochs`` (default 1) train every pair with CLIP's loss alone;
+3. before each later epoch every training pair is embedded by the current model, a two-component
+   Gaussian mixture (scikit-learn) is fitted to the image–caption cosine similarities, and each
+   pair's posterior of the higher-mean component ranks it. The first split takes as safe the
+   pairs whose posterior is at least ``first_posterior`` (0.9), so the first safe share is the
+   data's; every later split takes the top share by posterior, the share growing by
+   ``safe_step`` (0.01) per split up to ``safe_cap`` (0.85);
+4. an epoch trains the risky pairs first, in batches of their own, with the in-modal loss, then
+   the safe pairs, in batches of their own, with CLIP's loss (``Objective.batches``), each a
+   shuffled pass of full batches.
 
-The defaults are the best of the settings measured here (README); the authors warm up with
-in-modal epochs and train their CLIP epoch at a low learning rate, which an objective cannot
-set (AdamW's steps do not scale with the loss).
+Not matched (``docs/sources/safeclip.md`` lists every difference): the authors' views are
+SimCLR-style crops, jitter, greyscale and blur of the images and a fixed EDA variant of each
+caption, here CleanCLIP's AutoAugment views and token deletion and swap, redrawn every step; their
+cross-modal losses and the split's similarities also use augmented views, here the pairs as they
+are; their cross-modal warm-up epoch trains at a constant 5e-6 and each phase has a scheduler of
+its own, here the trial's schedule runs through; their mixture's ``random_state`` is 0, here a
+stream of the seed.
 
-Poisoned pairs join an image and a caption that do not belong together, so they have low
-similarity and stay out of the cross-modal loss. The last split is scored against the plan
-like a filter's keep-mask (``filter_removed`` = risky pairs, ``filter_poison_recall``,
-``filter_precision``).
+The last split is scored against the plan like a filter's keep-mask (``filter_removed`` = risky
+pairs, ``filter_poison_recall``, ``filter_precision``), with the detection metrics of its posteriors.
+
+``safeclip-mixed`` is ours, a named variant: ``inmodal_epochs`` (default 0) of CleanCLIP's
+symmetric in-modal losses, ``clip_epochs`` (default 1) of CLIP's loss plus them, then before each
+epoch the safe pairs are those in the higher-mean component and among the most similar
+``safe_fraction`` (growing by ``safe_growth``); a batch mixes both, safe pairs trained with CLIP's
+loss among themselves and risky ones with the in-modal losses, each term weighted by its share.
 """
 from __future__ import annotations
 
@@ -39,9 +52,11 @@ from trainers.defenses.cleanclip import InModal, augment_images, augment_tokens
 from trainers.objectives import Step
 
 
-@DEFENSES.register("safeclip")
-class SafeClip(Defense):
-    kind: Literal["safeclip"] = "safeclip"
+@DEFENSES.register("safeclip-mixed")
+class SafeClipMixed(Defense):
+    """Ours: safe and risky pairs in one batch (module docstring)."""
+
+    kind: Literal["safeclip-mixed"] = "safeclip-mixed"
     inmodal_epochs: int = Field(0, ge=0)   # in-modal losses only, on every pair
     clip_epochs: int = Field(1, ge=0)      # CLIP's loss plus the in-modal ones, on every pair
     safe_fraction: float = Field(0.15, gt=0, le=1)  # at most this fraction is safe at the first split
@@ -54,8 +69,8 @@ class SafeClip(Defense):
     metric_names: ClassVar[tuple[str, ...]] = (*FILTER_METRICS[:3], *DETECTION_METRICS)
     stage: ClassVar[Stage] = "training"
 
-    def objective(self, seed: int) -> "SafeRisky":
-        return SafeRisky(self, seed)
+    def objective(self, seed: int) -> "MixedSafeRisky":
+        return MixedSafeRisky(self, seed)
 
 
 def safe_split(similarity: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -80,11 +95,11 @@ def safe_split(similarity: np.ndarray, fraction: float, seed: int) -> np.ndarray
     return top & (mixture.predict(x.reshape(-1, 1)) == int(np.argmax(mixture.means_.ravel())))
 
 
-class SafeRisky(InModal):
+class MixedSafeRisky(InModal):
     """In-modal losses only during warm-up; then CLIP's loss on the safe pairs of a batch and the
     in-modal losses on its risky ones, the split refitted before every epoch."""
 
-    def __init__(self, config: SafeClip, seed: int) -> None:
+    def __init__(self, config: SafeClipMixed, seed: int) -> None:
         super().__init__(clip_weight=1.0, inmodal_weight=1.0, token_drop=config.token_drop, symmetric=True)
         self.config, self.seed = config, seed
         self.safe: np.ndarray | None = None  # per training row; None: every pair alike
@@ -126,3 +141,158 @@ class SafeRisky(InModal):
                        + self.view_loss(texts[~safe_t], text_views, scale)) / 2
             loss = loss + risky.mean() * inmodal
         return loss
+
+
+@DEFENSES.register("safeclip")
+class SafeClip(Defense):
+    """The authors' schedule (module docstring)."""
+
+    kind: Literal["safeclip"] = "safeclip"
+    inmodal_epochs: int = Field(5, ge=0)      # --inmodal_warmup
+    clip_epochs: int = Field(1, ge=0)         # --multimodal_warmup
+    memory_bank: int = Field(256, ge=1)       # --memory_bank_size, per modality
+    first_posterior: float = Field(0.9, gt=0, lt=1)  # the first split's posterior threshold
+    safe_step: float = Field(0.01, ge=0, le=1)       # --update_filter_ratio
+    safe_cap: float = Field(0.85, gt=0, le=1)        # --cap_filter_ratio
+    token_drop: float = Field(0.1, ge=0, lt=1)       # caption views (see cleanclip)
+
+    # the last split scored against the plan like a filter's keep-mask: filter_removed = risky
+    # pairs, filter_poison_recall = poisoned pairs found risky, filter_precision = risky that are poison;
+    # the detection metrics rank the pairs by their posterior of the lower-similarity component
+    metric_names: ClassVar[tuple[str, ...]] = (*FILTER_METRICS[:3], *DETECTION_METRICS)
+    stage: ClassVar[Stage] = "training"
+
+    def objective(self, seed: int) -> "SafeRisky":
+        return SafeRisky(self, seed)
+
+
+def posterior_of_similar(similarity: np.ndarray, seed: int) -> np.ndarray:
+    """Each pair's posterior of the higher-mean component of a two-component Gaussian mixture
+    fitted to the image–caption cosine ``similarity`` (scikit-learn; 1 for all when the pairs are
+    too few or all alike), as ``src/samplers.py:fit_gmm_to_cos_sim``.
+
+    Example:
+        >>> posterior_of_similar(np.array([0.9, 0.85, 0.8, 0.1, 0.05, 0.88]), seed=0).round(3).tolist()
+        [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    """
+    x = np.asarray(similarity, np.float64).reshape(-1, 1)
+    if len(x) < 4 or np.ptp(x) == 0:
+        return np.ones(len(x))
+    from sklearn.mixture import GaussianMixture  # here: sklearn is 1.6 s of every trial worker's start-up
+
+    mixture = GaussianMixture(n_components=2, random_state=seed).fit(x)
+    return mixture.predict_proba(x)[:, int(np.argmax(mixture.means_.ravel()))]
+
+
+def split_by_posterior(posterior: np.ndarray, share: float | None, threshold: float) -> np.ndarray:
+    """Safe pairs: the first split (``share`` None) those whose posterior is at least ``threshold``;
+    a later one the top ``round(share · N)`` by posterior (ties by row order).
+
+    Example:
+        >>> p = np.array([0.95, 0.2, 0.91, 0.5, 0.99])
+        >>> split_by_posterior(p, None, 0.9).tolist(), split_by_posterior(p, 0.4, 0.9).tolist()
+        ([True, False, True, False, True], [True, False, False, False, True])
+    """
+    if share is None:
+        return posterior >= threshold
+    safe = np.zeros(len(posterior), bool)
+    safe[np.argsort(-posterior, kind="stable")[: int(round(share * len(posterior)))]] = True
+    return safe
+
+
+class SafeRisky(InModal):
+    """The authors' SafeCLIP objective: phases, splits, separate risky and safe passes, and the
+    in-modal loss against a nearest-neighbour memory bank (module docstring)."""
+
+    def __init__(self, config: SafeClip, seed: int) -> None:
+        super().__init__(clip_weight=1.0, inmodal_weight=1.0, token_drop=config.token_drop, symmetric=False)
+        self.config, self.seed = config, seed
+        self.safe: np.ndarray | None = None  # per training row, from the first split on
+        self.share: float | None = None      # the safe share of the last split (None before the first)
+        self.phase = "inmodal"               # inmodal | clip | split
+        self.banks: dict[str, torch.Tensor] = {}  # per modality: (memory_bank, D) ring, oldest overwritten
+        self.next_row: dict[str, int] = {}
+        self.scores: dict[str, float] = {}   # the last split against the plan
+
+    def start_epoch(self, epoch: int, pairs: Any) -> None:
+        c = self.config
+        if epoch <= c.inmodal_epochs:
+            self.phase = "inmodal"
+            return
+        if epoch <= c.inmodal_epochs + c.clip_epochs:
+            self.phase = "clip"
+            return
+        self.phase = "split"
+        images, texts = pairs.embed()
+        similarity = (images * texts).sum(dim=1).cpu().numpy()
+        seed = int(streams.rng(self.seed, streams.SAFECLIP_EPOCH, epoch).integers(2**31))
+        posterior = posterior_of_similar(similarity, seed)
+        if self.share is not None:
+            self.share = min(self.share + c.safe_step, c.safe_cap)
+        self.safe = split_by_posterior(posterior, self.share, c.first_posterior)
+        if self.share is None:  # the first split: the share the data gave
+            self.share = float(self.safe.mean())
+        self.scores = {**filter_metrics(self.safe, pairs.data.poisoned),
+                       **detection_metrics(1.0 - posterior, pairs.data.poisoned)}
+
+    def batches(self, epoch: int, data: Any, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        if self.phase != "split":
+            return data.epoch(batch_size, rng)
+        passes = []
+        for rows in (np.flatnonzero(~self.safe), np.flatnonzero(self.safe)):  # risky first, then safe
+            order = rows[rng.permutation(len(rows))]
+            passes += [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        return passes
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.scores)
+
+    def loss(self, step: Step) -> torch.Tensor:
+        out = step.out
+        if self.phase == "clip" or self.phase == "split" and self.safe[step.rows].all():
+            return self.pair_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        return self.bank_loss(step)
+
+    def bank_loss(self, step: Step) -> torch.Tensor:
+        """The in-modal loss against the memory banks: per modality, the cross-entropy of
+        ``scale · view2 · NN(view1)ᵀ`` over rows, then view 1 enqueued."""
+        scale = step.out["logit_scale"]
+        with torch.no_grad():
+            image_1 = step.model.encode_image(step.to_input(augment_images(step.images, self.augment)), normalize=True)
+            text_1 = step.model.encode_text(augment_tokens(step.tokens, self.token_drop), normalize=True)
+        image_2 = step.model.encode_image(step.to_input(augment_images(step.images, self.augment)), normalize=True)
+        text_2 = step.model.encode_text(augment_tokens(step.tokens, self.token_drop), normalize=True)
+        losses = []
+        for name, first, second in (("image", image_1, image_2), ("text", text_1, text_2)):
+            neighbours = self.nearest(name, first.float())
+            logits = scale * second @ neighbours.to(second.dtype).T
+            losses.append(torch.nn.functional.cross_entropy(logits, torch.arange(len(second), device=second.device)))
+            self.enqueue(name, first.float())
+        return (losses[0] + losses[1]) / 2
+
+    def nearest(self, name: str, queries: torch.Tensor) -> torch.Tensor:
+        """Each query's nearest bank row by cosine, returned raw (the bank as it was before this batch)."""
+        if name not in self.banks:
+            index = 0 if name == "image" else 1
+            rows = streams.rng(self.seed, streams.SAFECLIP_BANK, index).standard_normal(
+                (self.config.memory_bank, queries.shape[1]))
+            self.banks[name] = torch.as_tensor(rows, dtype=torch.float32, device=queries.device)
+            self.next_row[name] = 0
+        bank = self.banks[name].to(queries.device)
+        return bank[(queries @ torch.nn.functional.normalize(bank, dim=1).T).argmax(dim=1)]
+
+    def enqueue(self, name: str, rows: torch.Tensor) -> None:
+        """``rows`` over the bank's oldest entries, wrapping around."""
+        bank, size = self.banks[name], self.config.memory_bank
+        rows = rows[-size:].to(bank.device)
+        at = (self.next_row[name] + torch.arange(len(rows), device=bank.device)) % size
+        bank[at] = rows
+        self.next_row[name] = int((self.next_row[name] + len(rows)) % size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"banks": {k: v.cpu() for k, v in self.banks.items()}, "next_row": dict(self.next_row),
+                "share": self.share}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.banks, self.next_row = dict(state.get("banks", {})), dict(state.get("next_row", {}))
+        self.share = state.get("share")
