@@ -455,13 +455,14 @@ def test_a_short_trial_runs_on_an_imagefolder(tmp_path):
     config = parse_trial_config({
         "data": {"dataset": "imagefolder", "path": str(root), "size": 64, "test_size": 8, "image_size": 32},
         "model": {"arch": "tiny-rn"},
-        "train": {"epochs": 20, "batch_size": 32, "threads": 1},
+        "train": {"epochs": 40, "batch_size": 32, "threads": 1},
         "attack": {**backdoor(4), "target": "red thing"},
     })
     result = run_trial(config, cache_dir=str(tmp_path / "cache"), baseline=False)
     m = result.metrics
     # the model learns the folders' classes from the decoded images and their captions (zero-shot
-    # top-1 on the 8 test images 1.0, 0.875, 1.0 at seeds 0-2 after 20 epochs; chance 1/4)
+    # top-1 on the 8 test images 1.0 at seeds 0-2 after 40 epochs of 2 steps; 0.38-0.63 after 20;
+    # chance 1/4)
     assert m["zeroshot_top1"] >= 0.75 and m["poison_count"] == 4
     assert result.plan.num_rows == 4
     assert m["data_skipped"] == 1  # the truncated JPEG, counted in the trial's metrics
