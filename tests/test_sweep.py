@@ -171,10 +171,11 @@ def test_fashion_mnist_backdoor_preset_learns_and_the_attack_works(tmp_path):
     preset = resources.files("sweeps.presets") / "fashion-mnist-backdoor.yaml"
     out = tmp_path / "metrics.json"
     code = main(["train", str(preset), "--set", "data.size=5000", "--set", "data.test_size=2000",
-                 "--set", "train.epochs=3", "--set", f"storage.path={tmp_path}", "--output", str(out)])
+                 "--set", f"storage.path={tmp_path}", "--output", str(out)])
     assert code == 0
     m = json.loads(out.read_text())
     assert m["clean_utility"] > 0.5 and m["utility"] > 0.5  # chance is 0.1
+    # the preset's 4 epochs: attack success 0.999, 1.0, 0.998 at seeds 0-2 (at 3 epochs 0.726, 1.0, 0.992)
     assert m["attack_success"] > 0.8 and m["clean_attack_success"] < 0.2
 
 

@@ -306,13 +306,13 @@ class _Crash(RuntimeError):
 def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_path):
     """The worker 'dies' after epoch 2 of 3; the trial run again with the same checkpointer goes
     on from epoch 2 and ends with the uninterrupted trial's weights and metrics, exactly.
-    Under RoCLIP (period 3) epoch 3 matches images to the caption pool of epochs 1-2, so the
-    objective's state must come back with the checkpoint too."""
+    Under RoCLIP (period 1: every epoch matches) epoch 3 matches images to the caption pool that
+    epochs 1-2 wrote, so the objective's state must come back with the checkpoint too."""
     from trainers.resume import FolderCheckpointer, read_state
 
     raw = {"data": {"size": 256, "test_size": 48},
            "train": {"epochs": 3, "batch_size": 64, "threads": 2, "loader_threads": 0}, "attack": backdoor(30),
-           "defense": {"kind": "roclip", "pool_size": 100, "period": 3}}
+           "defense": {"kind": "roclip", "pool_size": 100, "period": 1}}
     whole = run_trial(parse_trial_config(raw), baseline=False)  # batches prepared in the loop's thread
     # the interrupted and resumed runs prepare them ahead in 3 threads: the same training
     config = parse_trial_config({**raw, "train": {**raw["train"], "loader_threads": 3}})
@@ -325,6 +325,8 @@ def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(tmp_pa
         run_trial(config, baseline=False, checkpointer=saver, on_epoch=crash_after_two)
     saved = read_state(tmp_path / "state")
     assert saved["epoch"] == 2 and saved["objective"]["pool"].shape[0] == 100  # saved before the epoch was reported
+    # 2 epochs of 4 batches of 64 (the 256 clean pairs' batches) written into the ring of 100
+    assert saved["objective"]["next_row"] == (2 * 4 * 64) % 100
     epochs = []
     resumed = run_trial(config, baseline=False, checkpointer=saver, on_epoch=epochs.append)
     assert [e["epoch"] for e in epochs] == [3]  # epochs 1-2 are not trained or reported again
