@@ -25,8 +25,9 @@ def test_one_trial_trains_evaluates_and_reuses_the_clean_model(tmp_path):
     assert [e["epoch"] for e in epochs] == [1, 2] and epochs[1]["loss"] < epochs[0]["loss"]
     for name in DESIGN_METRICS:
         assert name in m and math.isfinite(m[name]), name
-    for name in DESIGN_METRICS[:1] + DESIGN_METRICS[7:-2]:
-        assert 0 <= m[name] <= 1, name
+    # rankings are consistent: a hit in the top 1 is one in the top 5, and in the top 10
+    assert m["zeroshot_top1"] <= m["zeroshot_top5"]
+    assert m["i2t_r1"] <= m["i2t_r5"] <= m["i2t_r10"] and m["t2i_r1"] <= m["t2i_r5"] <= m["t2i_r10"]
     assert m["poison_count"] == 60 and m["poison_rate"] == pytest.approx(60 / 660)
     assert m["utility"] == m["zeroshot_top1"] and m["attack_success"] == m["backdoor_asr"]
     assert m["utility_drop"] == pytest.approx(m["clean_utility"] - m["utility"])
