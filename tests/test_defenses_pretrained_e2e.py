@@ -7,25 +7,26 @@ The pretrained model: tiny-rn trained 6 epochs on 4,000 trusted Fashion-MNIST pa
 the sweep's 2,000 training pairs; zero-shot top-1 0.84). The sweep fine-tunes it 2 epochs at lr 1e-3
 on the 2,000 pairs plus the backdoor of ``tests/test_defenses_e2e.py`` (150 injected pairs, 6 px
 checkerboard, target ``bag``). With ``model.pretrained`` set the filters' reference model is the
-pretrained one, and SafeCLIP splits from the first epoch (``clip_epochs: 0``: the pretrained towers
-are already aligned). A fine-tuning from a converged model varies far less from draw to draw than
-the from-scratch recipe (about ±0.07 of top-1), so the utility bound here is the issue's 0.03.
+pretrained one, and SafeCLIP splits from the first epoch (``inmodal_epochs: 0, clip_epochs: 0``:
+the pretrained towers are already aligned). A fine-tuning from a converged model varies far less
+from draw to draw than the from-scratch recipe (about ±0.07 of top-1), so the utility bound here is
+the issue's 0.03 (0.04 for SafeCLIP).
 
-Measured (``trainers.run_trial``, seeds 0-3, attack success / utility):
+Measured (``trainers.run_trial``, seeds 0-2, attack success / utility; this sweep's trials are seed 0):
 
-| defense | seed 0 | seed 1 | seed 2 | seed 3 |
-| --- | --- | --- | --- | --- |
-| undefended | 0.857 / 0.836 | 0.938 / 0.808 | 0.934 / 0.822 | 0.828 / 0.788 |
-| similarity-filter (fraction 0.1) | 0.009 / 0.820 | 0.002 / 0.824 | 0.004 / 0.846 | 0.016 / 0.810 |
-| outlier-filter (k-distance, 0.1) | 0.018 / 0.858 | 0.002 / 0.804 | 0.002 / 0.848 | 0.007 / 0.806 |
-| safeclip (split from epoch 1, safe ≤ 80% then 85%) | 0.004 / 0.802 | 0.002 / 0.812 | 0.004 / 0.806 | 0.007 / 0.772 |
+| defense | seed 0 | seed 1 | seed 2 |
+| --- | --- | --- | --- |
+| undefended (150 pairs, 2 epochs) | 0.881 / 0.822 | 0.956 / 0.814 | 0.638 / 0.820 |
+| similarity-filter (fraction 0.1) | 0.011 / 0.832 | 0.002 / 0.818 | 0.002 / 0.822 |
+| outlier-filter (k-distance, 0.1) | 0.013 / 0.824 | 0.004 / 0.824 | 0.002 / 0.838 |
+| safeclip (the authors' splits from epoch 1) | 0.007 / 0.844 | 0.009 / 0.778 | 0.002 / 0.830 |
+| undefended (60 pairs, 4 epochs) | 0.931 / 0.830 | 0.805 / 0.826 | 0.885 / 0.860 |
+| roclip (the authors' schedule, pool 512, period 2) | 0.132 / 0.814 | 0.580 / 0.816 | 0.190 / 0.828 |
 
-Utility against the undefended trial: the filters -0.016 to +0.026, SafeCLIP -0.034 to +0.004.
-RoCLIP holds only a weaker attack, 60 pairs (2.9%) over 4 epochs (its own test below). Under
-``make test`` (one torch thread) this sweep's trials are the table's seed 0; with two threads in
-the pretraining (the test's process) it gave undefended 0.890 / 0.832, similarity-filter 0.009 / 0.828, outlier-filter 0.013 / 0.832, safeclip 0.009 / 0.818 (the filters' recall 0.987 at
-precision 0.688, SafeCLIP's risky pairs recall 1.0 at precision 0.40); against 60 pairs undefended
-0.803 / 0.808, roclip 0.215 / 0.804. It took 1 min 55 s with the pretraining.
+The filters' recall of the poison 0.987-1.0 (AUROC 0.996-0.998), SafeCLIP's last split's 0.98-1.0
+(AUROC 0.984-0.989). Utility against the undefended trial: the filters +0.002 to +0.018, SafeCLIP
+-0.036 to +0.022. RoCLIP holds only a weaker attack, 60 pairs (2.9%) over 4 epochs, and not at every
+seed (seed 1: 0.805 → 0.580).
 """
 from pathlib import Path
 
@@ -94,8 +95,7 @@ def trials(tmp_path_factory, ray_local):
 
 
 def test_the_fine_tuning_plants_the_backdoor_at_a_small_utility_cost(trials):
-    """Against the pretrained model fine-tuned on the clean pairs alone: utility_drop measured 0.002,
-    0.012, 0.024 and 0.042 for seeds 0-3 (-0.004 in this sweep)."""
+    """Against the pretrained model fine-tuned on the clean pairs alone (the same optimizer steps)."""
     m = trials["none", 150]
     assert m["attack_success"] >= 0.7 and m["clean_attack_success"] <= 0.1
     assert m["utility_drop"] <= 0.06  # against the same pretrained model fine-tuned on the clean pairs
@@ -107,31 +107,29 @@ def test_a_filter_removes_the_backdoor_within_003_of_utility(trials, kind):
     assert m["filter_removed"] == 215  # round(0.1 × 2,150)
     # random removal gives recall 0.1; of the 215 removed at most 150 are poison
     assert m["filter_poison_recall"] >= 0.95
-    # the scores behind the cut (measured AUROC 0.997 / 0.996, FPR at 95% recall 0.012 / 0.017)
+    # the scores behind the cut (measured AUROC 0.996-0.998, FPR at 95% recall 0.006-0.017)
     assert m["filter_auroc"] >= 0.98 and m["filter_fpr_at_95"] <= 0.05
     assert m["attack_success"] <= 0.05
     assert m["utility"] >= undefended["utility"] - 0.03
 
 
 def test_safeclip_keeps_the_poison_out_of_the_clip_loss(trials):
-    """SafeCLIP's last split (the metrics score it, not the first): risky pairs trained in-modal only. Its utility cost measured -0.034 to
-    +0.004 over four seeds (table above): the in-modal losses on the risky sixth of the pairs
-    (AutoAugment views of 32 px grayscale images) cost a little more than a filter, so 0.04."""
+    """SafeCLIP's last split (the metrics score it, not the first): risky pairs trained in-modal only.
+    Its utility against the undefended trial measured -0.036 to +0.022 over three seeds (table
+    above): the in-modal loss on the risky pairs (AutoAugment views of 32 px grayscale images) costs
+    a little more than a filter, so 0.04."""
     undefended, m = trials["none", 150], trials["safeclip", 150]
     assert m["filter_poison_recall"] >= 0.95  # the poisoned pairs fell among the risky ones
-    # its split's similarities rank the poison first (measured AUROC 0.993, FPR at 95% recall 0.025)
+    # its split's posteriors rank the poison first (measured AUROC 0.984-0.989, FPR at 95% recall 0.03-0.056)
     assert m["filter_auroc"] >= 0.97 and m["filter_fpr_at_95"] <= 0.1
     assert m["attack_success"] <= 0.05
     assert m["utility"] >= undefended["utility"] - 0.04
 
 
 def test_roclip_halves_a_weaker_backdoor_at_a_small_utility_cost(trials):
-    """RoCLIP (pool 512, period 2: epochs 2 and 4 matched) against 60 poisoned pairs over 4 epochs.
-    Measured (seeds 0-2, undefended → roclip): 0.902 / 0.840 → 0.204 / 0.820, 0.701 / 0.828 → 0.243 /
-    0.820, 0.903 / 0.852 → 0.353 / 0.832; seed 3 0.958 / 0.842 → 0.435 / 0.812, a cost of 0.030, so the
-    bound is 0.04. Against 90 pairs it fails (0.982 → 0.937), and against 150
-    at 2 epochs (0.857 → 0.698): a plain epoch that plants the backdoor makes the matching epoch
-    teach it, as a triggered image's nearest pool caption is then a bag caption."""
+    """RoCLIP (the authors' schedule, pool 512, period 2: epochs 2 and 4 matched) against 60 poisoned
+    pairs over 4 epochs: this sweep's seed 0 cuts 0.931 to 0.132; seed 2 cuts 0.885 to 0.190, but seed 1
+    only 0.805 to 0.580 (table above), so the halving asserted here is seed 0's."""
     undefended, m = trials["none", 60], trials["roclip", 60]
     assert undefended["attack_success"] >= 0.6
     assert m["attack_success"] <= undefended["attack_success"] / 2

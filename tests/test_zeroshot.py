@@ -193,7 +193,7 @@ def fashion_web(tmp_path_factory):
 # -0.016, 0.036; text backdoor hit@1 1.0, 1.0, 1.0 (0.0, 0.004, 0.0), drops 0.022, -0.03, 0.038;
 # targeted (4 of the labelled set's test images, 30 web captions naming bag each): 4 of 4 hijacked
 # at every seed (0 of 4), drops 0.056, 0.0, 0.058 (hence the bound of 0.08); dual backdoor (150 + 150 pairs):
-# ASR 1.0, 1.0 and hit@1 0.991, 1.0 (mean 0.009, 0.003 on the clean model), drops 0.124 and -0.026:
+# ASR 1.0, 1.0 and hit@1 1.0, 1.0 at seeds 0 and 1 (mean 0.01, 0.003 on the clean model), drops 0.128 and 0.0:
 # utility at this size still swings by about 0.1 from seed to seed, so the dual test holds only
 # its floor (the synthetic dual-backdoor preset's drop, -0.005, is in the README)
 @pytest.mark.slow
