@@ -309,3 +309,33 @@ def test_safeclip_as_the_authors_phases_splits_passes_and_memory_bank():
     objective.share = 0.845
     objective.start_epoch(5, pairs)  # capped at 0.85: round(5.1) = 5 pairs
     assert objective.share == 0.85 and objective.safe.sum() == 5
+
+
+def test_an_objective_holds_an_epochs_learning_rate_and_the_schedule_goes_on_after(monkeypatch):
+    """``Objective.epoch_lr``: epoch 2 of 3 at a fixed rate (as SafeCLIP's CLIP warm-up), every
+    step of it; epochs 1 and 3 follow the warm-up and cosine, which kept counting through epoch 2."""
+    import trainers.loop as loop
+    from trainers import run_trial
+
+    seen = []  # (epoch's fixed rate, every group's rate after the call)
+    real = loop._set_lr
+
+    def recording(optimizer, schedule, fixed):
+        real(optimizer, schedule, fixed)
+        seen.append((fixed, [g["lr"] for g in optimizer.param_groups], list(schedule.get_last_lr())))
+
+    class Held(Objective):
+        def epoch_lr(self, epoch, lr):
+            return lr / 100 if epoch == 2 else None
+
+    monkeypatch.setattr(loop, "_set_lr", recording)
+    monkeypatch.setattr("trainers.trial.Defense.objective", lambda self, seed: Held(), raising=False)
+    config = parse_trial_config({"data": {"size": 256, "test_size": 32},
+                                 "train": {"epochs": 3, "batch_size": 64, "lr": 1e-3, "threads": 1}})
+    run_trial(config, baseline=False)
+    held = [s for s in seen if s[0] is not None]
+    assert len(held) == 1 + 4 and all(lrs == [1e-5, 1e-5] for _, lrs, _ in held)  # epoch start + 4 steps
+    free = [s for s in seen if s[0] is None]
+    assert all(lrs == scheduled for _, lrs, scheduled in free) and len(free) == 2 * (1 + 4)
+    # the schedule went on through the held epoch: epoch 3 starts where 8 steps of it leave off
+    assert free[5][2] != free[0][2] and free[5][2][0] < 1e-3

@@ -108,6 +108,8 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
     for epoch in range(first_epoch, last_epoch + 1):
         start, waited, losses = time.perf_counter(), fitted.data_seconds, []
         objective.start_epoch(epoch, TrainingEmbeddings(built, data, autocast))
+        fixed_lr = objective.epoch_lr(epoch, recipe.lr)
+        _set_lr(optimizer, schedule, fixed_lr)
         built.model.train()
         prepare = functools.partial(_prepare_batch, data, built, ranks)
         previous = None  # the last step's loss, read once the next step is queued (see _finite)
@@ -123,6 +125,7 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
                 scaler.step(optimizer)
                 scaler.update()
                 schedule.step()
+                _set_lr(optimizer, schedule, fixed_lr)
                 with torch.no_grad():  # CLIP clamps the temperature at 100
                     built.model.logit_scale.clamp_(0, math.log(100))
                 if previous is not None:
@@ -190,6 +193,13 @@ def set_memory_format(model: torch.nn.Module, memory_format: str) -> None:
         memory_format = "channels_last" if convs > 1 else "contiguous"
     if memory_format == "channels_last":
         model.to(memory_format=torch.channels_last)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, schedule, fixed: float | None) -> None:
+    """Every parameter group's learning rate: ``fixed``, or the schedule's (which an epoch at a
+    fixed rate leaves counting steps)."""
+    for group, scheduled in zip(optimizer.param_groups, schedule.get_last_lr()):
+        group["lr"] = scheduled if fixed is None else fixed
 
 
 def _prepare_batch(data: TrainingSet, built: Built, ranks: Ranks, rows: np.ndarray):

@@ -56,6 +56,12 @@ class Objective:
         subsets apart (SafeCLIP's risky pairs, then its safe ones) returns its own."""
         return data.epoch(batch_size, rng)
 
+    def epoch_lr(self, epoch: int, lr: float) -> float | None:
+        """A learning rate held constant through ``epoch`` instead of the schedule's (``lr`` is the
+        recipe's peak), or None to follow the schedule: SafeCLIP's CLIP warm-up epoch runs at a
+        hundredth of the others'."""
+        return None
+
     def metrics(self) -> dict[str, float]:
         """What it reports at the end of training (added to the trial's metrics)."""
         return {}

@@ -9,7 +9,9 @@ image–caption link. As the authors' code (BigML-CS-UCLA/SafeCLIP, ``SafeCLIP/s
    looked up before the batch is added, and the loss is the cross-entropy of
    ``scale · view2 · neighboursᵀ`` over rows (one direction), images and captions averaged; the
    bank starts as the seed's standard-normal rows, unnormalised, as lightly 1.2.39 leaves them;
-2. ``clip_epochs`` (default 1) train every pair with CLIP's loss alone;
+2. ``clip_epochs`` (default 1) train every pair with CLIP's loss alone, at a constant learning rate
+   of ``clip_lr_ratio`` (0.01) times ``train.lr``, the authors' 5e-6 against their 5e-4 (the
+   loop's ``Objective.epoch_lr``);
 3. before each later epoch every training pair is embedded by the current model, a two-component
    Gaussian mixture (scikit-learn) is fitted to the image–caption cosine similarities, and each
    pair's posterior of the higher-mean component ranks it. The first split takes as safe the
@@ -24,9 +26,8 @@ Not matched (``docs/sources/safeclip.md`` lists every difference): the authors' 
 SimCLR-style crops, jitter, greyscale and blur of the images and a fixed EDA variant of each
 caption, here CleanCLIP's AutoAugment views and token deletion and swap, redrawn every step; their
 cross-modal losses and the split's similarities also use augmented views, here the pairs as they
-are; their cross-modal warm-up epoch trains at a constant 5e-6 and each phase has a scheduler of
-its own, here the trial's schedule runs through; their mixture's ``random_state`` is 0, here a
-stream of the seed.
+are; each of their phases after the split has a scheduler of its own, here the trial's schedule
+runs through; their mixture's ``random_state`` is 0, here a stream of the seed.
 
 The last split is scored against the plan like a filter's keep-mask (``filter_removed`` = risky
 pairs, ``filter_poison_recall``, ``filter_precision``), with the detection metrics of its posteriors.
@@ -155,6 +156,9 @@ class SafeClip(Defense):
     safe_step: float = Field(0.01, ge=0, le=1)       # --update_filter_ratio
     safe_cap: float = Field(0.85, gt=0, le=1)        # --cap_filter_ratio
     token_drop: float = Field(0.1, ge=0, lt=1)       # caption views (see cleanclip)
+    # the CLIP warm-up epochs' constant learning rate, a share of train.lr: the authors' --filter_lr
+    # 5e-6 against their 5e-4
+    clip_lr_ratio: float = Field(0.01, gt=0, le=1)
 
     # the last split scored against the plan like a filter's keep-mask: filter_removed = risky
     # pairs, filter_poison_recall = poisoned pairs found risky, filter_precision = risky that are poison;
@@ -234,6 +238,10 @@ class SafeRisky(InModal):
             self.share = float(self.safe.mean())
         self.scores = {**filter_metrics(self.safe, pairs.data.poisoned),
                        **detection_metrics(1.0 - posterior, pairs.data.poisoned)}
+
+    def epoch_lr(self, epoch: int, lr: float) -> float | None:
+        """The CLIP warm-up epochs at a constant ``clip_lr_ratio · train.lr`` (the authors' 5e-6)."""
+        return lr * self.config.clip_lr_ratio if self.phase == "clip" else None
 
     def batches(self, epoch: int, data: Any, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
         if self.phase != "split":
