@@ -57,22 +57,18 @@ def _defense_holds(m: dict, base: dict | None) -> bool:
 
 ATTACK_RULE = "attack success >= 0.9 with the clean model's <= 0.1"
 DEFENSE_RULE = "attack success <= 0.1 at a utility cost <= 0.01 against the undefended row"
+ATTACKS = (  # (row and preset name, the paper's claim)
+    ("backdoor", "Carlini & Terzis 2022: a patch backdoor from 0.01% of the pairs (300 of 3M)"),
+    ("backdoor-carlini-scale", "the same, at their patch-to-image scale (16 px on 224 px)"),
+    ("targeted", "Carlini & Terzis 2022: a few pairs hijack a chosen image's label"),
+    ("text-backdoor", "Yang et al. 2023: poisoning the text side hijacks retrieval"),
+    ("dual-backdoor", "both modalities at once"),
+    ("mm-single-image", "Yang et al. 2023, attack I: one target image retrieved for a class's captions"),
+    ("mm-single-label", "Yang et al. 2023, attack II: a class's images retrieved for another class's captions"),
+    ("mm-multi-label", "Yang et al. 2023, attack III: two such goals at once"),
+)
 ROWS = [
-    Row("backdoor", "backdoor.yaml", (), "Carlini & Terzis 2022: a patch backdoor from 0.01% of the pairs "
-        "(300 of 3M)", _attack_works, ATTACK_RULE),
-    Row("backdoor-carlini-scale", "backdoor-carlini-scale.yaml", (), "the same, at their patch-to-image scale "
-        "(16 px on 224 px)", _attack_works, ATTACK_RULE),
-    Row("targeted", "targeted.yaml", (), "Carlini & Terzis 2022: a few pairs hijack a chosen image's label",
-        _attack_works, ATTACK_RULE),
-    Row("text-backdoor", "text-backdoor.yaml", (), "Yang et al. 2023: poisoning the text side hijacks "
-        "retrieval", _attack_works, ATTACK_RULE),
-    Row("dual-backdoor", "dual-backdoor.yaml", (), "both modalities at once", _attack_works, ATTACK_RULE),
-    Row("mm-single-image", "mm-single-image.yaml", (), "Yang et al. 2023, attack I: one target image "
-        "retrieved for a class's captions", _attack_works, ATTACK_RULE),
-    Row("mm-single-label", "mm-single-label.yaml", (), "Yang et al. 2023, attack II: a class's images "
-        "retrieved for another class's captions", _attack_works, ATTACK_RULE),
-    Row("mm-multi-label", "mm-multi-label.yaml", (), "Yang et al. 2023, attack III: two such goals at once",
-        _attack_works, ATTACK_RULE),
+    *(Row(name, f"{name}.yaml", (), claim, _attack_works, ATTACK_RULE) for name, claim in ATTACKS),
     *(Row(f"backdoor + {kind}", "backdoor.yaml", (f"defense.kind={kind}",), claim, _defense_holds,
           DEFENSE_RULE, undefended="backdoor")
       for kind, claim in (
