@@ -59,7 +59,6 @@ ATTACK_RULE = "attack success >= 0.9 with the clean model's <= 0.1"
 DEFENSE_RULE = "attack success <= 0.1 at a utility cost <= 0.01 against the undefended row"
 ATTACKS = (  # (row and preset name, the paper's claim)
     ("backdoor", "Carlini & Terzis 2022: a patch backdoor from 0.01% of the pairs (300 of 3M)"),
-    ("backdoor-carlini-scale", "the same, at their patch-to-image scale (16 px on 224 px)"),
     ("targeted", "Carlini & Terzis 2022: a few pairs hijack a chosen image's label"),
     ("text-backdoor", "Yang et al. 2023: poisoning the text side hijacks retrieval"),
     ("dual-backdoor", "both modalities at once"),
@@ -79,6 +78,9 @@ ROWS = [
           ("outlier-filter", "ours: embedding-space outliers dropped (no paper claim)"),
           ("roclip", "Yang, Gao & Mirzasoleiman 2023: RoCLIP defends at little utility cost"),
           ("safeclip", "Yang et al. 2024: SafeCLIP defends at little utility cost"))),
+    # 96 px images: about nine times a 32 px row's training
+    Row("backdoor-carlini-scale", "backdoor-carlini-scale.yaml", (), "Carlini & Terzis 2022's patch backdoor at "
+        "their patch-to-image scale (16 px on 224 px)", _attack_works, ATTACK_RULE),
 ]
 METRICS = ("attack_success", "utility", "clean_attack_success", "clean_utility")
 
