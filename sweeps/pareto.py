@@ -123,16 +123,18 @@ def config_key(runs: pd.DataFrame, params: list[str]) -> pd.Series:
 
 
 def replicate_stats(frame: pd.DataFrame, keys: list[str], metrics: list[str], *,
-                    student_t: bool = True) -> pd.DataFrame:
+                    student_t: bool = True, per_run: frozenset[str] | set[str] = frozenset()) -> pd.DataFrame:
     """Per group of rows sharing ``keys``: each metric's mean, ``_std`` and ``_ci95`` (half-width
     of the mean's 95% interval: Student's t with n - 1 degrees of freedom, as a handful of seeds
     needs, or the normal approximation without ``student_t``; 0 for one value), ``replicates``
     (rows) and their sorted ``run_id`` joined by commas. NaNs are skipped.
 
-    ``_low`` and ``_high`` bound the 95% interval of the mean: the mean ∓ ``_ci95``, except where
-    every run's value is 0 or 1 (a run succeeded or not, as in Carlini & Terzis's targeted
-    poisoning, one target per run): the mean is then a success rate over runs and its interval
-    Wilson's score interval (scipy's ``binomtest``), ``_interval`` saying which.
+    ``_low`` and ``_high`` bound the 95% interval of the mean: the mean ∓ ``_ci95``, except for
+    the metrics in ``per_run``, each run's success or failure (Carlini & Terzis's targeted
+    poisoning, one target per run), where every value is 0 or 1: the mean is then a success rate
+    over runs and its interval Wilson's score interval (scipy's ``binomtest``), ``_interval``
+    saying which. (A proportion over test images that happens to be 0 or 1 in every run is not
+    such an outcome.)
 
     Example:
         >>> f = pd.DataFrame({"run_id": ["a", "b"], "k": [1, 1], "m": [0.5, 0.7]})
@@ -149,7 +151,8 @@ def replicate_stats(frame: pd.DataFrame, keys: list[str], metrics: list[str], *,
         n = out.pop(f"{name}_n").to_numpy(dtype=float)
         factor = stats.t.ppf(0.975, np.maximum(n - 1, 1)) if student_t else 1.96
         out[f"{name}_ci95"] = factor * out[f"{name}_std"].fillna(0) / np.sqrt(np.maximum(n, 1))
-        binary = grouped[name].agg(lambda v: bool(len(v.dropna())) and v.dropna().isin((0.0, 1.0)).all()).to_numpy()
+        binary = (grouped[name].agg(lambda v: bool(len(v.dropna())) and v.dropna().isin((0.0, 1.0)).all()).to_numpy()
+                  & (name in per_run))
         low, high = out[name] - out[f"{name}_ci95"], out[name] + out[f"{name}_ci95"]
         for i in np.flatnonzero(binary):
             runs = int(n[i])
@@ -169,7 +172,16 @@ def _average_replicates(runs: pd.DataFrame, objectives: dict[str, str], group_by
     for name in objectives:
         frame[name] = runs[f"metrics.{name}"].astype(float)
     frame = frame.dropna(subset=list(objectives))
-    return replicate_stats(frame, ["group", "config"], list(objectives))
+    return replicate_stats(frame, ["group", "config"], list(objectives), per_run=_per_run_outcomes(runs))
+
+
+def _per_run_outcomes(runs: pd.DataFrame) -> set[str]:
+    """The metrics that are one success or failure per run: a targeted attack's with one target
+    image (Carlini & Terzis's protocol), for every trial."""
+    kinds, targets = runs.get("params.attack.kind"), runs.get("params.attack.targets")
+    if kinds is None or targets is None or not ((kinds == "targeted") & (targets == "1")).all():
+        return set()
+    return {"attack_success", "targeted_success"}
 
 
 def _group_column(runs: pd.DataFrame, group_by: str | None) -> pd.Series:

@@ -41,15 +41,17 @@ def test_a_success_rate_over_runs_gets_wilsons_interval():
 
     frame = pd.DataFrame({"run_id": [f"r{i:02d}" for i in range(20)], "k": 1,
                           "targeted_success": [1.0] * 7 + [0.0] * 13, "utility": np.linspace(0.5, 0.7, 20)})
-    row = replicate_stats(frame, ["k"], ["targeted_success", "utility"]).iloc[0]
+    row = replicate_stats(frame, ["k"], ["targeted_success", "utility"], per_run={"targeted_success"}).iloc[0]
     assert row["targeted_success"] == pytest.approx(0.35) and row["targeted_success_interval"] == "wilson"
     assert (row["targeted_success_low"], row["targeted_success_high"]) == (pytest.approx(0.1812, abs=1e-4),
                                                                           pytest.approx(0.5672, abs=1e-4))
     assert row["utility_interval"] == "t"
     assert row["utility_low"] == pytest.approx(row["utility"] - row["utility_ci95"])
+    assert replicate_stats(frame, ["k"], ["targeted_success"]).iloc[0]["targeted_success_interval"] == "t"
     table = runs([(f"r{i:02d}", i, 1, "none", 1.0 if i < 7 else 0.0, 0.5) for i in range(20)])
-    text = format_front(pareto_front(table, OBJ))
-    assert "0.35 [0.18, 0.57] of 20" in text
+    assert "of 20" not in format_front(pareto_front(table, OBJ))  # not a targeted attack: Student's t
+    table["params.attack.kind"], table["params.attack.targets"] = "targeted", "1"  # one target per run
+    assert "0.35 [0.18, 0.57] of 20" in format_front(pareto_front(table, OBJ))
 
 
 def test_directions_and_hypervolume_by_hand():
