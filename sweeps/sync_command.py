@@ -1,6 +1,8 @@
 """``poisonsweep sync FOLDER``: a launch's results from Tune's storage into MLflow, by hand."""
 from __future__ import annotations
 
+import os
+
 import yaml
 
 from sweeps import local_ray
@@ -24,7 +26,10 @@ def sync_launch(folder, cli_uri: str | None, *, printer: Printer = print) -> int
     logger.reattach()
     before = {t: r.status for t, r in logger.mirror.runs.items()}
     if not ray.is_initialized():  # Tune reads its experiment state through a Ray session
-        local_ray.init(num_cpus=1)
+        if os.environ.get("RAY_ADDRESS"):  # on a cluster node or inside `ray job submit`: join it
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            local_ray.init(num_cpus=1)
     if not logger.catch_up(folder):
         printer(f"MLflow at {redact(uri)} still fails; nothing lost: run this again when it answers")
         return 3

@@ -257,9 +257,9 @@ def test_a_training_stage_defense_trains_its_own_model_and_reports_its_split():
                                  "defense": {"kind": "safeclip", "inmodal_epochs": 0, "clip_epochs": 1}})
     m = run_trial(config, baseline=False).metrics
     assert 0 < m["filter_removed"] < 220  # the posterior split some pairs off, not all
-    # epoch 1: 3 batches of the 220 pairs; epoch 2: the risky pairs' full batches, then the safe ones'
-    risky = int(m["filter_removed"])
-    assert m["train_steps"] == 3 + risky // 64 + (220 - risky) // 64
+    # every epoch, the split one too, takes the 3 batches the 200 clean pairs make (the risky pairs'
+    # batches then the safe pairs'), as the schedule and the clean model do
+    assert m["train_steps"] == 2 * 3
     assert set(DETECTION_METRICS) <= m.keys()
     assert "poisoned_cache_hit" not in m
 
@@ -428,6 +428,11 @@ def test_detection_metrics_by_hand():
     # ties count half: every row scored alike
     tied = detection_metrics(np.zeros(4), np.array([1, 0, 0, 0], bool))
     assert tied["filter_auroc"] == 0.5 and tied["filter_fpr_at_95"] == 1.0 and tied["filter_pr_auc"] == 0.25
+    # ties: 18 poisoned rows at 10, one poisoned and one clean at 5, the same at 4, 8 clean at 0: 19 of
+    # 20 are caught at the threshold 5, which also takes 1 of the 10 clean rows
+    scores = np.r_[np.full(18, 10.0), 5, 5, 4, 4, np.zeros(8)]
+    truth = np.r_[np.ones(18, bool), True, False, True, False, np.zeros(8, bool)]
+    assert detection_metrics(scores, truth)["filter_fpr_at_95"] == pytest.approx(0.1)
     # 95% of 20 poisoned rows is 19: the 20th, scored below 5 of 10 clean rows, may be missed
     scores = np.r_[np.linspace(10, 9, 19), 0.5, np.linspace(1, 0, 10)]
     assert detection_metrics(scores, np.arange(30) < 20)["filter_fpr_at_95"] == 0.0

@@ -300,7 +300,7 @@ def test_safeclip_as_the_authors_phases_splits_passes_and_memory_bank():
     assert objective.share == pytest.approx(4 / 6)
     assert objective.metrics() == {"filter_removed": 2.0, "filter_poison_recall": 1.0, "filter_precision": 1.0,
                                    "filter_auroc": 1.0, "filter_pr_auc": 1.0, "filter_fpr_at_95": 0.0}
-    data = type("Data", (), {"epoch": None})()
+    data = type("Data", (), {"steps": lambda self, b: 6 // b})()  # an epoch of 3 batches of 2
     batches = objective.batches(3, data, 2, np.random.default_rng(0))  # risky first, then safe, pure
     assert [sorted(b.tolist()) for b in batches[:1]] == [[4, 5]] and len(batches) == 3
     assert sorted(np.concatenate(batches[1:]).tolist()) == [0, 1, 2, 3]

@@ -365,3 +365,19 @@ def test_a_bf16_trial_trains_and_keeps_fp32_weights():
     result = run_trial(config, baseline=False, on_epoch=epochs.append)
     assert all(math.isfinite(e["loss"]) for e in epochs) and epochs[1]["loss"] < epochs[0]["loss"]
     assert {t.dtype for t in result.state_dict.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_an_epoch_of_a_set_smaller_than_its_clean_pairs_holds_no_row_twice_in_a_batch():
+    """A filter that leaves fewer pairs than an epoch's batches need: the epoch goes on into a
+    second shuffled pass, each pass cut into its own batches, so a contrastive batch never holds
+    the same pair twice (its own false negative)."""
+    from trainers.data import TrainingSet
+
+    class Rows(TrainingSet):
+        def __init__(self, n, clean):
+            self.image, self.epoch_rows = np.zeros(n), clean
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        batches = Rows(99, 128).epoch(8, rng)
+        assert len(batches) == 16 and all(len(set(b.tolist())) == 8 for b in batches)

@@ -102,9 +102,9 @@ class TrainingSet:
 
     def epoch(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
         """The rows of an epoch's ``steps`` shuffled full batches (a contrastive batch needs its
-        negatives), drawn from one shuffled pass over the rows, then the next pass's as far as
-        needed (a filtered set smaller than an epoch); ``batch(rows)`` loads one. When the set
-        is the clean pairs alone this is one permutation cut into batches, the remainder left out.
+        negatives), ``passes`` over the rows as far as needed (a filtered set smaller than an
+        epoch); ``batch(rows)`` loads one. When the set is the clean pairs alone this is one
+        permutation cut into batches, the remainder left out.
 
         Example (10 clean rows, batches of 4: two steps, however many rows the set has):
             >>> class Rows(TrainingSet):
@@ -112,13 +112,28 @@ class TrainingSet:
             >>> [len(Rows(n).epoch(4, np.random.default_rng(0))) for n in (10, 13, 6, 3)]
             [2, 2, 2, 1]
         """
-        steps = self.steps(batch_size)
-        if len(self) < batch_size:
-            return [rng.permutation(len(self))]
-        order = rng.permutation(len(self))
-        while len(order) < steps * batch_size:
-            order = np.concatenate([order, rng.permutation(len(self))])
-        return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+        return passes(np.arange(len(self)), self.steps(batch_size), batch_size, rng)
+
+
+def passes(rows: np.ndarray, count: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``count`` batches of ``rows``: shuffled passes over them, each cut into its own full batches
+    (its remainder left out, so no batch holds a row twice); one batch of every row a pass when
+    there are fewer than a batch.
+
+    Example:
+        >>> [sorted(b.tolist()) for b in passes(np.arange(6), 3, 4, np.random.default_rng(1))]
+        [[0, 1, 2, 4], [2, 3, 4, 5], [0, 1, 4, 5]]
+    """
+    if len(rows) == 0 or count <= 0:
+        return []
+    out: list[np.ndarray] = []
+    while len(out) < count:
+        order = rows[rng.permutation(len(rows))]
+        if len(rows) < batch_size:
+            out.append(order)
+            continue
+        out += [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return out[:count]
 
 
 Item, Prepared = TypeVar("Item"), TypeVar("Prepared")

@@ -150,7 +150,7 @@ def detection_metrics(scores: np.ndarray, poisoned: np.ndarray) -> dict[str, flo
     scores, poisoned = np.asarray(scores, np.float64), np.asarray(poisoned, bool)
     if poisoned.all() or not poisoned.any():
         return dict.fromkeys(DETECTION_METRICS, math.nan)
-    fpr, tpr, _ = roc_curve(poisoned, scores)
+    fpr, tpr, _ = roc_curve(poisoned, scores, drop_intermediate=False)  # every threshold: ties matter
     return {"filter_auroc": float(roc_auc_score(poisoned, scores)),
             "filter_pr_auc": float(average_precision_score(poisoned, scores)),
             "filter_fpr_at_95": float(fpr[np.argmax(tpr >= 0.95)])}

@@ -49,7 +49,9 @@ from pydantic import Field
 from poison import streams
 from poison.defenses import (DEFENSES, DETECTION_METRICS, FILTER_METRICS, Defense, Stage, detection_metrics,
                              filter_metrics)
+from trainers.data import passes
 from trainers.defenses.cleanclip import InModal, augment_images, augment_tokens
+from trainers.distributed import Ranks
 from trainers.objectives import Step
 
 
@@ -117,9 +119,9 @@ class MixedSafeRisky(InModal):
         similarity = (images * texts).sum(dim=1).cpu().numpy()
         fraction = min(1.0, c.safe_fraction + c.safe_growth * (split - 1))
         seed = int(streams.rng(self.seed, streams.SAFECLIP_EPOCH, epoch).integers(2**31))
-        self.safe = safe_split(similarity, fraction, seed)
-        self.scores = {**filter_metrics(self.safe, pairs.data.poisoned),
-                       **detection_metrics(-similarity, pairs.data.poisoned)}
+        safe = safe_split(similarity, fraction, seed)
+        scores = {**filter_metrics(safe, pairs.data.poisoned), **detection_metrics(-similarity, pairs.data.poisoned)}
+        self.safe, self.scores = Ranks.current().share((safe, scores))  # data-parallel: rank 0's split
 
     def metrics(self) -> dict[str, float]:
         return dict(self.scores)
@@ -233,24 +235,27 @@ class SafeRisky(InModal):
         posterior = posterior_of_similar(similarity, seed)
         if self.share is not None:
             self.share = min(self.share + c.safe_step, c.safe_cap)
-        self.safe = split_by_posterior(posterior, self.share, c.first_posterior)
-        if self.share is None:  # the first split: the share the data gave
-            self.share = float(self.safe.mean())
-        self.scores = {**filter_metrics(self.safe, pairs.data.poisoned),
-                       **detection_metrics(1.0 - posterior, pairs.data.poisoned)}
+        safe = split_by_posterior(posterior, self.share, c.first_posterior)
+        share = float(safe.mean()) if self.share is None else self.share  # the first split: the data's share
+        scores = {**filter_metrics(safe, pairs.data.poisoned), **detection_metrics(1.0 - posterior, pairs.data.poisoned)}
+        # data-parallel: every rank trains rank 0's split (BatchNorm statistics differ between ranks)
+        self.safe, self.share, self.scores = Ranks.current().share((safe, share, scores))
 
     def epoch_lr(self, epoch: int, lr: float) -> float | None:
         """The CLIP warm-up epochs at a constant ``clip_lr_ratio · train.lr`` (the authors' 5e-6)."""
         return lr * self.config.clip_lr_ratio if self.phase == "clip" else None
 
     def batches(self, epoch: int, data: Any, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """After a split: the risky pairs' full batches, then the safe pairs', as many in all as any
+        epoch of the trial (``data.steps``: the schedule and the clean model's steps); the risky
+        pass first takes the full batches its pairs make, the safe pairs the rest (another pass
+        over them where they are few)."""
         if self.phase != "split":
             return data.epoch(batch_size, rng)
-        passes = []
-        for rows in (np.flatnonzero(~self.safe), np.flatnonzero(self.safe)):  # risky first, then safe
-            order = rows[rng.permutation(len(rows))]
-            passes += [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-        return passes
+        steps = data.steps(batch_size)
+        risky, safe = np.flatnonzero(~self.safe), np.flatnonzero(self.safe)
+        n_risky = steps if len(safe) == 0 else min(max(len(risky) // batch_size, 1 if len(risky) else 0), steps)
+        return [*passes(risky, n_risky, batch_size, rng), *passes(safe, steps - n_risky, batch_size, rng)]
 
     def metrics(self) -> dict[str, float]:
         return dict(self.scores)
@@ -299,8 +304,8 @@ class SafeRisky(InModal):
 
     def state_dict(self) -> dict[str, Any]:
         return {"banks": {k: v.cpu() for k, v in self.banks.items()}, "next_row": dict(self.next_row),
-                "share": self.share}
+                "share": self.share, "scores": dict(self.scores)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.banks, self.next_row = dict(state.get("banks", {})), dict(state.get("next_row", {}))
-        self.share = state.get("share")
+        self.share, self.scores = state.get("share"), dict(state.get("scores", {}))
