@@ -19,13 +19,13 @@ Measured (``trainers.run_trial``, seeds 0-2, attack success / utility; this swee
 | undefended (150 pairs, 2 epochs) | 0.881 / 0.822 | 0.956 / 0.814 | 0.638 / 0.820 |
 | similarity-filter (fraction 0.1) | 0.011 / 0.832 | 0.002 / 0.818 | 0.002 / 0.822 |
 | outlier-filter (k-distance, 0.1) | 0.013 / 0.824 | 0.004 / 0.824 | 0.002 / 0.838 |
-| safeclip (the authors' splits from epoch 1) | 0.007 / 0.844 | 0.009 / 0.778 | 0.002 / 0.830 |
+| safeclip (the authors' splits from epoch 1) | 0.004 / 0.834 | 0.009 / 0.756 | 0.002 / 0.842 |
 | undefended (60 pairs, 4 epochs) | 0.931 / 0.830 | 0.805 / 0.826 | 0.885 / 0.860 |
 | roclip (the authors' schedule, pool 512, period 2) | 0.132 / 0.814 | 0.580 / 0.816 | 0.190 / 0.828 |
 
 The filters' recall of the poison 0.987-1.0 (AUROC 0.996-0.998), SafeCLIP's last split's 0.98-1.0
-(AUROC 0.984-0.989). Utility against the undefended trial: the filters +0.002 to +0.018, SafeCLIP
--0.036 to +0.022. RoCLIP holds only a weaker attack, 60 pairs (2.9%) over 4 epochs, and not at every
+(AUROC 0.985-0.989). Utility against the undefended trial: the filters +0.002 to +0.018, SafeCLIP
+-0.058 to +0.022 (seed 1's cost is beyond the test's 0.04, which this sweep's seed 0 meets). RoCLIP holds only a weaker attack, 60 pairs (2.9%) over 4 epochs, and not at every
 seed (seed 1: 0.805 → 0.580).
 """
 from pathlib import Path
@@ -115,12 +115,12 @@ def test_a_filter_removes_the_backdoor_within_003_of_utility(trials, kind):
 
 def test_safeclip_keeps_the_poison_out_of_the_clip_loss(trials):
     """SafeCLIP's last split (the metrics score it, not the first): risky pairs trained in-modal only.
-    Its utility against the undefended trial measured -0.036 to +0.022 over three seeds (table
+    Its utility against the undefended trial measured +0.012, -0.058 and +0.022 at seeds 0-2 (table
     above): the in-modal loss on the risky pairs (AutoAugment views of 32 px grayscale images) costs
-    a little more than a filter, so 0.04."""
+    more than a filter; the bound of 0.04 holds at this sweep's seed 0, not at seed 1."""
     undefended, m = trials["none", 150], trials["safeclip", 150]
     assert m["filter_poison_recall"] >= 0.95  # the poisoned pairs fell among the risky ones
-    # its split's posteriors rank the poison first (measured AUROC 0.984-0.989, FPR at 95% recall 0.03-0.056)
+    # its split's posteriors rank the poison first (measured AUROC 0.985-0.989, FPR at 95% recall 0.03-0.072)
     assert m["filter_auroc"] >= 0.97 and m["filter_fpr_at_95"] <= 0.1
     assert m["attack_success"] <= 0.05
     assert m["utility"] >= undefended["utility"] - 0.04
