@@ -151,7 +151,11 @@ def table(rows: list[Row], seeds: list[int], cache: Path) -> tuple[list[str], di
             low, high = max(0.0, stats[f"{name}_low"]), min(1.0, stats[f"{name}_high"])
             return f"{stats[name]:.3f} [{low:.3f}, {high:.3f}]"
 
-        verdict = "yes" if row.reproduces(means[row.name], means.get(row.undefended or "")) else "no"
+        base = means.get(row.undefended) if row.undefended else None
+        if row.undefended and base is None:
+            verdict = f"n/a: row {row.undefended!r} is missing"
+        else:
+            verdict = "yes" if row.reproduces(means[row.name], base) else "no"
         command = f"`benchmarks/results.py --row '{row.name}'`"
         lines.append(f"| {row.name} (`{row.preset}`{''.join(f', `{o}`' for o in row.overrides)}) | "
                      f"{cell('attack_success')} ({cell('clean_attack_success')}) | "
