@@ -73,4 +73,20 @@ class Objective:
         pass
 
 
-__all__ = ["Objective", "Step"]
+def nearest_rows(bank: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Each query's nearest ``bank`` row by cosine (the rows normalised for the search), returned
+    as it is stored: a nearest-neighbour memory bank's lookup (RoCLIP's caption pool, SafeCLIP's
+    banks; lightly's ``NNMemoryBankModule``)."""
+    return bank[(queries @ torch.nn.functional.normalize(bank, dim=1).T).argmax(dim=1)]
+
+
+def ring_write(bank: torch.Tensor, at: int, rows: torch.Tensor) -> int:
+    """Writes ``rows`` over ``bank``'s oldest entries from position ``at``, wrapping around (the
+    last ``len(bank)`` of a larger batch); returns the next position."""
+    size = len(bank)
+    rows = rows[-size:].to(bank.device)
+    bank[(at + torch.arange(len(rows), device=bank.device)) % size] = rows
+    return int((at + len(rows)) % size)
+
+
+__all__ = ["Objective", "Step", "nearest_rows", "ring_write"]

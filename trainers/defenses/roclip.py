@@ -40,7 +40,7 @@ from pydantic import Field, model_validator
 
 from poison import streams
 from poison.defenses import DEFENSES, Defense, Stage
-from trainers.objectives import Objective, Step
+from trainers.objectives import Objective, Step, nearest_rows, ring_write
 
 AUTHORS_POOL_SIZE = 21845  # model/src/parser.py: --memory_bank_size
 
@@ -106,9 +106,9 @@ class NearestCaption(Objective):
         if self.pool is None:
             rows = streams.rng(self.seed, streams.ROCLIP_POOL).standard_normal((self.pool_size, texts.shape[1]))
             self.pool = torch.as_tensor(rows, dtype=torch.float32, device=images.device)
-        nearest = self.pool[(images.detach().float() @ torch.nn.functional.normalize(self.pool, dim=1).T).argmax(dim=1)]
+        nearest = nearest_rows(self.pool, images.detach().float())
         loss = self.pair_loss(images, nearest.to(images.dtype), scale) + 0 * self.pair_loss(images, texts, scale)
-        self._write(texts.detach().float())
+        self.next_row = ring_write(self.pool, self.next_row, texts.detach().float())
         return loss
 
     def _every_step(self, step: Step, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -124,14 +124,6 @@ class NearestCaption(Objective):
         """every-step: appends ``texts`` to the pool, dropping the oldest beyond ``pool_size``."""
         pool = texts if self.pool is None else torch.cat([self.pool, texts])
         self.pool = pool[-self.pool_size:]
-
-    def _write(self, texts: torch.Tensor) -> None:
-        """authors: ``texts`` over the ring's oldest rows, wrapping around (the last ``pool_size``
-        of a batch larger than the ring)."""
-        texts = texts[-self.pool_size:]
-        rows = (self.next_row + torch.arange(len(texts), device=texts.device)) % self.pool_size
-        self.pool[rows] = texts
-        self.next_row = int((self.next_row + len(texts)) % self.pool_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.pool is None else {"pool": self.pool.cpu(), "next_row": self.next_row,

@@ -52,7 +52,7 @@ from poison.defenses import (DEFENSES, DETECTION_METRICS, FILTER_METRICS, Defens
 from trainers.data import passes
 from trainers.defenses.cleanclip import InModal, augment_images, augment_tokens
 from trainers.distributed import Ranks
-from trainers.objectives import Step
+from trainers.objectives import Step, nearest_rows, ring_write
 
 
 @DEFENSES.register("safeclip-mixed")
@@ -90,12 +90,7 @@ def safe_split(similarity: np.ndarray, fraction: float, seed: int) -> np.ndarray
     x = np.asarray(similarity, np.float64)
     top = np.zeros(len(x), bool)
     top[np.argsort(-x, kind="stable")[: int(round(fraction * len(x)))]] = True
-    if len(x) < 4 or np.ptp(x) == 0:
-        return top
-    from sklearn.mixture import GaussianMixture  # here: sklearn is 1.6 s of every trial worker's start-up
-
-    mixture = GaussianMixture(n_components=2, random_state=seed).fit(x.reshape(-1, 1))
-    return top & (mixture.predict(x.reshape(-1, 1)) == int(np.argmax(mixture.means_.ravel())))
+    return top & (posterior_of_similar(x, seed) > 0.5)  # the mixture's prediction (all, when it is skipped)
 
 
 class MixedSafeRisky(InModal):
@@ -291,16 +286,12 @@ class SafeRisky(InModal):
                 (self.config.memory_bank, queries.shape[1]))
             self.banks[name] = torch.as_tensor(rows, dtype=torch.float32, device=queries.device)
             self.next_row[name] = 0
-        bank = self.banks[name].to(queries.device)
-        return bank[(queries @ torch.nn.functional.normalize(bank, dim=1).T).argmax(dim=1)]
+        self.banks[name] = self.banks[name].to(queries.device)
+        return nearest_rows(self.banks[name], queries)
 
     def enqueue(self, name: str, rows: torch.Tensor) -> None:
         """``rows`` over the bank's oldest entries, wrapping around."""
-        bank, size = self.banks[name], self.config.memory_bank
-        rows = rows[-size:].to(bank.device)
-        at = (self.next_row[name] + torch.arange(len(rows), device=bank.device)) % size
-        bank[at] = rows
-        self.next_row[name] = int((self.next_row[name] + len(rows)) % size)
+        self.next_row[name] = ring_write(self.banks[name], self.next_row[name], rows)
 
     def state_dict(self) -> dict[str, Any]:
         return {"banks": {k: v.cpu() for k, v in self.banks.items()}, "next_row": dict(self.next_row),
