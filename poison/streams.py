@@ -66,6 +66,8 @@ OUTLIER_FILTER = Stream((31,), "outlier filter: the isolation forest's random st
 SAFECLIP_BANK = Stream((34,), "SafeCLIP: the memory banks' random first rows", index="modality")
 ROCLIP_POOL = Stream((33,), "RoCLIP: the caption pool's random first rows")
 SAFECLIP_EPOCH = Stream((32,), "SafeCLIP: the mixture fit of an epoch's safe/risky split", index="epoch")
+CAPTION_VIEWS = Stream((35,), "EDA caption views: each training row's fixed variant (trainers.augment)",
+                       index="view")
 
 TABLE: dict[str, Stream] = {name: value for name, value in globals().items() if isinstance(value, Stream)}
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from poison import ConfigError
 from trainers import parse_trial_config
-from trainers.defenses.cleanclip import InModal, augment_tokens
+from trainers.augment import CaptionSource, augment_tokens
+from trainers.defenses.cleanclip import InModal
 from trainers.defenses.roclip import NearestCaption
 from trainers.objectives import Objective, Step
 
@@ -23,7 +24,26 @@ def info_nce(a, b, scale):
 
 def step(images, texts, epoch, model=None, raw=None, tokens=None):
     out = {"image_features": images, "text_features": texts, "logit_scale": torch.tensor(10.0)}
-    return Step(model, raw, tokens, out, epoch, lambda x: torch.as_tensor(x))
+    rows = None if images is None else np.arange(len(images))
+    return Step(model, raw, tokens, out, epoch, lambda x: torch.as_tensor(x), rows)
+
+
+class Fixed:
+    """Caption views given by hand: row i's view is ``tokens[i]``."""
+
+    def __init__(self, tokens):
+        self.table = tokens
+
+    def bind(self, data):
+        pass
+
+    def tokens(self, rows):
+        return self.table[torch.as_tensor(rows)]
+
+
+def rows_data(tokens):
+    """A training set as caption sources read it: row i holds caption i, whose token ids are ``tokens[i]``."""
+    return type("Data", (), {"tokens": tokens, "caption": np.arange(len(tokens))})()
 
 
 def unit(*rows):
@@ -111,7 +131,7 @@ def test_roclip_pool_as_a_fraction_of_the_training_pairs_and_one_size_only():
     class Pairs:
         data = range(2150)
 
-    objective = make_defense({"kind": "roclip", "pool_fraction": 0.1}).objective(seed=0)
+    objective = make_defense({"kind": "roclip", "pool_fraction": 0.1, "augment": False}).objective(seed=0)
     objective.start_epoch(1, Pairs())
     assert objective.pool_size == 215
     assert make_defense({"kind": "roclip"}).pool_size == 21845  # the authors' --memory_bank_size
@@ -141,19 +161,19 @@ def test_cleanclip_loss_is_the_weighted_sum_of_cross_modal_and_in_modal_terms():
     raw = np.zeros((2, 8, 8, 3), np.uint8)
     tokens = torch.tensor([[9, 5, 6, 10, 0], [9, 7, 10, 0, 0]])
     model = Views(image_views, text_views)
-    loss = InModal(clip_weight=0.5, inmodal_weight=2.0, token_drop=0.0, symmetric=True).loss(
+    loss = InModal(clip_weight=0.5, inmodal_weight=2.0, symmetric=True, captions=Fixed(tokens)).loss(
         step(images, texts, 1, model=model, raw=raw, tokens=tokens))
     expected = 0.5 * info_nce(images, texts, 10.0) + 2.0 * (
         info_nce(images, image_views, 10.0) + info_nce(texts, text_views, 10.0)) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert model.calls == [("image", (2, 8, 8, 3)), ("text", (2, 5))]  # the views of this batch
     # the authors' in-modal term (the default): originals' rows against the views, one way
-    one_way = InModal(clip_weight=0.5, inmodal_weight=2.0, token_drop=0.0, symmetric=False).loss(
+    one_way = InModal(clip_weight=0.5, inmodal_weight=2.0, symmetric=False, captions=Fixed(tokens)).loss(
         step(images, texts, 1, model=Views(image_views, text_views), raw=raw, tokens=tokens))
     rows = lambda a, b: F.cross_entropy(10.0 * a @ b.T, torch.arange(len(a)))  # noqa: E731
     expected = 0.5 * info_nce(images, texts, 10.0) + 2.0 * (rows(images, image_views) + rows(texts, text_views)) / 2
     assert one_way.item() == pytest.approx(expected.item(), rel=1e-5) and one_way.item() != pytest.approx(loss.item())
-    plain = InModal(clip_weight=1.0, inmodal_weight=0.0, token_drop=0.0, symmetric=False)
+    plain = InModal(clip_weight=1.0, inmodal_weight=0.0, symmetric=False, captions=Fixed(tokens))
     assert plain.loss(step(images, texts, 1, model=Views(None, None))).item() == \
         pytest.approx(info_nce(images, texts, 10.0).item(), rel=1e-5)
 
@@ -193,14 +213,18 @@ def test_bad_objective_defense_input_names_the_key(defense, expected):
 
 
 class Pairs:
-    """What SafeCLIP asks of the training set before an epoch: given embeddings, known poison."""
+    """What SafeCLIP asks of the training set before an epoch: given embeddings (of the views
+    ``inputs`` makes, where given), known poison, each row's own caption tokens."""
 
     def __init__(self, images, texts, poisoned):
-        self.images, self.texts, self.calls = images, texts, 0
-        self.data = type("Data", (), {"poisoned": np.asarray(poisoned)})()
+        self.images, self.texts, self.calls, self.inputs = images, texts, 0, []
+        tokens = torch.tensor([[9, 5 + i, 10] for i in range(len(poisoned))])
+        self.data = type("Data", (), {"poisoned": np.asarray(poisoned), "tokens": tokens,
+                                      "caption": np.arange(len(poisoned))})()
 
-    def embed(self):
+    def embed(self, inputs=None):
         self.calls += 1
+        self.inputs.append(inputs)
         return self.images, self.texts
 
 
@@ -243,7 +267,8 @@ def test_safeclip_mixed_phases_and_the_safe_pairs_alone_in_the_cross_modal_loss(
 
 
 class Banked(torch.nn.Module):
-    """A model whose augmented views are the given rows, a call at a time (view 1, then view 2)."""
+    """A model whose augmented views are the given rows, a call at a time (view 2: the loop's
+    forward pass gives view 1)."""
 
     def __init__(self, images, texts):
         super().__init__()
@@ -264,7 +289,7 @@ def test_safeclip_as_the_authors_phases_splits_passes_and_memory_bank():
     from poison import streams
     from trainers.defenses.safeclip import SafeClip
 
-    objective = SafeClip(inmodal_epochs=1, clip_epochs=1, memory_bank=3).objective(seed=4)
+    objective = SafeClip(inmodal_epochs=1, clip_epochs=1, memory_bank=3, caption_view="token-edit").objective(seed=4)
     sims = np.array([0.95, 0.9, 0.85, 0.8, 0.0, -0.1])
     texts = torch.tensor([[1.0, 0.0]] * 6)
     images = torch.tensor([[s, float(np.sqrt(1 - s * s))] for s in sims], dtype=torch.float32)
@@ -277,9 +302,12 @@ def test_safeclip_as_the_authors_phases_splits_passes_and_memory_bank():
             for i, m in enumerate(("image", "text"))}
     first_i, second_i = unit([1, 0], [0, 1]), unit([1, 0.2], [0.1, 1])
     first_t, second_t = unit([0.6, 0.8], [1, 0]), unit([0.5, 1], [1, 0.1])
-    model = Banked([first_i, second_i], [first_t, second_t])
-    step_ = Step(model, np.zeros((2, 8, 8, 3), np.uint8), torch.tensor([[9, 5, 10], [9, 6, 10]]),
-                 {"image_features": None, "text_features": None, "logit_scale": torch.tensor(10.0)}, 1,
+    model = Banked([second_i], [second_t])
+    raw = np.zeros((2, 8, 8, 3), np.uint8)
+    views, view_tokens = objective.inputs(np.array([0, 1]), raw)  # the loop trains on view 1
+    assert views.shape == raw.shape and view_tokens.shape == (2, 3) and objective.loaded is raw
+    step_ = Step(model, views, view_tokens, {"image_features": first_i, "text_features": first_t,
+                                             "logit_scale": torch.tensor(10.0)}, 1,
                  lambda x: torch.as_tensor(x), rows=np.array([0, 1]))
     def one_way(second, first, rows):
         nearest = rows[(first @ unit(*rows.tolist()).T).argmax(dim=1)]
@@ -288,15 +316,22 @@ def test_safeclip_as_the_authors_phases_splits_passes_and_memory_bank():
     assert objective.loss(step_).item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.equal(objective.banks["image"][:2], first_i) and objective.next_row["image"] == 2
 
-    objective.start_epoch(2, pairs)  # CLIP's loss alone, on every pair
+    objective.start_epoch(2, pairs)  # CLIP's loss alone, on every pair, crossed between the views
     assert objective.phase == "clip" and pairs.calls == 0
-    feats_i, feats_t = unit([1, 0], [0, 1]), unit([1, 0.5], [0.2, 1])
-    clip_step = Step(None, None, None, {"image_features": feats_i, "text_features": feats_t,
-                                        "logit_scale": torch.tensor(10.0)}, 2, lambda x: x, rows=np.array([4, 0]))
-    assert objective.loss(clip_step).item() == pytest.approx(info_nce(feats_i, feats_t, 10.0).item(), rel=1e-5)
+    feats_i, feats_t = unit([1, 0], [0, 1]), unit([1, 0.5], [0.2, 1])   # view 1 (the loop's forward)
+    views_i, views_t = unit([1, 0.3], [0.4, 1]), unit([0.8, 0.5], [-0.2, 1])  # view 2
+    objective.inputs(np.array([4, 0]), raw)
+    clip_step = Step(Banked([views_i], [views_t]), raw, view_tokens, {
+        "image_features": feats_i, "text_features": feats_t, "logit_scale": torch.tensor(10.0)}, 2,
+        lambda x: torch.as_tensor(x), rows=np.array([4, 0]))
+    target = torch.arange(2)
+    crossed = (F.cross_entropy(10.0 * feats_i @ views_t.T, target) + F.cross_entropy(10.0 * feats_t @ views_i.T, target)) / 2
+    assert objective.loss(clip_step).item() == pytest.approx(crossed.item(), rel=1e-5)
+    assert crossed.item() != pytest.approx(info_nce(feats_i, feats_t, 10.0).item(), rel=1e-3)
 
     objective.start_epoch(3, pairs)  # the first split: posterior of the similar component >= 0.9
     assert pairs.calls == 1 and objective.safe.tolist() == [True, True, True, True, False, False]
+    assert pairs.inputs == [objective.first_view]  # scored on view 1, as the authors' similarities
     assert objective.share == pytest.approx(4 / 6)
     assert objective.metrics() == {"filter_removed": 2.0, "filter_poison_recall": 1.0, "filter_precision": 1.0,
                                    "filter_auroc": 1.0, "filter_pr_auc": 1.0, "filter_fpr_at_95": 0.0}

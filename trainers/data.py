@@ -38,7 +38,7 @@ class TrainingSet:
         train = dataset.split("train")
         replaced = plan.filter(pc.equal(plan["op"], "replace"))["poison_id"]  # altered pairs keep their id
         clean = train.filter(pc.invert(pc.is_in(train["id"], value_set=replaced)))
-        self.dataset, self.attack = dataset, attack
+        self.dataset, self.attack, self.tokenize = dataset, attack, tokenize
         # an epoch's length: the clean training pairs, whatever the attack adds or a filter removes
         self.epoch_rows = train.num_rows
         self.image = np.concatenate([clean["image"].to_numpy(), plan["image"].to_numpy()])

@@ -117,9 +117,15 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
                                            loader_threads(config, device))) as batches:
             while (batch := _next_batch(batches, fitted)) is not None:
                 rows, images, x, tokens = batch  # x: this rank's slice; the rest: the global batch
+                viewed = objective.inputs(rows, images)  # augmented views trained on instead, if any
+                if viewed is not None:
+                    images, view_tokens = viewed
+                    x = to_input(images[ranks.local(len(rows))])
+                    tokens = tokens if view_tokens is None else built.text_input(view_tokens)
                 with autocast:
                     out = ranks.gather(model(x, tokens[ranks.local(len(rows))]))
-                    loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input, rows, last_epoch))
+                    loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input, rows, last_epoch,
+                                               built.text_input))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -168,9 +174,11 @@ class TrainingEmbeddings:
         return len(self.data)
 
     @torch.no_grad()
-    def embed(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, inputs: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, torch.Tensor | None]] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised (N, D) image and caption embeddings of every training row, triggers
-        stamped, in eval mode (the model is left in eval mode: the loop sets train mode after)."""
+        stamped, in eval mode (the model is left in eval mode: the loop sets train mode after);
+        of the views ``inputs(rows, images)`` makes of them where given (``Objective.inputs``)."""
         model, data = self.built.model, self.data
         model.eval()
         images, texts = [], []
@@ -178,6 +186,9 @@ class TrainingEmbeddings:
             for start in range(0, len(data), self.CHUNK):
                 rows = np.arange(start, min(start + self.CHUNK, len(data)))
                 batch, tokens = data.batch(rows)
+                if inputs is not None:
+                    batch, view_tokens = inputs(rows, batch)
+                    tokens = tokens if view_tokens is None else view_tokens
                 x = to_tensor(batch, self.built.mean, self.built.std)
                 images.append(model.encode_image(x, normalize=True).float())
                 texts.append(model.encode_text(self.built.text_input(tokens), normalize=True).float())

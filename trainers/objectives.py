@@ -30,6 +30,7 @@ class Step:
     to_input: Callable[[np.ndarray], torch.Tensor]  # uint8 images → the model's normalised input
     rows: np.ndarray | None = None       # the batch's rows of the training set
     last_epoch: int | None = None        # the run's last epoch, numbered as ``epoch``
+    to_text: Callable[[torch.Tensor], torch.Tensor] | None = None  # token ids (CPU) → the text tower's input
 
 
 class Objective:
@@ -49,6 +50,14 @@ class Objective:
     def start_epoch(self, epoch: int, pairs: Any) -> None:
         """Before each epoch: ``pairs`` (``trainers.loop.TrainingEmbeddings``) embeds every
         training pair under the current model when asked (``pairs.embed()``)."""
+
+    def inputs(self, rows: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, torch.Tensor | None] | None:
+        """What the loop's forward pass takes instead of the batch as loaded, or None for the batch
+        itself: uint8 (B, H, W, 3) images and token ids on the CPU (None: the loaded captions'),
+        for the training set's ``rows``. RoCLIP and SafeCLIP train on augmented views of their
+        pairs (``trainers.augment``). Called in the loop's thread, so torch's generator, seeded
+        and checkpointed by the loop, draws the views."""
+        return None
 
     def batches(self, epoch: int, data: Any, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
         """The epoch's batches (rows of ``data``, a ``trainers.data.TrainingSet``), after

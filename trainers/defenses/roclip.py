@@ -19,12 +19,16 @@ seen in earlier steps, so a poisoned caption is rarely the one an image is pulle
 - a matching epoch's loss is CLIP's symmetric loss between each image and its nearest pool row,
   plus CLIP's loss on the batch's own pairs times 0, as the authors add it: the text tower gets zero
   gradients (not none), so AdamW still decays it and applies its momentum;
-- other epochs train with CLIP's loss as usual.
+- other epochs train with CLIP's loss as usual;
+- ``augment: true`` (the default; the authors' ``--cross_aug``, in their README's command): every
+  pair is trained on as augmented views, in every epoch (``model/src/data.py:ImageCaptionDataset``):
+  the image as a fresh SimCLR-style view at each load (``trainers.augment.simclr_view``), the
+  caption as its one EDA variant made at the start (``caption_view: eda``; ``token-edit`` is ours,
+  for a machine without WordNet). ``augment: false`` trains on the pairs as they are.
 
-Not matched: the authors' augmentations (a SimCLR-style view replacing every image, one EDA variant
-replacing every caption); a wrapping batch here wraps around the ring, where lightly drops its
-tail; the pool is part of the loop's checkpoints (theirs is not saved). ``docs/sources/roclip.md``
-lists every difference.
+Not matched: a wrapping batch here wraps around the ring, where lightly drops its tail; the pool
+is part of the loop's checkpoints (theirs is not saved). ``docs/sources/roclip.md`` lists every
+difference.
 
 ``schedule: every-step`` is ours, a named variant: the pool starts empty (a step without one trains
 on its own captions), holds the last ``pool_size`` captions of every step of every epoch, and
@@ -35,11 +39,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
 from poison import streams
 from poison.defenses import DEFENSES, Defense, Stage
+from poison.manifest import Dataset
+from trainers.augment import CaptionSource, CaptionView, augment_images, require_wordnet, simclr_view
 from trainers.objectives import Objective, Step, nearest_rows, ring_write
 
 AUTHORS_POOL_SIZE = 21845  # model/src/parser.py: --memory_bank_size
@@ -52,6 +59,8 @@ class RoClip(Defense):
     pool_fraction: float | None = Field(None, gt=0, le=1)  # instead: this share of the training pairs
     period: int = Field(2, ge=1)        # every period-th epoch matches images to pool captions
     schedule: Literal["authors", "every-step"] = "authors"
+    augment: bool = True  # train on augmented views, as the authors' --cross_aug (module docstring)
+    caption_view: CaptionView = "eda"  # with augment: the authors' / ours
 
     metric_names: ClassVar[tuple[str, ...]] = ()
     stage: ClassVar[Stage] = "training"
@@ -63,9 +72,14 @@ class RoClip(Defense):
                              f"(got pool_size={self.pool_size}, pool_fraction={self.pool_fraction})")
         return self
 
+    def check(self, dataset: Dataset, *, pretrained: bool) -> None:
+        if self.augment:
+            require_wordnet("defense.caption_view", self.caption_view)
+
     def objective(self, seed: int) -> "NearestCaption":
         return NearestCaption(self.pool_size, self.period, schedule=self.schedule, seed=seed,
-                              pool_fraction=self.pool_fraction)
+                              pool_fraction=self.pool_fraction,
+                              captions=CaptionSource(self.caption_view, seed) if self.augment else None)
 
 
 def matching(epoch: int, last_epoch: int, period: int) -> bool:
@@ -84,16 +98,27 @@ class NearestCaption(Objective):
     epochs; the pool's schedule is the authors' or ours (module docstring)."""
 
     def __init__(self, pool_size: int, period: int, *, schedule: str = "authors", seed: int = 0,
-                 pool_fraction: float | None = None) -> None:
+                 pool_fraction: float | None = None, captions: CaptionSource | None = None) -> None:
         super().__init__()
         self.pool_size, self.period, self.schedule, self.seed = pool_size, period, schedule, seed
-        self.pool_fraction = pool_fraction
+        self.pool_fraction, self.captions = pool_fraction, captions  # captions: the augmented views' (None: none)
+        self.image_view = None
         self.pool: torch.Tensor | None = None  # every-step: (filled, D), oldest first; authors: the ring
         self.next_row = 0  # authors: the ring row the next caption is written to
 
     def start_epoch(self, epoch: int, pairs: Any) -> None:
         if self.pool_fraction is not None:  # sized by the training set, which only the loop knows
             self.pool_size = max(1, round(self.pool_fraction * len(pairs.data)))
+        if self.captions is not None:
+            self.captions.bind(pairs.data)
+
+    def inputs(self, rows: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, torch.Tensor] | None:
+        """With augmentation: a fresh SimCLR-style view of each image and each row's EDA caption."""
+        if self.captions is None:
+            return None
+        if self.image_view is None:
+            self.image_view = simclr_view(images.shape[1])
+        return augment_images(images, self.image_view), self.captions.tokens(rows)
 
     def loss(self, step: Step) -> torch.Tensor:
         images, texts, scale = step.out["image_features"], step.out["text_features"], step.out["logit_scale"]

@@ -22,12 +22,19 @@ image–caption link. As the authors' code (BigML-CS-UCLA/SafeCLIP, ``SafeCLIP/s
    the safe pairs, in batches of their own, with CLIP's loss (``Objective.batches``), each a
    shuffled pass of full batches.
 
-Not matched (``docs/sources/safeclip.md`` lists every difference): the authors' views are
-SimCLR-style crops, jitter, greyscale and blur of the images and a fixed EDA variant of each
-caption, here CleanCLIP's AutoAugment views and token deletion and swap, redrawn every step; their
-cross-modal losses and the split's similarities also use augmented views, here the pairs as they
-are; each of their phases after the split has a scheduler of its own, here the trial's schedule
-runs through; their mixture's ``random_state`` is 0, here a stream of the seed.
+Every phase trains on augmented views, as the authors' ``src/data.py:ImageCaptionDataset`` with
+``cross_aug`` (their default): two SimCLR-style views of each image, drawn afresh at each load
+(``trainers.augment.simclr_view``), and two EDA variants of each caption, made once at the start
+(``caption_view: eda``; ``token-edit`` is ours, for a machine without WordNet). The in-modal loss
+takes view 1 as the bank's queries and view 2 as the rows; CLIP's loss is the authors' crossed one,
+``(CE(scale · image₁ · caption₂ᵀ) + CE(scale · caption₁ · image₂ᵀ)) / 2`` over rows; the split's
+similarities are view 1's (a fresh image view and the first EDA caption,
+``src/evaluate.py:get_all_similarity_distance``).
+
+Not matched (``docs/sources/safeclip.md`` lists every difference): each of their phases after the
+split has a scheduler of its own, here the trial's schedule runs through; their mixture's
+``random_state`` is 0, here a stream of the seed; they embed both views in one forward pass of the
+doubled batch (shared BatchNorm statistics), here two.
 
 The last split is scored against the plan like a filter's keep-mask (``filter_removed`` = risky
 pairs, ``filter_poison_recall``, ``filter_precision``), with the detection metrics of its posteriors.
@@ -47,10 +54,19 @@ import torch
 from pydantic import Field
 
 from poison import streams
-from poison.defenses import (DEFENSES, DETECTION_METRICS, FILTER_METRICS, Defense, Stage, detection_metrics,
-                             filter_metrics)
+from poison.defenses import (
+    DEFENSES,
+    DETECTION_METRICS,
+    FILTER_METRICS,
+    Defense,
+    Stage,
+    detection_metrics,
+    filter_metrics,
+)
+from poison.manifest import Dataset
+from trainers.augment import CaptionSource, CaptionView, augment_images, require_wordnet, simclr_view
 from trainers.data import passes
-from trainers.defenses.cleanclip import InModal, augment_images, augment_tokens
+from trainers.defenses.cleanclip import InModal
 from trainers.distributed import Ranks
 from trainers.objectives import Step, nearest_rows, ring_write
 
@@ -98,13 +114,15 @@ class MixedSafeRisky(InModal):
     in-modal losses on its risky ones, the split refitted before every epoch."""
 
     def __init__(self, config: SafeClipMixed, seed: int) -> None:
-        super().__init__(clip_weight=1.0, inmodal_weight=1.0, token_drop=config.token_drop, symmetric=True)
+        super().__init__(clip_weight=1.0, inmodal_weight=1.0, symmetric=True,
+                         captions=CaptionSource("token-edit", seed, token_drop=config.token_drop))
         self.config, self.seed = config, seed
         self.safe: np.ndarray | None = None  # per training row; None: every pair alike
         self.clip_all = False                # phase 2: CLIP's loss on every pair
         self.scores: dict[str, float] = {}   # the last split against the plan
 
     def start_epoch(self, epoch: int, pairs: Any) -> None:
+        super().start_epoch(epoch, pairs)
         c = self.config
         split = epoch - c.inmodal_epochs - c.clip_epochs  # 1 at the first split
         self.clip_all, self.safe = c.inmodal_epochs < epoch <= c.inmodal_epochs + c.clip_epochs, None
@@ -134,7 +152,7 @@ class MixedSafeRisky(InModal):
         if risky.sum() >= 2:
             image_views = step.model.encode_image(step.to_input(augment_images(step.images[risky], self.augment)),
                                                   normalize=True)
-            text_views = step.model.encode_text(augment_tokens(step.tokens[~safe_t], self.token_drop), normalize=True)
+            text_views = step.model.encode_text(self.caption_views(step, step.rows[risky]), normalize=True)
             inmodal = (self.view_loss(images[~safe_t], image_views, scale)
                        + self.view_loss(texts[~safe_t], text_views, scale)) / 2
             loss = loss + risky.mean() * inmodal
@@ -152,7 +170,8 @@ class SafeClip(Defense):
     first_posterior: float = Field(0.9, gt=0, lt=1)  # the first split's posterior threshold
     safe_step: float = Field(0.01, ge=0, le=1)       # --update_filter_ratio
     safe_cap: float = Field(0.85, gt=0, le=1)        # --cap_filter_ratio
-    token_drop: float = Field(0.1, ge=0, lt=1)       # caption views (see cleanclip)
+    caption_view: CaptionView = "eda"                # the authors' / ours (module docstring)
+    token_drop: float = Field(0.1, ge=0, lt=1)       # caption_view: token-edit
     # the CLIP warm-up epochs' constant learning rate, a share of train.lr: the authors' --filter_lr
     # 5e-6 against their 5e-4
     clip_lr_ratio: float = Field(0.01, gt=0, le=1)
@@ -162,6 +181,9 @@ class SafeClip(Defense):
     # the detection metrics rank the pairs by their posterior of the lower-similarity component
     metric_names: ClassVar[tuple[str, ...]] = (*FILTER_METRICS[:3], *DETECTION_METRICS)
     stage: ClassVar[Stage] = "training"
+
+    def check(self, dataset: Dataset, *, pretrained: bool) -> None:
+        require_wordnet("defense.caption_view", self.caption_view)
 
     def objective(self, seed: int) -> "SafeRisky":
         return SafeRisky(self, seed)
@@ -206,7 +228,11 @@ class SafeRisky(InModal):
     in-modal loss against a nearest-neighbour memory bank (module docstring)."""
 
     def __init__(self, config: SafeClip, seed: int) -> None:
-        super().__init__(clip_weight=1.0, inmodal_weight=1.0, token_drop=config.token_drop, symmetric=False)
+        super().__init__(clip_weight=1.0, inmodal_weight=1.0, symmetric=False,
+                         captions=CaptionSource(config.caption_view, seed, 0, config.token_drop))
+        self.second = CaptionSource(config.caption_view, seed, 1, config.token_drop)  # each pair's caption view 2
+        self.image_view = None  # the SimCLR-style transform, made at the first batch (its side)
+        self.loaded: np.ndarray | None = None  # the batch's images as loaded (the loop trains on view 1)
         self.config, self.seed = config, seed
         self.safe: np.ndarray | None = None  # per training row, from the first split on
         self.share: float | None = None      # the safe share of the last split (None before the first)
@@ -216,6 +242,8 @@ class SafeRisky(InModal):
         self.scores: dict[str, float] = {}   # the last split against the plan
 
     def start_epoch(self, epoch: int, pairs: Any) -> None:
+        self.captions.bind(pairs.data)
+        self.second.bind(pairs.data)
         c = self.config
         if epoch <= c.inmodal_epochs:
             self.phase = "inmodal"
@@ -224,7 +252,7 @@ class SafeRisky(InModal):
             self.phase = "clip"
             return
         self.phase = "split"
-        images, texts = pairs.embed()
+        images, texts = pairs.embed(inputs=self.first_view)
         similarity = (images * texts).sum(dim=1).cpu().numpy()
         seed = int(streams.rng(self.seed, streams.SAFECLIP_EPOCH, epoch).integers(2**31))
         posterior = posterior_of_similar(similarity, seed)
@@ -255,21 +283,44 @@ class SafeRisky(InModal):
     def metrics(self) -> dict[str, float]:
         return dict(self.scores)
 
-    def loss(self, step: Step) -> torch.Tensor:
-        out = step.out
-        if self.phase == "clip" or self.phase == "split" and self.safe[step.rows].all():
-            return self.pair_loss(out["image_features"], out["text_features"], out["logit_scale"])
-        return self.bank_loss(step)
+    def first_view(self, rows: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """View 1 of ``rows``: a fresh SimCLR-style view of each image, the first EDA caption."""
+        if self.image_view is None:
+            self.image_view = simclr_view(images.shape[1])
+        return augment_images(images, self.image_view), self.captions.tokens(rows)
 
-    def bank_loss(self, step: Step) -> torch.Tensor:
+    def inputs(self, rows: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """The loop trains on view 1; the images as loaded are kept for view 2."""
+        self.loaded = images
+        return self.first_view(rows, images)
+
+    def second_view(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """View 2's normalised image and caption embeddings: another fresh image view, the second EDA caption."""
+        images = step.to_input(augment_images(self.loaded, self.image_view))
+        tokens = self.second.tokens(step.rows)
+        tokens = step.to_text(tokens) if step.to_text is not None else tokens.to(step.tokens.device)
+        return step.model.encode_image(images, normalize=True), step.model.encode_text(tokens, normalize=True)
+
+    def loss(self, step: Step) -> torch.Tensor:
+        out, scale = step.out, step.out["logit_scale"]
+        image_2, text_2 = self.second_view(step)
+        if self.phase == "clip" or self.phase == "split" and self.safe[step.rows].all():
+            return self.crossed_loss(out["image_features"], out["text_features"], image_2, text_2, scale)
+        return self.bank_loss(out["image_features"].detach(), out["text_features"].detach(), image_2, text_2, scale)
+
+    @staticmethod
+    def crossed_loss(image_1: torch.Tensor, text_1: torch.Tensor, image_2: torch.Tensor, text_2: torch.Tensor,
+                     scale: torch.Tensor) -> torch.Tensor:
+        """The authors' CLIP loss on views (``get_loss`` with ``cross_aug``): the cross-entropy over
+        rows of ``scale · image₁ · caption₂ᵀ`` and of ``scale · caption₁ · image₂ᵀ``, averaged."""
+        target = torch.arange(len(image_1), device=image_1.device)
+        return (torch.nn.functional.cross_entropy(scale * image_1 @ text_2.T, target)
+                + torch.nn.functional.cross_entropy(scale * text_1 @ image_2.T, target)) / 2
+
+    def bank_loss(self, image_1: torch.Tensor, text_1: torch.Tensor, image_2: torch.Tensor, text_2: torch.Tensor,
+                  scale: torch.Tensor) -> torch.Tensor:
         """The in-modal loss against the memory banks: per modality, the cross-entropy of
         ``scale · view2 · NN(view1)ᵀ`` over rows, then view 1 enqueued."""
-        scale = step.out["logit_scale"]
-        with torch.no_grad():
-            image_1 = step.model.encode_image(step.to_input(augment_images(step.images, self.augment)), normalize=True)
-            text_1 = step.model.encode_text(augment_tokens(step.tokens, self.token_drop), normalize=True)
-        image_2 = step.model.encode_image(step.to_input(augment_images(step.images, self.augment)), normalize=True)
-        text_2 = step.model.encode_text(augment_tokens(step.tokens, self.token_drop), normalize=True)
         losses = []
         for name, first, second in (("image", image_1, image_2), ("text", text_1, text_2)):
             neighbours = self.nearest(name, first.float())
