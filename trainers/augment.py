@@ -29,6 +29,7 @@ import functools
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
@@ -97,8 +98,10 @@ def wordnet():
                 shutil.copyfile(path, staging / path.name)
         # lexnames(5): the 45 lexicographer files' numbers; only their count is read here
         (staging / "lexnames").write_text("".join(f"{i:02d}\tfile.{i:02d}\t0\n" for i in range(45)))
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
+        try:
+            staging.rename(folder)  # whole, or not at all
+        except OSError:  # another process's copy got there first
+            shutil.rmtree(staging, ignore_errors=True)
     if str(root) not in nltk.data.path:
         nltk.data.path.insert(0, str(root))
 
@@ -106,7 +109,9 @@ def wordnet():
         def map_wn(self, version="wordnet"):  # the mapping to WordNet 3.0 (for other languages): it is 3.0
             return None
 
-    return SystemWordNet(FileSystemPathPointer(str(folder)), None)
+    with warnings.catch_warnings():  # "multilingual functions are not available": none are used
+        warnings.simplefilter("ignore", UserWarning)
+        return SystemWordNet(FileSystemPathPointer(str(folder)), None)
 
 
 @functools.lru_cache(maxsize=65536)
