@@ -210,6 +210,13 @@ def write_page(rows: list[Row], seeds: list[int], cache: Path, output: Path, com
         *header,
         *(lines[r.name] for r in rows if r.needs),
         "",
+        "RoCLIP and SafeCLIP train on the authors' augmented views (SimCLR-style crops, colour jitter,",
+        "greyscale and blur of the images; EDA variants of the captions). On these synthetic pairs, whose",
+        "captions name colours and positions that such views change, their utility rows above show what",
+        "the views cost; the same defenses on a pretrained model fine-tuned on Fashion-MNIST, with and",
+        "without RoCLIP's views, are in [results-pretrained.md](results-pretrained.md)",
+        "(`benchmarks/pretrained_defenses.py`).",
+        "",
     ]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(page))
