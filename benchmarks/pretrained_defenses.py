@@ -38,15 +38,15 @@ POINTS = (("undefended (150 pairs, 2 epochs)", 150, 2, "none", {}),
           ("roclip (pool 512, period 2, no views)", 60, 4, "roclip", {"augment": False}))
 
 
-def pretrained(cache: Path) -> str:
-    """The test's pretrained model (trained once, cached), as a checkpoint path."""
+def pretrained(cache: Path) -> tuple[str, float]:
+    """The test's pretrained model (trained once, cached): its checkpoint path and zero-shot top-1."""
     from tests.test_defenses_pretrained_e2e import PRETRAINING
     from trainers import parse_trial_config
     from trainers.trial import reference_model
 
-    reference_model(parse_trial_config(PRETRAINING), 4000, cache_dir=str(cache / "pretraining"))
+    model = reference_model(parse_trial_config(PRETRAINING), 4000, cache_dir=str(cache / "pretraining"))
     (checkpoint,) = (cache / "pretraining" / "reference").glob("*/model.pt")
-    return str(checkpoint)
+    return str(checkpoint), model.metrics["utility"]
 
 
 def trial(args: tuple[str, int, int, str, dict, int, str, str]) -> tuple[str, int, dict]:
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results-pretrained.md")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    checkpoint = pretrained(args.cache)
+    checkpoint, top1 = pretrained(args.cache)
 
     def saved(label: str, seed: int) -> Path:
         return args.cache / "trials" / f"{POINTS.index(next(p for p in POINTS if p[0] == label))}-seed-{seed}.json"
@@ -105,7 +105,7 @@ def main() -> None:
         "# Defenses on a pretrained model",
         "",
         "The threat model of Yang et al. 2023: a clean pretrained CLIP (tiny-rn, 6 epochs on 4,000",
-        "trusted Fashion-MNIST pairs, zero-shot top-1 0.84) fine-tuned on a poisoned scrape (2,000 pairs",
+        f"trusted Fashion-MNIST pairs, zero-shot top-1 {top1:.3f}) fine-tuned on a poisoned scrape (2,000 pairs",
         "plus a 6 px checkerboard backdoor, target `bag`; 150 pairs over 2 epochs, or 60 over 4 for",
         "RoCLIP) at lr 1e-3, each defense at the settings of `tests/test_defenses_pretrained_e2e.py`.",
         "Cells: attack success / zero-shot top-1 at each seed, and the AUROC of a defense's scores",

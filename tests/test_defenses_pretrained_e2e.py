@@ -4,7 +4,7 @@ Ray Tune + Optuna + MLflow with ``defense.kind`` drawn and each defense's own fi
 SafeCLIP and RoCLIP.
 
 The pretrained model: tiny-rn trained 6 epochs on 4,000 trusted Fashion-MNIST pairs (disjoint from
-the sweep's 2,000 training pairs; zero-shot top-1 0.84). The sweep fine-tunes it 2 epochs at lr 1e-3
+the sweep's 2,000 training pairs; zero-shot top-1 0.830). The sweep fine-tunes it 2 epochs at lr 1e-3
 on the 2,000 pairs plus the backdoor of ``tests/test_defenses_e2e.py`` (150 injected pairs, 6 px
 checkerboard, target ``bag``). With ``model.pretrained`` set the filters' reference model is the
 pretrained one, and SafeCLIP splits from the first epoch (``inmodal_epochs: 0, clip_epochs: 0``:
