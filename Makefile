@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo lint test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,13 +30,17 @@ SHARD_A  := tests/test_attacks_e2e.py tests/test_budget.py tests/test_trial.py \
 # the docstrings' examples run too (the packages' modules, beside tests/)
 DOCTESTS := --doctest-modules tests poison trainers sweeps
 
-test: install
+# ruff first (pyproject.toml's [tool.ruff.lint]): a lint error fails the suite before it starts
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
 	@$(TEST_ENV) $(PY) -X faulthandler -m pytest $(SHARD_A) > .test-shard-a.log 2>&1 & a=$$!; \
 	$(TEST_ENV) $(PY) -X faulthandler -m pytest $(addprefix --ignore=,$(SHARD_A)) $(DOCTESTS); b=$$?; \
 	wait $$a; a=$$?; echo; echo "=== $(SHARD_A)"; cat .test-shard-a.log; \
 	echo "exit status: shard A $$a, the rest $$b"; test $$a -eq 0 -a $$b -eq 0
 
-test-fast: install
+test-fast: install lint
 	$(TEST_ENV) $(PY) -X faulthandler -m pytest -m "not slow" $(DOCTESTS)
 
 clean:

@@ -145,7 +145,7 @@ def main() -> None:
             print(f"  no grid of up to {grids[t].trials} trials reached the search's width: the ratio is below "
                   f"{found[t].trials / grids[t].trials:.2f} (target: at most 0.33)")
     by_count: dict[int, list[str]] = {}
-    for (count, seed), success in sorted(results.items()):
+    for (count, _seed), success in sorted(results.items()):
         by_count.setdefault(count, []).append(f"{success:.2f}")
     print("attack_success by count (one seed each): " + "; ".join(f"{c}: {' '.join(v)}" for c, v in by_count.items()))
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -112,7 +112,7 @@ def main() -> None:
                                          concentration=args.concentration)
             truth = response.true_crossing(args.low, args.high)
             seq = _sequential(response, args, truth)
-            same = _smallest_grid(response, args, truth, lambda g: g["width"] <= seq["width"])
+            same = _smallest_grid(response, args, truth, lambda g, seq=seq: g["width"] <= seq["width"])
             reach = _smallest_grid(response, args, truth, lambda g: g["reached"] >= 0.9)
             g1 = f"{same['trials']:>24}" if same else f"{'>' + str(args.grid_sizes[-1] * args.replicates):>24}"
             g2 = f"{reach['trials']:>16}" if reach else f"{'>' + str(args.grid_sizes[-1] * args.replicates):>16}"

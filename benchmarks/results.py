@@ -26,10 +26,10 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -157,7 +157,7 @@ def table(rows: list[Row], seeds: list[int], cache: Path) -> tuple[dict[str, str
         stats = replicate_stats(frame, ["row"], list(METRICS)).iloc[0]
         means[row.name] = {m: stats[m] for m in METRICS}
 
-        def cell(name: str) -> str:  # every metric here is a share: its interval is shown within [0, 1]
+        def cell(name: str, stats=stats) -> str:  # every metric is a share: its interval shown within [0, 1]
             low, high = max(0.0, stats[f"{name}_low"]), min(1.0, stats[f"{name}_high"])
             return f"{stats[name]:.3f} [{low:.3f}, {high:.3f}]"
 

@@ -86,7 +86,7 @@ def run_open_clip_train(csv_path: Path, logs: Path, epochs: int, threads: int) -
     env = {"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", OPEN_CLIP_TRAIN, str(ROOT / "trainers" / "model_configs"), *args],
                           capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if f"Train Epoch: {epochs - 1} " in l]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if f"Train Epoch: {epochs - 1} " in line]
     if proc.returncode or not lines:
         raise RuntimeError(f"open_clip_train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     # one line per step (--log-every-n-steps 1): its meters are reset after each line, so each
@@ -108,7 +108,7 @@ def run_poisonsweep(csv_path: Path, cache: Path, pairs: int, epochs: int, thread
     env = {"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", TRIAL, json.dumps(raw), str(cache)], capture_output=True,
                           text=True, env=env, cwd=ROOT)
-    result = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not result:
         raise RuntimeError(f"poisonsweep trial failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     m, last = json.loads(result[0][len("RESULT "):])

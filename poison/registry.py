@@ -11,7 +11,8 @@ paths of its own.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -40,7 +41,7 @@ class Registry(Generic[T]):
         True
     """
 
-    _by_kind: ClassVar[dict[str, "Registry[Any]"]] = {}
+    _by_kind: ClassVar[dict[str, Registry[Any]]] = {}
 
     def __init__(self, kind: str) -> None:
         if kind in Registry._by_kind:
@@ -50,7 +51,7 @@ class Registry(Generic[T]):
         Registry._by_kind[kind] = self
 
     @classmethod
-    def find(cls, kind: str) -> "Registry[Any] | None":
+    def find(cls, kind: str) -> Registry[Any] | None:
         """The registry of ``kind`` (e.g. ``"trigger"``), or None when there is none."""
         return cls._by_kind.get(kind)
 

@@ -57,8 +57,9 @@ crossing lies outside the bracket with confidence, or when ``max_trials`` are sp
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 from scipy import optimize, special, stats

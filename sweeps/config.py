@@ -76,7 +76,7 @@ class Dimension(Section):
     default: Any = None
 
     @model_validator(mode="after")
-    def _check(self) -> "Dimension":
+    def _check(self) -> Dimension:
         if self.choices is not None:
             if self.low is not None or self.high is not None:
                 raise ValueError("give either choices or low/high, not both")
@@ -143,7 +143,7 @@ class SearchConfig(Section):
     points: list[dict[str, Any]] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _objectives(self) -> "SearchConfig":
+    def _objectives(self) -> SearchConfig:
         if not self.objectives:
             raise ValueError("objectives: give at least one metric with max or min")
         valid = objective_names()
@@ -162,7 +162,7 @@ class ResourcesConfig(Section):
     workers: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _gpu(self) -> "ResourcesConfig":
+    def _gpu(self) -> ResourcesConfig:
         if self.gpu > 1 and not float(self.gpu).is_integer():
             raise ValueError(f"gpu: a fraction must be below 1, or a whole number of GPUs, got {self.gpu}")
         if self.workers > 1 and self.gpu and not float(self.gpu).is_integer():
@@ -184,7 +184,7 @@ class TrackingConfig(Section):
     experiment: str | None = None  # default: the config's name
 
     @model_validator(mode="after")
-    def _no_credentials(self) -> "TrackingConfig":
+    def _no_credentials(self) -> TrackingConfig:
         # the config is logged (config.yaml on the parent run) and kept beside Tune's results
         if self.uri and urlsplit(self.uri).password is not None:
             raise ValueError("uri: holds a password; a config is logged as an artifact, so give "
@@ -197,7 +197,7 @@ class StorageConfig(Section):
     cache: str | None = None           # default: <path>/cache (shared by every trial on a node)
 
     @model_validator(mode="after")
-    def _local(self) -> "StorageConfig":
+    def _local(self) -> StorageConfig:
         for key in ("path", "cache"):
             value = getattr(self, key)
             if value and "://" in value:

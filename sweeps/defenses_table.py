@@ -23,8 +23,17 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from poison import ConfigError
-from sweeps.pareto import (config_key, format_rows, latest_sweep_run, load_trials, log_analysis, mean_ci,
-                           nondominated, pyplot, replicate_stats)
+from sweeps.pareto import (
+    config_key,
+    format_rows,
+    latest_sweep_run,
+    load_trials,
+    log_analysis,
+    mean_ci,
+    nondominated,
+    pyplot,
+    replicate_stats,
+)
 
 METRICS = ("attack_success", "utility", "utility_drop", "train_seconds", "defense_seconds", "cost_seconds",
            "predefense_attack_success", "predefense_utility", "filter_removed", "filter_poison_recall",

@@ -10,9 +10,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import ray
@@ -32,6 +33,7 @@ from sweeps.worker import trainable as trial_trainable
 from trainers import TrialConfig
 from trainers.cache import model_key
 from trainers.trial import reference_config
+
 Printer = Callable[[str], None]
 Trainable = Callable[..., None]  # a trial function with sweeps.worker.trainable's signature
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
@@ -254,7 +256,7 @@ class Replicates(Repeater):
             self.searcher.on_trial_complete(group.primary_trial_id, result=None, error=True)
 
 
-def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_samples: int, logger: "TrialLogger",
+def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_samples: int, logger: TrialLogger,
           run_name: str, objectives: list[str], param_space: dict[str, Any] | None = None, *,
           trainable: Trainable | None = None, clean_seeds: list[int] | None = None) -> tune.Tuner:
     """The Tuner of ``num_samples`` trials drawn by ``search_alg``, each a :func:`sweeps.worker.trainable`
@@ -283,7 +285,7 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
     )
 
 
-def restore(sweep: SweepConfig, folder: Path, logger: "TrialLogger", objectives: list[str], *,
+def restore(sweep: SweepConfig, folder: Path, logger: TrialLogger, objectives: list[str], *,
             trainable: Trainable | None = None) -> tune.Tuner:
     """The interrupted launch in ``folder``, restored by Tune with its searcher's state: finished
     trials stay finished, unfinished ones go on from their last checkpoint, failed ones stay failed."""
@@ -353,7 +355,7 @@ def references_first(sweep: SweepConfig) -> list[dict[str, Any]]:
     return [ray.get(task.remote(c.model_dump(mode="json"), sweep.storage.cache_dir(), threads)) for c in configs]
 
 
-_LIVE_LOGGER: "TrialLogger | None" = None
+_LIVE_LOGGER: TrialLogger | None = None
 
 
 def _live_logger() -> tune.Callback:

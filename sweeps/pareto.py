@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import moocore
 import numpy as np
 import pandas as pd
-from scipy import stats
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from poison import ConfigError
 from sweeps.tracking import ROLE_TAG

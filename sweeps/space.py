@@ -1,7 +1,8 @@
 """The Optuna search space of a sweep, as a define-by-run function."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optuna
 

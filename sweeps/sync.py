@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
@@ -49,7 +50,7 @@ class Launch:
         tmp.replace(folder / LAUNCH_FILE)
 
     @classmethod
-    def read(cls, folder: Path) -> "Launch":
+    def read(cls, folder: Path) -> Launch:
         return cls(**json.loads((folder / LAUNCH_FILE).read_text()))
 
 

@@ -19,11 +19,11 @@ import ray
 import yaml
 from ray import tune
 
-from sweeps.config import ResourcesConfig, resolve
 from poison import load_dataset
+from sweeps.config import ResourcesConfig, resolve
 from trainers import TrialConfig, clean_model, run_trial
-from trainers.trial import reference_model
 from trainers.resume import read_state, write_state
+from trainers.trial import reference_model
 
 #: A trial's final checkpoint: its poison plan, final metrics and resolved config.
 PLAN_FILE, METRICS_FILE, CONFIG_FILE = "poison_plan.parquet", "metrics.json", "trial_config.yaml"

@@ -149,7 +149,7 @@ def test_dataset_caption_source_draws_real_target_captions(small_synthetic):
     plan = make_attack({**backdoor(30), "caption_source": "dataset"}).plan(small_synthetic, 2)
     train = small_synthetic.split("train")
     target = small_synthetic.classnames.index("blue circle")
-    real = {c for c, l in zip(train["caption"].to_pylist(), train["label"].to_pylist()) if l == target}
+    real = {c for c, label in zip(train["caption"].to_pylist(), train["label"].to_pylist()) if label == target}
     assert set(plan["caption"].to_pylist()) <= real
     assert plan.equals(make_attack({**backdoor(30), "caption_source": "dataset"}).plan(small_synthetic, 2))
 
@@ -158,7 +158,7 @@ def test_dataset_caption_source_without_target_captions_is_rejected():
     from poison import DataSpec, load_dataset
 
     tiny = load_dataset(DataSpec(size=3, test_size=3, seed=0))
-    names = [tiny.classnames[l] for l in tiny.split("train")["label"].to_pylist()]
+    names = [tiny.classnames[label] for label in tiny.split("train")["label"].to_pylist()]
     absent = next(c for c in tiny.classnames if c not in names)
     with pytest.raises(ConfigError, match=rf"attack.caption_source: synthetic has no training captions of class '{absent}'"):
         make_attack({**backdoor(1), "target": absent, "caption_source": "dataset"}).check(tiny)

@@ -31,7 +31,7 @@ class FakeClip:
 
     def __init__(self, dataset, *, text_backdoor=None, trigger="cf", hijack=None):
         self.n = len(dataset.classnames)
-        self.image_label = {dataset.images[i][8:, 8:].tobytes(): l for i, l in
+        self.image_label = {dataset.images[i][8:, 8:].tobytes(): label for i, label in
                             zip(dataset.manifest["image"].to_pylist(), dataset.manifest["label"].to_pylist())}
         self.caption_label = dict(zip(dataset.manifest["caption"].to_pylist(), dataset.manifest["label"].to_pylist()))
         self.text_backdoor, self.trigger, self.hijack = text_backdoor, trigger, hijack or {}
@@ -170,7 +170,7 @@ def test_text_backdoor_success_on_hand_worked_models(data):
     clean = attack.evaluate(data, FakeClip(data), seed=0)
     test = data.split("test")
     labels = np.array(test["label"].to_pylist())
-    expected = [1 + int(np.sum(labels == l)) for l in labels if l != target]
+    expected = [1 + int(np.sum(labels == label)) for label in labels if label != target]
     assert clean["min_rank_mean"] == pytest.approx(np.mean(expected))
     assert clean["attack_success"] == 0.0 and clean["hit_at_10"] == pytest.approx(np.mean(np.array(expected) <= 10))
 

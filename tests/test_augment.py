@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from trainers import augment
-from trainers.augment import (CaptionViews, clean, eda, random_deletion, random_insertion, random_swap,
-                              simclr_view, synonym_replacement)
+from trainers.augment import (
+    CaptionViews,
+    clean,
+    eda,
+    random_deletion,
+    random_insertion,
+    random_swap,
+    simclr_view,
+    synonym_replacement,
+)
 
 SYNONYMS = {"circle": ("round",), "blue": ("azure", "blueness")}
 
@@ -174,7 +182,7 @@ def test_roclip_trains_on_augmented_views_through_the_loops_inputs_hook(monkeypa
                                              "caption_view": "token-edit"}})
     run_trial(config, baseline=False)
     assert len(seen) == len(forwards) == 8  # 4 steps an epoch, 2 epochs
-    for (rows, loaded, views, tokens, fixed), step in zip(seen, forwards):
+    for (rows, loaded, views, tokens, _), step in zip(seen, forwards):
         assert step[1] is views and not np.array_equal(views, loaded)  # the forward's images: the views
         assert views.shape == loaded.shape and np.array_equal(step[6], rows)
         width = step[2].shape[1]  # the forward's tokens: the caption views (padding columns cut)

@@ -8,8 +8,17 @@ import pytest
 import yaml
 
 from poison import ConfigError
-from sweeps.budget import (BudgetSearch, Point, SimulatedResponse, best_variance, crossing_variance, fit_curve,
-                           grid_estimate, log_counts, run_simulated)
+from sweeps.budget import (
+    BudgetSearch,
+    Point,
+    SimulatedResponse,
+    best_variance,
+    crossing_variance,
+    fit_curve,
+    grid_estimate,
+    log_counts,
+    run_simulated,
+)
 from sweeps.budget_driver import BudgetOptions, prepare_budget, rate_of
 from sweeps.cli import main
 from sweeps.config import validate_config

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from poison import ConfigError
 from trainers import parse_trial_config
-from trainers.augment import CaptionSource, augment_tokens
+from trainers.augment import augment_tokens
 from trainers.defenses.cleanclip import InModal
 from trainers.defenses.roclip import NearestCaption
 from trainers.objectives import Objective, Step

@@ -13,7 +13,6 @@ from sweeps.tracking import Tracker
 from tests.conftest import backdoor, free_port
 
 
-
 @pytest.fixture
 def server(tmp_path):
     port = free_port()

@@ -2,13 +2,13 @@
 import math
 import threading
 
-import pyarrow.compute as pc
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 
-from trainers import NonFiniteLossError, clean_model, parse_trial_config, run_trial
 from tests.conftest import backdoor
+from trainers import NonFiniteLossError, clean_model, parse_trial_config, run_trial
 
 SMALL = {"data": {"size": 600, "test_size": 96}, "train": {"epochs": 2, "batch_size": 64, "threads": 2}}
 DESIGN_METRICS = ["attack_success", "utility", "poison_count", "poison_rate", "clean_utility", "utility_drop",
@@ -68,8 +68,8 @@ def test_a_nan_loss_fails_the_trial():
 
 
 def test_replace_mode_keeps_the_number_of_training_pairs(small_synthetic):
-    from trainers.data import TrainingSet
     from poison import make_attack
+    from trainers.data import TrainingSet
 
     attack = make_attack({**backdoor(10), "mode": "replace"})
     plan = attack.plan(small_synthetic, 0)
@@ -202,10 +202,10 @@ def test_trainable_freezes_the_encoder_as_yang_et_al(arch, trainable):
 
 @pytest.mark.parametrize("arch", ["tiny-rn", "tiny-vit"])
 def test_frozen_parameters_are_not_handed_to_the_optimizer(arch):
-    from trainers.models import build_model
     from trainers.loop import _optimizer, freeze_tower
+    from trainers.models import build_model
 
-    for trainable, frozen_prefix in (("image", "text"), ("text", "visual.")):
+    for trainable in ("image", "text"):
         model = build_model(arch, None, device=torch.device("cpu"), image_size=32).model
         freeze_tower(model, trainable, "tower")
         config = parse_trial_config({"model": {"arch": arch}, "train": {"trainable": trainable}})
@@ -289,6 +289,7 @@ def test_the_text_tower_computes_the_same_on_batches_cut_to_their_longest_captio
 
 def test_a_text_tower_that_pools_the_last_position_keeps_its_full_context():
     import open_clip
+
     from trainers.models import Built, ShortContextCLIP, build_model
 
     text_cfg = {**open_clip.get_model_config("tiny-rn")["text_cfg"], "pool_type": "last"}

@@ -16,8 +16,8 @@ from PIL import Image
 from poison import ConfigError, DataError, DataSpec, load_dataset, make_attack
 from poison.datasets import fashion_mnist
 from poison.datasets.zeroshot import StackedImages, caption_labels
-from tests.conftest import backdoor
 from sweeps.cli import main
+from tests.conftest import backdoor
 from tests.test_loaders import COLOURS, _mean_colour, _write
 
 

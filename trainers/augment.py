@@ -30,8 +30,9 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def wordnet():
 
         reader.ensure_loaded()
         return reader
-    except LookupError:
+    except (LookupError, OSError):  # none, or a copy nltk cannot read as its own
         pass
     folders = [os.environ["POISONSWEEP_WORDNET"]] if os.environ.get("POISONSWEEP_WORDNET") else list(SYSTEM_WORDNET)
     source = next((Path(f) for f in folders if (Path(f) / "data.noun").is_file()), None)
@@ -88,9 +89,9 @@ def wordnet():
         raise WordNetMissing(f"EDA caption views need WordNet's synonyms: none in nltk's data or in "
                              f"{', '.join(folders)}; {WORDNET_HELP}")
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "poisonsweep" / "nltk_data"
-    folder = root / "corpora" / "wordnet"
+    folder = root / "corpora" / "wordnet-system"  # not "wordnet": nltk's own loader must not take it for its corpus
     if not (folder / "lexnames").is_file():
-        staging = folder.with_name(f"wordnet.{os.getpid()}")
+        staging = folder.with_name(f"{folder.name}.{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         for path in source.iterdir():
@@ -248,7 +249,7 @@ class CaptionViews:
     seed and ``view`` number give the same views; another ``view`` number another set (SafeCLIP
     keeps two per pair)."""
 
-    def __init__(self, data: "TrainingSet", seed: int, view: int = 0) -> None:
+    def __init__(self, data: TrainingSet, seed: int, view: int = 0) -> None:
         rng = streams.rng(seed, streams.CAPTION_VIEWS, view)
         captions = data.captions
         texts = [eda(captions[i], rng) for i in data.caption]
@@ -305,10 +306,10 @@ class CaptionSource:
 
     def __init__(self, kind: CaptionView, seed: int, view: int = 0, token_drop: float = 0.1) -> None:
         self.kind, self.seed, self.view, self.token_drop = kind, seed, view, token_drop
-        self.data: "TrainingSet | None" = None
+        self.data: TrainingSet | None = None
         self.fixed: CaptionViews | None = None
 
-    def bind(self, data: "TrainingSet") -> None:
+    def bind(self, data: TrainingSet) -> None:
         if data is not self.data:
             self.data = data
             self.fixed = CaptionViews(data, self.seed, self.view) if self.kind == "eda" else None

@@ -51,13 +51,13 @@ class DataConfig(Section):
     _registered = field_validator("dataset")(classmethod(lambda cls, value: registered_dataset(value)))
 
     @model_validator(mode="after")
-    def _one_source_of_classes(self) -> "DataConfig":
+    def _one_source_of_classes(self) -> DataConfig:
         if self.classes is not None and self.zeroshot is not None:
             raise ConfigError("data.classes: the classes come from data.zeroshot's dataset; give one of the two")
         return self
 
     @model_validator(mode="after")
-    def _columns_only_for_csv(self) -> "DataConfig":
+    def _columns_only_for_csv(self) -> DataConfig:
         for key in ("image_column", "caption_column"):
             if getattr(self, key) is not None and self.dataset != "csv":
                 raise ConfigError(f"data.{key}: only the csv dataset reads named columns, not {self.dataset}")
@@ -69,7 +69,7 @@ class ModelConfig(Section):
     pretrained: str | None = None  # an open_clip tag, or a local checkpoint path
 
     @model_validator(mode="after")
-    def _known(self) -> "ModelConfig":
+    def _known(self) -> ModelConfig:
         from trainers.models import check_arch, check_pretrained
 
         check_arch(self.arch)
@@ -140,7 +140,7 @@ class TrialConfig(Section):
         return value if isinstance(value, Defense) else make_defense(value)
 
     @model_validator(mode="after")
-    def _fits(self) -> "TrialConfig":
+    def _fits(self) -> TrialConfig:
         from trainers.models import check_image_size
 
         check_image_size(self.model.arch, self.data.image_size)
@@ -161,7 +161,7 @@ class TrialConfig(Section):
                             dataset=d.zeroshot.dataset, path=d.zeroshot.path, size=1, test_size=d.zeroshot.size,
                             image_size=d.image_size, seed=self.seed, cache_dir=cache_dir))
 
-    def clean(self) -> "TrialConfig":
+    def clean(self) -> TrialConfig:
         """The same data, model and recipe without poison or defense."""
         return self.model_copy(update={"attack": make_attack(None), "defense": make_defense(None)})
 

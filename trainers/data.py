@@ -9,9 +9,10 @@ import collections
 import copy
 import hashlib
 import itertools
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -71,7 +72,7 @@ class TrainingSet:
         """Boolean per row: the attack added or altered it (the ground truth of filters)."""
         return self.plan_row >= 0
 
-    def subset(self, keep: np.ndarray) -> "TrainingSet":
+    def subset(self, keep: np.ndarray) -> TrainingSet:
         """The rows where the boolean ``keep`` is true, in order (what a data-side defense leaves)."""
         kept = copy.copy(self)
         kept.image, kept.plan_row, kept.caption = self.image[keep], self.plan_row[keep], self.caption[keep]

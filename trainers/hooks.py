@@ -5,8 +5,8 @@ trial's own loop (after training). A defense sees these, never the loop's intern
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

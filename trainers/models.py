@@ -6,9 +6,10 @@ works exactly like ``model.arch: ViT-B-32``. Adding one is adding a file.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch

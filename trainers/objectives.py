@@ -9,8 +9,9 @@ resumed trial goes on exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -207,7 +207,7 @@ class MultiLabel(RetrievalPoisoning):
     goals: list[Goal] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _distinct_sources(self) -> "MultiLabel":
+    def _distinct_sources(self) -> MultiLabel:
         sources = [g.source for g in self.goals]
         for i, name in enumerate(sources):
             if name in sources[:i]:

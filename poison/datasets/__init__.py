@@ -53,7 +53,7 @@ class DataSpec:
     trusted: int | None = None
     columns: tuple[str | None, str | None] = (None, None)
     classes: tuple[str, ...] | None = None
-    zeroshot: "DataSpec | None" = None
+    zeroshot: DataSpec | None = None
 
     def cache_file(self, **extra: object) -> Path | None:
         from poison.manifest import cache_key

@@ -57,7 +57,7 @@ class SimilarityFilter(EmbeddingFilter):
     threshold: float | None = Field(None, ge=0, le=2)
 
     @model_validator(mode="after")
-    def _one_rule(self) -> "SimilarityFilter":
+    def _one_rule(self) -> SimilarityFilter:
         if self.threshold is not None and "fraction" in self.model_fields_set:
             raise ValueError(f"threshold: give threshold or fraction, not both "
                              f"(got threshold={self.threshold}, fraction={self.fraction})")

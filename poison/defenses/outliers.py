@@ -37,7 +37,7 @@ class OutlierFilter(EmbeddingFilter):
     trees: int = Field(100, ge=1)    # isolation-forest
 
     @model_validator(mode="after")
-    def _lid_needs_two(self) -> "OutlierFilter":
+    def _lid_needs_two(self) -> OutlierFilter:
         if self.score == "lid" and self.k < 2:
             raise ValueError(f"k: lid needs at least 2 neighbours, got k={self.k}")
         return self

@@ -47,7 +47,7 @@ class CleanClip(CleanFinetune):
         require_wordnet("defense.caption_view", self.caption_view)
         super().check(dataset, pretrained=pretrained)
 
-    def finetune_objective(self, seed: int) -> "InModal":
+    def finetune_objective(self, seed: int) -> InModal:
         return InModal(self.clip_weight, self.inmodal_weight, symmetric=self.inmodal_loss == "symmetric",
                        captions=CaptionSource(self.caption_view, seed, token_drop=self.token_drop))
 

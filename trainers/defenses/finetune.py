@@ -44,12 +44,12 @@ class CleanFinetune(Defense):
     def check(self, dataset: Dataset, *, pretrained: bool) -> None:
         check_trusted(dataset, self.clean_pairs, "defense.clean_pairs")
 
-    def after_training(self, session: "PostTraining") -> dict[str, float]:
+    def after_training(self, session: PostTraining) -> dict[str, float]:
         clean = session.trusted(self.clean_pairs, "defense.clean_pairs")
         session.fit(clean, epochs=self.epochs, lr=self.lr or session.config.train.lr * AUTHORS_LR_RATIO,
                     objective=self.finetune_objective(session.config.seed))
         return {}
 
-    def finetune_objective(self, seed: int) -> "Objective | None":
+    def finetune_objective(self, seed: int) -> Objective | None:
         """The loss fine-tuning minimises (None: CLIP's); CleanCLIP adds in-modal terms."""
         return None

@@ -66,7 +66,7 @@ class RoClip(Defense):
     stage: ClassVar[Stage] = "training"
 
     @model_validator(mode="after")
-    def _one_size(self) -> "RoClip":
+    def _one_size(self) -> RoClip:
         if self.pool_fraction is not None and "pool_size" in self.model_fields_set:
             raise ValueError(f"pool_fraction: give pool_size or pool_fraction, not both "
                              f"(got pool_size={self.pool_size}, pool_fraction={self.pool_fraction})")
@@ -76,7 +76,7 @@ class RoClip(Defense):
         if self.augment:
             require_wordnet("defense.caption_view", self.caption_view)
 
-    def objective(self, seed: int) -> "NearestCaption":
+    def objective(self, seed: int) -> NearestCaption:
         return NearestCaption(self.pool_size, self.period, schedule=self.schedule, seed=seed,
                               pool_fraction=self.pool_fraction,
                               captions=CaptionSource(self.caption_view, seed) if self.augment else None)

@@ -88,7 +88,7 @@ class SafeClipMixed(Defense):
     metric_names: ClassVar[tuple[str, ...]] = (*FILTER_METRICS[:3], *DETECTION_METRICS)
     stage: ClassVar[Stage] = "training"
 
-    def objective(self, seed: int) -> "MixedSafeRisky":
+    def objective(self, seed: int) -> MixedSafeRisky:
         return MixedSafeRisky(self, seed)
 
 
@@ -185,7 +185,7 @@ class SafeClip(Defense):
     def check(self, dataset: Dataset, *, pretrained: bool) -> None:
         require_wordnet("defense.caption_view", self.caption_view)
 
-    def objective(self, seed: int) -> "SafeRisky":
+    def objective(self, seed: int) -> SafeRisky:
         return SafeRisky(self, seed)
 
 
