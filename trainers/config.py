@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
-import trainers.defenses  # noqa: F401  (registers the defenses that need the model)
 from poison import DATASETS, Attack, DataSpec, Defense, make_attack, make_defense
 from poison.config import ConfigError, Section, validate_section
 

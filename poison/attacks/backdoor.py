@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pydantic import Field, SerializeAsAny, field_validator
 
 from poison import streams
-from poison.attacks import ATTACKS, Attack, ModelView, make_plan, nested_sample, next_id
+from poison.attacks._base import ATTACKS, Attack, ModelView, make_plan, nested_sample, next_id
 from poison.config import ConfigError
 from poison.manifest import Dataset
 from poison.triggers import Trigger, make_trigger

@@ -38,7 +38,8 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from poison import streams
-from poison.attacks import ATTACKS, Attack, ModelView, make_plan, nested_sample, next_id, retrieval
+from poison.attacks import retrieval
+from poison.attacks._base import ATTACKS, Attack, ModelView, make_plan, nested_sample, next_id
 from poison.attacks.backdoor import CAPTION_TEMPLATES, class_rows, plan_meta, target_label
 from poison.config import ConfigError, Section
 from poison.manifest import Dataset

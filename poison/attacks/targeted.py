@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from poison import streams
-from poison.attacks import ATTACKS, Attack, ModelView, make_plan, next_id
+from poison.attacks._base import ATTACKS, Attack, ModelView, make_plan, next_id
 from poison.attacks.backdoor import draw_captions, plan_meta, target_captions, target_label
 from poison.config import ConfigError
 from poison.manifest import Dataset

@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 from pydantic import Field, SerializeAsAny, field_validator
 
 from poison import streams
-from poison.attacks import ATTACKS, Attack, ModelView, make_plan, nested_sample, next_id, retrieval
+from poison.attacks import retrieval
+from poison.attacks._base import ATTACKS, Attack, ModelView, make_plan, nested_sample, next_id
 from poison.attacks.backdoor import Backdoor, class_rows, non_target_pairs, plan_meta, target_label
 from poison.config import ConfigError
 from poison.manifest import Dataset

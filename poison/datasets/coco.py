@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from poison.datasets import DATASETS, DataError, DataSpec
+from poison.datasets._base import DATASETS, DataError, DataSpec
 from poison.datasets.files import load_index, make_index, require_path
 from poison.manifest import Dataset
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from poison.datasets import DATASETS, DataError, DataSpec
+from poison.datasets._base import DATASETS, DataError, DataSpec
 from poison.datasets.files import load_index, make_index, require_path
 from poison.manifest import Dataset
 

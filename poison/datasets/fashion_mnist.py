@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from poison import streams
-from poison.datasets import DATASETS, DataError, DataSpec
+from poison.datasets._base import DATASETS, DataError, DataSpec
 from poison.manifest import Dataset, make_manifest
 
 DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from poison import streams
-from poison.datasets import DataError, DataSpec
+from poison.datasets._base import DataError, DataSpec
 from poison.manifest import Dataset, atomic_write, make_manifest
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from poison import streams
-from poison.datasets import DATASETS, DataError, DataSpec
+from poison.datasets._base import DATASETS, DataError, DataSpec
 from poison.datasets.files import IMAGE_EXTENSIONS, load_index, make_index, require_path
 from poison.manifest import Dataset
 

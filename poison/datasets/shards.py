@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from poison.datasets import DATASETS, DataError, DataSpec
+from poison.datasets._base import DATASETS, DataError, DataSpec
 from poison.datasets.files import IMAGE_EXTENSIONS, load_index, make_index
 from poison.manifest import Dataset, atomic_write, cache_key
 

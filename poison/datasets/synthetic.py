@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from poison import streams
-from poison.datasets import DATASETS, DataError, DataSpec
+from poison.datasets._base import DATASETS, DataError, DataSpec
 from poison.manifest import Dataset, make_manifest
 
 COLOURS = {

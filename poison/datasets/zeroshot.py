@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from poison.datasets import DataError
+from poison.datasets._base import DataError
 from poison.manifest import Dataset, make_manifest
 
 # words: runs of ASCII letters and digits, lower-cased, and of any non-ASCII characters

@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from poison.defenses import DEFENSES, FILTER_METRICS, Defense, Selection, Stage, TrainingPairs, check_trusted
+from poison.defenses._base import DEFENSES, FILTER_METRICS, Defense, Selection, Stage, TrainingPairs, check_trusted
 from poison.manifest import Dataset
 
 

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from poison import streams
 from poison.config import ConfigError
-from poison.defenses import DEFENSES
+from poison.defenses._base import DEFENSES
 from poison.defenses.filters import EmbeddingFilter
 
 
