@@ -251,15 +251,76 @@ class SweepConfig:
     raw_full: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
+#: The most nodes a config may hold once its aliases are expanded (a packaged preset: about 100).
+MAX_YAML_NODES = 100_000
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML's own rule, which
+    PyYAML does not enforce: a second ``train:`` would silently replace the first) and a document
+    whose aliases expand to more than :data:`MAX_YAML_NODES` nodes (a "billion laughs" bomb), before
+    anything is built from it. Anchors and aliases otherwise work as usual."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        count = _expanded_size(node, {}, set())
+        if count > MAX_YAML_NODES:
+            raise ConfigError(f"{count:.3g} nodes once its aliases are expanded, more than {MAX_YAML_NODES:,} "
+                              f"(an alias bomb?)")
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"line {line}: key {str(key)[:80]!r} given twice in one mapping "
+                                  f"(first on line {seen[key]})")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Nodes in ``node`` with every alias expanded (an alias is the node it names, shared)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise ConfigError("a recursive alias (an anchor used inside itself)")
+    open_.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, sizes, open_) for v in node.value)
+    else:
+        size = 1
+    open_.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """``text`` parsed by :class:`StrictLoader`; errors name ``source`` in one line."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(err).split())[:300]}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     """Reads, overrides (``key.path=value``) and validates a sweep config file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    raw = read_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides:

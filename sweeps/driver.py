@@ -17,14 +17,13 @@ from typing import Any
 
 import optuna
 import ray
-import yaml
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Repeater, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from poison import ConfigError
 from sweeps import local_ray
-from sweeps.config import REPLICATE, SweepConfig
+from sweeps.config import REPLICATE, SweepConfig, read_yaml
 from sweeps.space import define_by_run, make_sampler
 from sweeps.sync import LAUNCH_FILE, TRACKING_ERRORS, Backoff, Launch, Mirror, trial_folder
 from sweeps.tracking import Tracker
@@ -154,7 +153,7 @@ def find_launch(sweep: SweepConfig) -> tuple[Path, Launch]:
         raise ConfigError(f"--resume: the last launch of {sweep.name!r} ({folder.name}) finished; "
                           f"nothing to resume (run without --resume for a new launch)")
     if launch.config_yaml != sweep.to_yaml():
-        changed = _changed_key(yaml.safe_load(launch.config_yaml), sweep.raw_full)
+        changed = _changed_key(read_yaml(launch.config_yaml, str(folder / LAUNCH_FILE)), sweep.raw_full)
         raise ConfigError(f"--resume: {changed}: the config differs from the interrupted launch's "
                           f"({folder.name}); resume with the same config, or start a new launch")
     return folder, launch

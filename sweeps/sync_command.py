@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import os
-
-import yaml
+from pathlib import Path
 
 from sweeps import local_ray
-from sweeps.config import validate_config
+from sweeps.config import read_yaml, validate_config
 from sweeps.driver import Printer, TrialLogger, summary_csv
-from sweeps.sync import Launch
+from sweeps.sync import LAUNCH_FILE, Launch
 from sweeps.tracking import Tracker, redact, tracking_uri
 
 
@@ -18,7 +17,7 @@ def sync_launch(folder, cli_uri: str | None, *, printer: Printer = print) -> int
     import ray
 
     launch = Launch.read(folder)
-    sweep = validate_config(yaml.safe_load(launch.config_yaml), check_data=False)
+    sweep = validate_config(read_yaml(launch.config_yaml, str(Path(folder) / LAUNCH_FILE)), check_data=False)
     uri = tracking_uri(cli_uri, sweep)
     tracker = Tracker(uri, sweep)
     tracker.reopen_parent(launch.parent_run_id)

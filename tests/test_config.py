@@ -121,6 +121,38 @@ def test_load_config_file_with_overrides_and_yaml_errors(tmp_path):
         load_config(path, ["attack.poison_count=100000"])
 
 
+@pytest.mark.parametrize("text, message", [
+    # a second section silently replaced the first
+    ("name: t\ntrain: {epochs: 1}\nseed: 0\ntrain: {lr: 0.1}\n",
+     "c.yaml: line 4: key 'train' given twice in one mapping (first on line 2)"),
+    ("train:\n  epochs: 1\n  epochs: 2\n", "c.yaml: line 3: key 'epochs' given twice in one mapping (first on line 2)"),
+    # "billion laughs": nine levels of nine aliases, 4.9e8 nodes in all
+    ('a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+     "c.yaml: 4.9e+08 nodes once its aliases are expanded, more than 100,000 (an alias bomb?)"),
+    ("a: &r [*r]\n", "c.yaml: a recursive alias (an anchor used inside itself)"),
+])
+def test_a_config_with_a_duplicate_key_or_an_alias_bomb_is_one_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{tmp_path}/{message}"
+
+
+def test_anchors_merge_keys_and_non_utf8_configs(tmp_path):
+    from sweeps.config import read_yaml
+
+    # anchors, aliases and merge keys still work (a merged key may be overridden)
+    assert read_yaml("a: &x {k: 1, j: 2}\nb:\n  <<: *x\n  k: 3\nc: *x\n", "c.yaml") == {
+        "a": {"k": 1, "j": 2}, "b": {"k": 3, "j": 2}, "c": {"k": 1, "j": 2}}
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: not UTF-8 text (byte 9); save the config as UTF-8"
+
+
 def test_params_are_the_flattened_full_config():
     params = flatten(validate_config(BASE).default_trial.to_dict())
     for key in ("name", "seed", "data.dataset", "data.size", "model.arch", "model.pretrained", "train.epochs",

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("poison", "trainers", "sweeps")
 TORCH_LOADS = {"torch.load", "torch.serialization.load"}
 YAML_LOADS = {"yaml.load", "yaml.load_all"}
-YAML_SAFE_LOADERS = {"yaml.SafeLoader", "yaml.CSafeLoader"}
+# ours: sweeps.config.StrictLoader, a SafeLoader that refuses duplicate keys and alias bombs (checked below)
+YAML_SAFE_LOADERS = {"yaml.SafeLoader", "yaml.CSafeLoader", "StrictLoader", "sweeps.config.StrictLoader"}
 # names that build arbitrary Python objects from YAML (FullLoader too: it ran code before PyYAML 5.4)
 YAML_UNSAFE = {f"yaml.{name}" for name in ("unsafe_load", "unsafe_load_all", "full_load", "full_load_all",
                                            "Loader", "CLoader", "FullLoader", "CFullLoader", "UnsafeLoader",
@@ -110,6 +111,11 @@ def _package_files() -> list[Path]:
 
 
 def test_checkpoints_load_weights_only_and_yaml_loads_safely():
+    from sweeps.config import StrictLoader
+
+    # the one loader of ours the scan accepts is a SafeLoader, and the only class of that name
+    assert issubclass(StrictLoader, yaml.SafeLoader) and StrictLoader.yaml_constructors is yaml.SafeLoader.yaml_constructors
+    assert sum(f.read_text().count("class StrictLoader") for f in _package_files()) == 1
     scans = [_scan(f.read_text(), str(f.relative_to(ROOT))) for f in _package_files()]
     problems = [p for scan in scans for p in scan.problems]
     assert not problems, "\n".join(problems)
