@@ -205,6 +205,8 @@ class StorageConfig(Section):
                 # image/model cache are read as local files: refuse rather than make a folder "s3:"
                 raise ValueError(f"{key}: {value!r} is a URI; give a local or shared-filesystem path "
                                  f"(an NFS/EFS/Lustre mount on every node); object-store storage is not supported yet")
+            if value and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+                raise ValueError(f"{key}: {value!r} is a file; give a folder (made if missing)")
         return self
 
     def cache_dir(self) -> str:

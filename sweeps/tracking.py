@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from poison.config import ConfigError
 from sweeps.config import REPLICATE, SweepConfig, flatten
 from trainers.config import TrialConfig
 
@@ -22,14 +23,37 @@ ROLE_TAG = "poisonsweep.role"
 MAX_PARAMS_PER_BATCH = 100
 
 
+#: The tracking URI schemes MLflow 3 keeps runs in: a database (SQLAlchemy's dialects, with or
+#: without ``+driver``), a tracking server, Databricks.
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def check_tracking_uri(uri: str, source: str) -> str:
+    """``uri`` when MLflow 3 can keep runs there; else a ConfigError naming ``source`` (the flag,
+    variable or key it came from), raised before Ray or MLflow starts.
+
+    >>> check_tracking_uri("postgresql+psycopg2://u@db/mlflow", "--tracking-uri")
+    'postgresql+psycopg2://u@db/mlflow'
+    """
+    scheme = urlsplit(uri).scheme.split("+")[0].lower()
+    if scheme in TRACKING_SCHEMES:
+        return uri
+    if scheme in ("", "file") or len(scheme) == 1:  # a path (C: is a drive letter)
+        raise ConfigError(f"{source}: {redact(uri)!r} is a file store, which MLflow 3 no longer writes; "
+                          f"use a database (sqlite:///path/mlflow.db) or a tracking server (http://host:5000)")
+    raise ConfigError(f"{source}: {redact(uri)!r}: MLflow cannot keep runs at a {scheme}:// URI; "
+                      f"use one of {', '.join(s + '://' for s in TRACKING_SCHEMES)}")
+
+
 def tracking_uri(cli_uri: str | None, sweep: SweepConfig | None, storage_path: str | None = None) -> str:
-    """``--tracking-uri``, then ``MLFLOW_TRACKING_URI``, then the config's, then SQLite in storage."""
+    """``--tracking-uri``, then ``MLFLOW_TRACKING_URI``, then the config's, then SQLite in storage;
+    an unsupported one is refused naming where it came from (:func:`check_tracking_uri`)."""
     if cli_uri:
-        return cli_uri
+        return check_tracking_uri(cli_uri, "--tracking-uri")
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
     if sweep is not None and sweep.tracking.uri:
-        return sweep.tracking.uri
+        return check_tracking_uri(sweep.tracking.uri, "tracking.uri")
     folder = Path(storage_path or (sweep.storage.path if sweep else "poisonsweep_results")).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"

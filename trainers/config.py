@@ -128,6 +128,15 @@ class TrialConfig(Section):
     attack: SerializeAsAny[Attack] = Field(default_factory=lambda: make_attack(None))
     defense: SerializeAsAny[Defense] = Field(default_factory=lambda: make_defense(None))
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        """The name is a folder under ``storage.path`` (and an MLflow experiment): never a path."""
+        if not value.strip() or value in (".", "..") or any(c in value for c in "/\\") or not value.isprintable():
+            raise ValueError("a sweep's name is its folder under storage.path: no path separators or "
+                             "control characters, not '.' or '..'")
+        return value
+
     @field_validator("attack", mode="before")
     @classmethod
     def _attack(cls, value: Any) -> Attack:

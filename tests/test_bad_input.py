@@ -1,0 +1,51 @@
+"""Bad input to ``poisonsweep run``, one row per kind: each ends in one line
+``poisonsweep: error: <file or key>: ...`` with exit status 2, before anything starts (no results
+folder, no tracking store, no Ray)."""
+import pytest
+import yaml
+
+from sweeps.cli import main
+
+CONFIG = {"name": "bad-input", "data": {"size": 200, "test_size": 32}, "train": {"epochs": 1},
+          "attack": {"kind": "backdoor", "target": "blue circle", "poison_count": 10,
+                     "trigger": {"kind": "patch"}},
+          "search": {"objectives": {"attack_success": "max"}, "num_samples": 1}}
+BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+    f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def config_text(**changes) -> str:
+    return yaml.safe_dump({**CONFIG, **changes})
+
+
+@pytest.mark.parametrize("text, args, env, expected", [
+    (config_text() + "train: {epochs: 5}\n", [], {}, "{config}: line 17: key 'train' given twice in one mapping (first on line 15)"),
+    (BOMB, [], {}, "{config}: 4.9e+08 nodes once its aliases are expanded, more than 100,000 (an alias bomb?)"),
+    ("name: caf\xe9\n".encode("latin-1"), [], {}, "{config}: not UTF-8 text (byte 9)"),
+    (config_text(name="../elsewhere"), [], {}, "name: a sweep's name is its folder under storage.path"),
+    (config_text(storage={"path": "{file}"}), [], {}, "storage.path: '{file}' is a file; give a folder"),
+    (config_text(), ["--tracking-uri", "s3://bucket/runs"], {},
+     "--tracking-uri: 's3://bucket/runs': MLflow cannot keep runs at a s3:// URI"),
+    (config_text(), ["--tracking-uri", "./mlruns"], {}, "--tracking-uri: './mlruns' is a file store"),
+    (config_text(), [], {"MLFLOW_TRACKING_URI": "ftp://u:hunter2@host/x"},
+     "MLFLOW_TRACKING_URI: 'ftp://u:***@host/x': MLflow cannot keep runs at a ftp:// URI"),
+    (config_text(tracking={"uri": "file:///tmp/mlruns"}), [], {}, "tracking.uri: 'file:///tmp/mlruns' is a file store"),
+], ids=["duplicate-key", "alias-bomb", "not-utf8", "name-with-separator", "storage-is-a-file", "uri-scheme",
+        "uri-file-store", "uri-from-environment", "uri-in-config"])
+def test_bad_input_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys, text, args, env, expected):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    file = tmp_path / "a-file"
+    file.write_text("")
+    config = tmp_path / "sweep.yaml"
+    if isinstance(text, bytes):
+        config.write_bytes(text)
+    else:
+        config.write_text(text.replace("{file}", str(file)))
+    assert main(["run", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("poisonsweep: error: " + expected.format(config=config, file=file)), err
+    assert len(err.splitlines()) == 1 and len(err) < 400 and "hunter2" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "sweep.yaml"]  # nothing written
