@@ -154,6 +154,8 @@ def _train(args: argparse.Namespace) -> int:
     from trainers import run_trial
 
     sweep = load_config(args.config, args.overrides)
+    if args.output:
+        check_output(Path(args.output), "--output")  # before training, not after
     config = sweep.default_trial
     result = run_trial(config, cache_dir=sweep.storage.cache_dir(),
                        on_epoch=lambda m: print(json.dumps({k: round(v, 4) for k, v in m.items()}), flush=True))
@@ -162,6 +164,18 @@ def _train(args: argparse.Namespace) -> int:
         Path(args.output).write_text(text + "\n")
     print(text)
     return 0
+
+
+def check_output(path: Path, flag: str) -> None:
+    """Raises ConfigError naming ``flag`` unless ``path`` can be written: its folder exists and
+    takes files, and the path is not a folder."""
+    if path.is_dir():
+        raise ConfigError(f"{flag}: {path} is a folder; give a file path")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError(f"{flag}: {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{flag}: {path} cannot be written (permissions)")
 
 
 def _pareto(args: argparse.Namespace) -> int:

@@ -49,3 +49,17 @@ def test_bad_input_is_one_line_before_anything_starts(tmp_path, monkeypatch, cap
     assert err.startswith("poisonsweep: error: " + expected.format(config=config, file=file)), err
     assert len(err.splitlines()) == 1 and len(err) < 400 and "hunter2" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "sweep.yaml"]  # nothing written
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("missing/metrics.json", "--output: missing/metrics.json: the folder missing does not exist"),
+    (".", "--output: . is a folder; give a file path"),
+], ids=["folder-missing", "a-folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch, capsys, output, expected):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(config_text())
+    assert main(["train", str(config), "--output", output]) == 2
+    err = capsys.readouterr().err
+    assert err == f"poisonsweep: error: {expected}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]  # no model trained, no cache
