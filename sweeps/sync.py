@@ -12,6 +12,7 @@ complete child run per trial (``poisonsweep sync`` runs it by hand).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
 
 from poison import plan_hash
+from poison.config import ConfigError
 from sweeps.config import SweepConfig
 from sweeps.tracking import Tracker
 from sweeps.worker import CONFIG_FILE, METRICS_FILE, PLAN_FILE
@@ -51,7 +53,19 @@ class Launch:
 
     @classmethod
     def read(cls, folder: Path) -> Launch:
-        return cls(**json.loads((folder / LAUNCH_FILE).read_text()))
+        """The launch file of ``folder``; a ConfigError names the file when it is not one (cut
+        short, edited, another tool's)."""
+        path = folder / LAUNCH_FILE
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+            return cls(**data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not a poisonsweep launch file ({type(err).__name__}: "
+                              f"{str(err)[:120]}); it was cut short or edited") from None
+        except TypeError:
+            fields = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"{path}: not a poisonsweep launch file (expected a JSON object with "
+                              f"{fields})") from None
 
 
 @dataclass

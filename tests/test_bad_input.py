@@ -63,3 +63,18 @@ def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, m
     err = capsys.readouterr().err
     assert err == f"poisonsweep: error: {expected}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]  # no model trained, no cache
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'{"run_name": "s-1", "experim', "not a poisonsweep launch file (JSONDecodeError: Unterminated string"),
+    (b"\xff\xfe", "not a poisonsweep launch file (UnicodeDecodeError"),
+    (b'["a list"]', "not a poisonsweep launch file (expected a JSON object with run_name, experiment"),
+], ids=["cut-short", "not-utf8", "not-an-object"])
+def test_a_broken_launch_file_is_one_line_naming_it(tmp_path, capsys, content, expected):
+    from sweeps.sync import LAUNCH_FILE
+
+    (tmp_path / LAUNCH_FILE).write_bytes(content)
+    assert main(["sync", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"poisonsweep: error: {tmp_path / LAUNCH_FILE}: {expected}"), err
+    assert len(err.splitlines()) == 1 and len(err) < 400
