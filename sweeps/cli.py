@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -17,19 +20,70 @@ from poison import ConfigError, DataError
 PRESETS = "sweeps.presets"
 
 
+#: The longest error line printed (a longer message is cut; --debug shows it whole).
+MAX_ERROR = 1000
+#: OSError numbers that are the machine's state, not poisonsweep's: a full or read-only disk, no
+#: permission, an I/O error, no memory, a network or peer gone.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM,
+                      errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
+_CREDENTIALS = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]+):[^@\s]+@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it replaced by ``***``.
+
+    >>> redact_text("cannot reach https://ana:hunter2@mlflow.example.org:8443/api (timeout)")
+    'cannot reach https://ana:***@mlflow.example.org:8443/api (timeout)'
+    """
+    return _CREDENTIALS.sub(r"\1:***@", text)
+
+
+def _environment_error(err: BaseException) -> bool:
+    """A failure of the machine or a server (exit 3), not of the input or of poisonsweep."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
+        return True
+    mlflow = sys.modules.get("mlflow.exceptions")
+    return mlflow is not None and isinstance(err, mlflow.MlflowException)
+
+
+def _one_line(text: str) -> str:
+    line = redact_text(" ".join(text.split()))
+    return line if len(line) <= MAX_ERROR else f"{line[:MAX_ERROR]}... ({len(line) - MAX_ERROR} more characters; --debug shows all)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for bad input, with one clear message)."""
+    """Entry point; returns the exit code: 2 for bad input and 3 for the environment (a server
+    down, the disk full), each with one line naming the key or file, credentials redacted;
+    ``--debug`` (or ``POISONSWEEP_DEBUG=1``) raises instead, with the traceback. Anything else is a
+    bug of ours: its traceback (redacted) and a line asking for a report, exit 1."""
     args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("POISONSWEEP_DEBUG") == "1"
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # our progress lines say what matters
     try:
         return args.func(args)
     except (ConfigError, DataError) as err:
-        print(f"poisonsweep: error: {err}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"poisonsweep: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if debug:
+            raise
+        if _environment_error(err):
+            print(f"poisonsweep: error: {_one_line(f'{type(err).__name__}: {err}')}", file=sys.stderr)
+            return 3
+        trace = "".join(traceback.format_exception(err))
+        print(redact_text(trace) + "poisonsweep: this is a bug in poisonsweep; please report it with the "
+              "traceback above", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poisonsweep", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of its one line (or POISONSWEEP_DEBUG=1)")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a sweep through Ray Tune + Optuna into MLflow")

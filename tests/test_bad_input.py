@@ -78,3 +78,49 @@ def test_a_broken_launch_file_is_one_line_naming_it(tmp_path, capsys, content, e
     err = capsys.readouterr().err
     assert err.startswith(f"poisonsweep: error: {tmp_path / LAUNCH_FILE}: {expected}"), err
     assert len(err.splitlines()) == 1 and len(err) < 400
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_server_that_is_down_is_exit_3_in_one_line_without_its_password(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    uri = f"http://ana:hunter2@127.0.0.1:{_closed_port()}"
+    assert main(["pareto", "--experiment", "x", "--tracking-uri", uri]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("poisonsweep: error: MlflowException: ") and "ana:***@127.0.0.1" in err, err
+    assert len(err.splitlines()) == 1 and len(err) <= 1100 and "hunter2" not in err
+
+
+def test_the_machine_and_our_own_bugs_are_told_apart(monkeypatch, capsys):
+    import errno
+
+    import sweeps.cli as cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/results/x")
+
+    def bug(args):
+        raise KeyError("https://ana:hunter2@mlflow.example.org oops")
+
+    monkeypatch.setattr(cli, "_defenses", full)
+    assert main(["defenses", "--experiment", "x"]) == 3
+    err = capsys.readouterr().err
+    assert err == "poisonsweep: error: OSError: [Errno 28] No space left on device: '/results/x'\n"
+    monkeypatch.setattr(cli, "_defenses", bug)
+    assert main(["defenses", "--experiment", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError" in err and "hunter2" not in err
+    assert err.rstrip().endswith("poisonsweep: this is a bug in poisonsweep; please report it with the traceback above")
+    with pytest.raises(KeyError):  # --debug: the traceback itself, for the developer
+        main(["--debug", "defenses", "--experiment", "x"])
+    monkeypatch.setenv("POISONSWEEP_DEBUG", "1")
+    with pytest.raises(OSError):
+        monkeypatch.setattr(cli, "_defenses", full)
+        main(["defenses", "--experiment", "x"])
