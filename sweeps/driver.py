@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,7 +145,10 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
 def find_launch(sweep: SweepConfig) -> tuple[Path, Launch]:
     """The sweep's latest launch in ``storage.path`` that did not finish, for ``--resume``."""
     storage = Path(sweep.storage.path).resolve()
-    launches = sorted(storage.glob(f"{sweep.name}-*/{LAUNCH_FILE}")) if storage.is_dir() else []
+    # a launch folder is "<name>-YYYYmmdd-HHMMSS": sweep "demo" must not take "demo-backdoor"'s launches
+    own = re.compile(re.escape(sweep.name) + r"-\d{8}-\d{6}")
+    launches = sorted(p for p in storage.glob(f"*/{LAUNCH_FILE}") if own.fullmatch(p.parent.name)) \
+        if storage.is_dir() else []
     if not launches:
         raise ConfigError(f"--resume: no launch of sweep {sweep.name!r} in storage.path {storage}")
     folder = launches[-1].parent

@@ -124,3 +124,25 @@ def test_the_machine_and_our_own_bugs_are_told_apart(monkeypatch, capsys):
     with pytest.raises(OSError):
         monkeypatch.setattr(cli, "_defenses", full)
         main(["defenses", "--experiment", "x"])
+
+
+def test_resume_takes_only_its_own_sweeps_launches(tmp_path):
+    from poison import ConfigError
+    from sweeps.config import validate_config
+    from sweeps.driver import find_launch
+    from sweeps.sync import Launch
+
+    def sweep(name):
+        return validate_config({**CONFIG, "name": name, "storage": {"path": str(tmp_path)}}, check_data=False)
+
+    def launch(name, stamp):
+        Launch(f"{name}-{stamp}", "e", "r", "sqlite:///x", sweep(name).to_yaml()).write(tmp_path / f"{name}-{stamp}")
+
+    launch("demo-backdoor", "20261206-101010")  # another sweep whose name starts with "demo-"
+    with pytest.raises(ConfigError, match="--resume: no launch of sweep 'demo' in storage.path"):
+        find_launch(sweep("demo"))
+    launch("demo", "20261206-090909")
+    launch("demo", "20261206-091010")
+    folder, found = find_launch(sweep("demo"))
+    assert folder.name == found.run_name == "demo-20261206-091010"  # its own, the latest
+    assert find_launch(sweep("demo-backdoor"))[0].name == "demo-backdoor-20261206-101010"
