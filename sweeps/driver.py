@@ -27,7 +27,7 @@ from sweeps import local_ray
 from sweeps.config import REPLICATE, SweepConfig, read_yaml
 from sweeps.space import define_by_run, make_sampler
 from sweeps.sync import LAUNCH_FILE, TRACKING_ERRORS, Backoff, Launch, Mirror, trial_folder
-from sweeps.tracking import Tracker
+from sweeps.tracking import Tracker, without_credentials
 from sweeps.worker import METRICS_FILE, finite, train_clean, train_reference, trial_parameters, trial_resources
 from sweeps.worker import trainable as trial_trainable
 from trainers import TrialConfig
@@ -100,7 +100,8 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
     else:
         run_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         folder = Path(sweep.storage.path).resolve() / run_name
-        launch = Launch(run_name, tracker.experiment_name, tracker.start_parent(), optuna_storage(sweep), sweep.to_yaml())
+        launch = Launch(run_name, tracker.experiment_name, tracker.start_parent(), optuna_storage(sweep), sweep.to_yaml(),
+                        tracking_uri=without_credentials(tracking_uri))
         launch.write(folder)
     logger = TrialLogger(sweep, tracker, printer)
     try:

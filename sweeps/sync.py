@@ -44,6 +44,9 @@ class Launch:
     study_url: str
     config_yaml: str
     finished: bool = False  # the launch ended with every trial in MLflow
+    # the tracking store the launch wrote to, without credentials (which MLflow then takes from
+    # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD); None in launch files older than it
+    tracking_uri: str | None = None
 
     def write(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,14 @@ from sweeps.tracking import Tracker, redact, tracking_uri
 
 def sync_launch(folder, cli_uri: str | None, *, printer: Printer = print) -> int:
     """Brings every trial of the launch in ``folder`` into MLflow and finishes its parent run;
-    0 when MLflow has it all, 3 when the tracking store still fails."""
+    0 when MLflow has it all, 3 when the tracking store still fails. The store: ``--tracking-uri``,
+    else the one the launch wrote to (its launch file says which), else as ``poisonsweep run``
+    chooses one."""
     import ray
 
     launch = Launch.read(folder)
     sweep = validate_config(read_yaml(launch.config_yaml, str(Path(folder) / LAUNCH_FILE)), check_data=False)
-    uri = tracking_uri(cli_uri, sweep)
+    uri = tracking_uri(cli_uri or launch.tracking_uri, sweep)
     tracker = Tracker(uri, sweep)
     tracker.reopen_parent(launch.parent_run_id)
     logger = TrialLogger(sweep, tracker, printer)

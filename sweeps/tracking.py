@@ -59,6 +59,18 @@ def tracking_uri(cli_uri: str | None, sweep: SweepConfig | None, storage_path: s
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` without ``user:password@``: what may be written to a file.
+
+    >>> without_credentials("https://ana:hunter2@mlflow.example.org:8443/x")
+    'https://mlflow.example.org:8443/x'
+    """
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def redact(uri: str) -> str:
     """``uri`` as it may be printed: a password in it (``https://user:pw@host``) replaced by ``***``."""
     parts = urlsplit(uri)

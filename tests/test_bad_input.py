@@ -146,3 +146,28 @@ def test_resume_takes_only_its_own_sweeps_launches(tmp_path):
     folder, found = find_launch(sweep("demo"))
     assert folder.name == found.run_name == "demo-20261206-091010"  # its own, the latest
     assert find_launch(sweep("demo-backdoor"))[0].name == "demo-backdoor-20261206-101010"
+
+
+def test_sync_writes_to_the_store_its_launch_wrote_to(tmp_path, monkeypatch):
+    import sweeps.sync_command as sync_command
+    from sweeps.config import validate_config
+    from sweeps.sync import Launch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sweep = validate_config({**CONFIG, "storage": {"path": str(tmp_path)}}, check_data=False)
+    own = f"sqlite:///{tmp_path / 'own.db'}"
+    Launch("l", "e", "r", "sqlite:///x", sweep.to_yaml(), tracking_uri=own).write(tmp_path / "l")
+    used = []
+
+    class Stop(Exception):
+        pass
+
+    def tracker(uri, sweep):
+        used.append(uri)
+        raise Stop
+
+    monkeypatch.setattr(sync_command, "Tracker", tracker)
+    for flag, expected in ((None, own), ("sqlite:///other.db", "sqlite:///other.db")):
+        with pytest.raises(Stop):
+            sync_command.sync_launch(tmp_path / "l", flag)
+        assert used[-1] == expected  # the launch's own store, unless --tracking-uri says otherwise
