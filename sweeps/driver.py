@@ -102,10 +102,10 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
         folder = Path(sweep.storage.path).resolve() / run_name
         launch = Launch(run_name, tracker.experiment_name, tracker.start_parent(), optuna_storage(sweep), sweep.to_yaml(),
                         tracking_uri=without_credentials(tracking_uri))
-        launch.write(folder)
-    logger = TrialLogger(sweep, tracker, printer)
-    try:
+    try:  # from here a failure finishes the parent run FAILED: none is left RUNNING by a failed start
+        logger = TrialLogger(sweep, tracker, printer)
         if found is None:
+            launch.write(folder)  # resumable from now on (below: before Tune's state exists too)
             tracker.client.log_param(launch.parent_run_id, "optuna.study", f"{launch.run_name} in {launch.study_url}")
         else:
             logger.reattach()
@@ -119,7 +119,9 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
             logger.say(f"filters' reference model ({reference['pairs']:,} trusted pairs): utility "
                        f"{reference['utility']:.3f} ({'from the cache' if reference['cached'] else 'trained'})")
         objectives = list(sweep.search.objectives)
-        if found is None:
+        if found is None or not tune.Tuner.can_restore(str(folder)):
+            # a new launch, or one stopped before Tune wrote its state: Tune starts afresh under the
+            # launch's own parent run and study
             tuner(sweep, _searcher(sweep, launch.run_name, launch.study_url), trial_count(sweep), logger,
                   launch.run_name, objectives, trainable=trainable).fit()
         else:

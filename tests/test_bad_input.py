@@ -171,3 +171,37 @@ def test_sync_writes_to_the_store_its_launch_wrote_to(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             sync_command.sync_launch(tmp_path / "l", flag)
         assert used[-1] == expected  # the launch's own store, unless --tracking-uri says otherwise
+
+
+@pytest.mark.slow
+def test_a_launch_stopped_before_tunes_state_resumes_and_a_failed_start_leaves_no_running_parent(
+        tmp_path, ray_local, monkeypatch):
+    """The launch file is written, then the start fails before Tune writes anything (a kill there
+    is the same for Tune): the parent run is FAILED, not RUNNING; ``--resume`` starts Tune afresh
+    under the same parent run, and the sweep ends with its trials in MLflow. About a minute."""
+    import sweeps.driver as driver
+    from sweeps.config import load_config
+    from sweeps.sync import LAUNCH_FILE
+    from tests.conftest import launch_runs
+    from tests.test_faults import TINY, _write
+
+    sweep = load_config(_write(tmp_path, "early", train={**TINY["train"], "epochs": 1},
+                               search={**TINY["search"], "num_samples": 1}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def stopped(*args, **kwargs):
+        raise RuntimeError("stopped before Tune started")
+
+    monkeypatch.setattr(driver, "tuner", stopped)
+    with pytest.raises(RuntimeError, match="stopped before Tune started"):
+        driver.run_sweep(sweep, tracking_uri=uri, printer=lambda line: None)
+    (launch_file,) = (tmp_path / "results").glob(f"early-*/{LAUNCH_FILE}")
+    assert sorted(p.name for p in launch_file.parent.iterdir()) == [LAUNCH_FILE]  # no Tune state
+    _, parent, _ = launch_runs(uri, "early", "sweep")
+    assert parent.info.status == "FAILED"
+    monkeypatch.undo()
+    outcome = driver.run_sweep(sweep, tracking_uri=uri, printer=lambda line: None, resume=True)
+    assert outcome.synced and [r.status for r in outcome.rows] == ["FINISHED"]
+    _, resumed, children = launch_runs(uri, "early", "sweep")
+    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
+    assert [c.info.status for c in children] == ["FINISHED"]
