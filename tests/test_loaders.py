@@ -416,6 +416,20 @@ def test_imagefolder_uses_its_own_train_and_val_folders(tmp_path):
         load_dataset(DataSpec(dataset="imagefolder", path=str(tmp_path / "train" / "red_thing")))
 
 
+def test_an_imagefolder_symlink_loop_is_one_error_naming_the_link(tmp_path):
+    root = _folder(tmp_path / "shapes", 2)
+    (root / "red_thing" / "more").mkdir()
+    (root / "red_thing" / "more" / "again").symlink_to(root / "red_thing")  # red_thing/more/again/more/...
+    (root / "blue_thing" / "alias").symlink_to(root / "green_thing")  # a link elsewhere: followed
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(dataset="imagefolder", path=str(root), size=None, test_size=2, image_size=8))
+    assert str(info.value) == (f"data.path: {root / 'red_thing' / 'more' / 'again'} is a symbolic link loop "
+                               f"(it points to {root / 'red_thing'}, which holds it); remove the link")
+    (root / "red_thing" / "more" / "again").unlink()
+    ds = load_dataset(DataSpec(dataset="imagefolder", path=str(root), size=None, test_size=2, image_size=8))
+    assert ds.manifest.num_rows == 10  # 8 images, and green's 2 again under blue_thing/alias
+
+
 def test_a_plan_drawn_after_skipping_uses_only_kept_pairs(tmp_path):
     root = _folder(tmp_path / "train", 6)
     _folder(tmp_path / "val", 1, seed=50)

@@ -92,12 +92,20 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _images(folder: Path) -> list[str]:
-    """Image files under ``folder`` at any depth, sorted by path."""
+    """Image files under ``folder`` at any depth, sorted by path. Symbolic links to folders are
+    followed, but a link to a folder that holds it (a loop, which would never end) is a
+    DataError naming the link."""
     if not folder.is_dir():
         return []
     out = []
     for parent, dirs, names in os.walk(folder, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        here = os.path.realpath(parent)
+        for d in dirs:
+            target = os.path.realpath(os.path.join(parent, d))
+            if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                raise DataError(f"data.path: {os.path.join(parent, d)} is a symbolic link loop (it points to "
+                                f"{target}, which holds it); remove the link")
         out += [os.path.join(parent, n) for n in names
                 if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
     return sorted(out)
