@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from poison import plan_hash
 from poison.config import ConfigError
 from sweeps.config import SweepConfig
-from sweeps.tracking import Tracker
+from sweeps.tracking import FINAL_TAG, Tracker
 from sweeps.worker import CONFIG_FILE, METRICS_FILE, PLAN_FILE
 
 LAUNCH_FILE = "poisonsweep.json"
@@ -78,6 +78,7 @@ class _Run:
     status: str = "RUNNING"
     steps: set[int] = field(default_factory=set)  # epochs already in MLflow
     logged: dict[int, dict[str, Any]] = field(default_factory=dict)  # the last epoch this process logged
+    final: bool = False  # its final metrics are in MLflow (the run has FINAL_TAG)
 
 
 class Mirror:
@@ -100,7 +101,8 @@ class Mirror:
                     name = run.info.run_name or ""
                     number = int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else len(self.runs) + 1
                     steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
-                    self.runs[trial_id] = _Run(run.info.run_id, number, run.info.status, steps)
+                    self.runs[trial_id] = _Run(run.info.run_id, number, run.info.status, steps,
+                                               final=FINAL_TAG in run.data.tags)
             token = page.token
             if not token:
                 return
@@ -132,8 +134,10 @@ class Mirror:
         seen = self._last_epoch(trial_id, trial_dir, last_step)
         new = {k: v for k, v in metrics.items() if seen.get(k) != v}
         plan = pq.read_table(folder / PLAN_FILE)
-        self.tracker.finish_trial(run.run_id, new, last_step, [folder / PLAN_FILE, folder / CONFIG_FILE],
-                                  tags={"plan_hash": plan_hash(plan)})
+        if not run.final:  # once, even when what follows fails and is replayed
+            self.tracker.log_final(run.run_id, new, last_step, tags={"plan_hash": plan_hash(plan)})
+            run.final = True
+        self.tracker.finish_trial(run.run_id, [folder / PLAN_FILE, folder / CONFIG_FILE])
         run.status = "FINISHED"
         return metrics
 

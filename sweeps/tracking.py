@@ -23,6 +23,8 @@ ROLE_TAG = "poisonsweep.role"
 MAX_PARAMS_PER_BATCH = 100
 
 
+#: A trial run's tag, logged in the same batch as its final metrics: they are in MLflow.
+FINAL_TAG = "poisonsweep.final_metrics"
 #: The tracking URI schemes MLflow 3 keeps runs in: a database (SQLAlchemy's dialects, with or
 #: without ``+driver``), a tracking server, Databricks.
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -151,9 +153,14 @@ class Tracker:
         if rows or labels:
             self.client.log_batch(run_id, metrics=rows, tags=labels)
 
-    def finish_trial(self, run_id: str, metrics: dict[str, Any], step: int, artifacts: list[Path],
-                     tags: dict[str, str] | None = None) -> None:
-        self.log_metrics(run_id, metrics, step, tags)  # one request for both
+    def log_final(self, run_id: str, metrics: dict[str, Any], step: int, tags: dict[str, str] | None = None) -> None:
+        """A finished trial's final metrics and tags in one batch (one request), marked by
+        :data:`FINAL_TAG` in that same batch: a replay after a crash that finds the tag logs none
+        of them again."""
+        self.log_metrics(run_id, metrics, step, {**(tags or {}), FINAL_TAG: "1"})
+
+    def finish_trial(self, run_id: str, artifacts: list[Path]) -> None:
+        """After :meth:`log_final`: the trial's artifacts (the same paths again on a replay) and its status."""
         for path in artifacts:
             self.client.log_artifact(run_id, str(path))
         self.client.set_terminated(run_id, "FINISHED")

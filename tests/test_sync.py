@@ -22,8 +22,11 @@ class Recorder:
     def log_metrics(self, run_id, metrics, step, tags=None):
         self.logged.append((run_id, step, dict(metrics)))
 
-    def finish_trial(self, run_id, metrics, step, artifacts, tags=None):
+    def log_final(self, run_id, metrics, step, tags=None):
         self.logged.append((run_id, step, dict(metrics)))
+
+    def finish_trial(self, run_id, artifacts):
+        pass
 
 
 def test_final_metrics_skip_what_the_last_epoch_logged_even_before_tune_writes_its_record(tmp_path):
@@ -45,3 +48,48 @@ def test_final_metrics_skip_what_the_last_epoch_logged_even_before_tune_writes_i
     mirror.complete("t1", final, 1, trial_dir)
     at_step_1 = [name for _, step, metrics in tracker.logged if step == 1 for name in metrics]
     assert sorted(at_step_1) == sorted(["epoch", "loss", "utility", "attack_success", "poison_count", "utility_drop"])
+
+
+def test_a_final_write_replayed_after_a_crash_logs_no_metric_twice(tmp_path):
+    """The driver dies after a trial's final metrics are in MLflow but before the run is marked
+    FINISHED; the resumed driver (a new mirror over the same parent run) completes it without
+    logging any final metric again: they went in one batch with the tag that says so."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import FINAL_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = validate_config({"name": "replay", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
+                            check_data=False)
+    final = tmp_path / "checkpoint"
+    final.mkdir()
+    (final / METRICS_FILE).write_text(json.dumps({"utility": 0.25, "poison_count": 40, "utility_drop": 0.01}))
+    pq.write_table(pa.table({"index": [1, 2]}), final / PLAN_FILE)
+    (final / CONFIG_FILE).write_text("seed: 0\n")
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+
+    class Dies(Tracker):
+        def finish_trial(self, run_id, artifacts):
+            raise ConnectionError("the driver died here")
+
+    first = Dies(uri, sweep)
+    parent = first.start_parent()
+    mirror = Mirror(sweep, first)
+    mirror.start("t1", {}, 1)
+    mirror.epoch("t1", {"epoch": 1, "loss": 4.7, "utility": 0.25})
+    try:
+        mirror.complete("t1", final, 1, trial_dir)
+    except ConnectionError:
+        pass
+    again = Tracker(uri, sweep)
+    again.reopen_parent(parent)
+    resumed = Mirror(sweep, again)
+    resumed.load_existing()
+    assert resumed.runs["t1"].final and resumed.runs["t1"].status == "RUNNING"
+    resumed.complete("t1", final, 1, trial_dir)
+    client = MlflowClient(uri)
+    run = client.get_run(resumed.runs["t1"].run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[FINAL_TAG] == "1"
+    for name in ("poison_count", "utility_drop", "utility"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 1, name

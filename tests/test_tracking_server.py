@@ -48,7 +48,8 @@ def test_tracker_writes_parent_child_metrics_and_artifacts_over_http(server, tmp
     tracker.log_metrics(child, {"utility": 0.5, "epoch": 1}, step=1)
     plan = tmp_path / "poison_plan.parquet"
     plan.write_bytes(b"PAR1")
-    tracker.finish_trial(child, {"attack_success": 0.9, "poison_count": 7}, 1, [plan], tags={"plan_hash": "abc"})
+    tracker.log_final(child, {"attack_success": 0.9, "poison_count": 7}, 1, tags={"plan_hash": "abc"})
+    tracker.finish_trial(child, [plan])
     failed = tracker.start_trial("t2", sweep.default_trial, {})
     tracker.fail_trial(failed, "Traceback...\nFloatingPointError: boom")
     tracker.finish_parent("trial_id\nt1\n")
