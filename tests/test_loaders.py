@@ -480,3 +480,16 @@ def test_a_short_trial_runs_on_an_imagefolder(tmp_path):
     assert m["zeroshot_top1"] >= 0.75 and m["poison_count"] == 4
     assert result.plan.num_rows == 4
     assert m["data_skipped"] == 1  # the truncated JPEG, counted in the trial's metrics
+
+
+def test_an_image_replaced_under_the_same_name_is_decoded_again(tsv, tmp_path):
+    spec = DataSpec(dataset="csv", path=str(tsv), size=None, test_size=2, image_size=16,
+                    cache_dir=str(tmp_path / "cache"))
+    first = load_dataset(spec)
+    old, new = list(COLOURS)[2], list(COLOURS)[3]  # img/2.jpg's colour (the tsv fixture), and another
+    row = first.manifest["caption"].to_pylist().index(f"a {old} square number 2")
+    assert np.abs(_mean_colour(first.images[first.manifest["image"][row].as_py()]) - COLOURS[old]).max() < 12
+    _write(tmp_path / "img" / "2.jpg", COLOURS[new], seed=2)  # same path, new picture, the csv untouched
+    again = load_dataset(spec)
+    assert np.abs(_mean_colour(again.images[again.manifest["image"][row].as_py()]) - COLOURS[new]).max() < 12
+    assert len([p for p in (tmp_path / "cache" / "images").glob("csv-*.npy") if ".status" not in p.name]) == 2
