@@ -78,8 +78,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     checkpoint, top1 = pretrained(args.cache)
 
+    number = {label: i for i, (label, *_) in enumerate(POINTS)}
+
     def saved(label: str, seed: int) -> Path:
-        return args.cache / "trials" / f"{POINTS.index(next(p for p in POINTS if p[0] == label))}-seed-{seed}.json"
+        return args.cache / "trials" / f"{number[label]}-seed-{seed}.json"
 
     jobs = [(label, count, epochs, kind, extra, seed, checkpoint, str(args.cache / "models"))
             for label, count, epochs, kind, extra in POINTS for seed in seeds if not saved(label, seed).is_file()]

@@ -33,6 +33,10 @@ class Step:
     last_epoch: int | None = None        # the run's last epoch, numbered as ``epoch``
     to_text: Callable[[torch.Tensor], torch.Tensor] | None = None  # token ids (CPU) → the text tower's input
 
+    def text_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids on the CPU (caption views) as the text tower takes them."""
+        return self.to_text(tokens) if self.to_text is not None else tokens.to(self.tokens.device)
+
 
 class Objective:
     """CLIP's symmetric InfoNCE loss (open_clip's ``ClipLoss``) on the batch's own pairs."""

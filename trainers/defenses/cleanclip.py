@@ -68,8 +68,7 @@ class InModal(Objective):
 
     def caption_views(self, step: Step, rows: np.ndarray | None = None) -> torch.Tensor:
         """The caption views of the batch's rows (or of ``rows`` among them), as the text tower takes them."""
-        tokens = self.captions.tokens(step.rows if rows is None else rows)
-        return step.to_text(tokens) if step.to_text is not None else tokens.to(step.tokens.device)
+        return step.text_input(self.captions.tokens(step.rows if rows is None else rows))
 
     def view_loss(self, x: torch.Tensor, views: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The in-modal term of originals ``x`` against their ``views``."""

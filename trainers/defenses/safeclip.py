@@ -297,8 +297,7 @@ class SafeRisky(InModal):
     def second_view(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """View 2's normalised image and caption embeddings: another fresh image view, the second EDA caption."""
         images = step.to_input(augment_images(self.loaded, self.image_view))
-        tokens = self.second.tokens(step.rows)
-        tokens = step.to_text(tokens) if step.to_text is not None else tokens.to(step.tokens.device)
+        tokens = step.text_input(self.second.tokens(step.rows))
         return step.model.encode_image(images, normalize=True), step.model.encode_text(tokens, normalize=True)
 
     def loss(self, step: Step) -> torch.Tensor:
