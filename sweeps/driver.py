@@ -285,7 +285,12 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
             storage_path=str(storage),
             callbacks=[logger],
             failure_config=tune.FailureConfig(max_failures=sweep.search.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Tune deletes a trial's oldest checkpoint when it registers a newer one, before the
+            # experiment state naming the newer one reaches storage: with one kept, a driver
+            # killed in that gap leaves a state whose checkpoint is gone and the trial cannot
+            # resume. Two kept close the gap unless two epochs end within one state save
+            # (TUNE_GLOBAL_CHECKPOINT_S)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0,
         ),
     )
