@@ -2,7 +2,7 @@
 
 For a logistic dose-response in log count (``sweeps.budget``'s model, no background rate) the
 large-sample variance of the fitted crossing is φ·V/n for n trials, where V depends only on the
-design: where the trials go (``sweeps.budget.crossing_variance``). The least V of any design is
+design: where the trials go (``sweeps.budget._stats.crossing_variance``). The least V of any design is
 every trial at the crossing itself (``best_variance``: 1/(b²·τ(1-τ))), which needs the true curve.
 So V_best / V_grid is the smallest fraction of a log-spaced grid's trials that any design,
 sequential or not, can need for the same precision, in large samples: a floor under the ratio
@@ -10,7 +10,7 @@ sequential or not, can need for the same precision, in large samples: a floor un
 
 It prints that floor per curve, threshold, bracket and grid size, and checks the large-sample
 variance against the spread of real fits: ``--check R`` fits R simulated grids per row
-(``sweeps.budget.grid_estimate``, Beta seed spread of concentration ``--concentration``) and
+(``sweeps.budget._stats.grid_estimate``, Beta seed spread of concentration ``--concentration``) and
 prints the measured variance of the log crossing over the predicted φ·V/n (1 where the formula
 holds). Defaults: the real CPU trials' curve (``README.md``: slope 1.6 per unit of log count,
 success 0.5 at 14 pairs) on their bracket 5-600 and on a three-decade one. Pure CPU, seconds:
@@ -25,7 +25,7 @@ import math
 import numpy as np
 from scipy import special
 
-from sweeps.budget import SimulatedResponse, best_variance, crossing_variance, grid_estimate, log_counts
+from sweeps.budget._stats import SimulatedResponse, best_variance, crossing_variance, grid_estimate, log_counts
 
 # on 5-600, 65, 70 and 170 round to 60, 64 and 131 distinct counts: the grids of budget_real.py's
 # 180 trials and of the calibrated simulation's 192 and 393 (README)

@@ -7,7 +7,7 @@ reaches ``attack_success`` >= each of ``--thresholds``. Each trial is a real
 patch on non-bag images captioned as bags, tiny-rn, ``--epochs`` epochs of batch 64, one torch
 thread per trial, ``--workers`` trials at a time.
 
-1. For each threshold, the sequential search (``sweeps.budget.BudgetSearch``, as
+1. For each threshold, the sequential search (``sweeps.budget._stats.BudgetSearch``, as
    ``poisonsweep budget`` runs it: every trial its own seed) goes to its stopping rule; its
    trials and final interval width are recorded.
 2. Log-spaced grids over the same bracket with the same replicates per count, fitted with the
@@ -29,7 +29,7 @@ import multiprocessing as mp
 import tempfile
 import time
 
-from sweeps.budget import BudgetSearch, Estimate, Point
+from sweeps.budget._stats import BudgetSearch, Estimate, Point
 
 RECIPE = {
     "data": {"dataset": "fashion-mnist", "size": 2000, "test_size": 500},

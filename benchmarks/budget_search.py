@@ -1,6 +1,6 @@
 """Trials needed: the sequential budget search against a log-spaced grid, side by side.
 
-On simulated noisy dose-responses (``sweeps.budget.SimulatedResponse``: logistic in log
+On simulated noisy dose-responses (``sweeps.budget._stats.SimulatedResponse``: logistic in log
 count, Beta seed-to-seed spread, Binomial test-set noise) with known crossings, it runs
 the sequential search (``BudgetSearch``) to its stopping rule, then finds the smallest
 log-spaced grid over the same bracket, with the same replicates per count, fitted with
@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sweeps.budget import BudgetSearch, SimulatedResponse, grid_estimate, run_simulated
+from sweeps.budget._stats import BudgetSearch, SimulatedResponse, grid_estimate, run_simulated
 
 GRID_SIZES = (4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 18, 20, 23, 26, 30, 35, 40, 45, 50, 60, 70, 80, 100, 120)
 

@@ -4,7 +4,7 @@ Each row is a preset (``sweeps/presets/``) at the default of every search dimens
 ``--set`` overrides (the defense, for the defense rows), trained with ``trainers.run_trial`` (no
 Ray, no MLflow) once per seed, with the sweep's clean model of the same seed as the baseline. The
 table gives, per row, the mean and 95% interval (Student's t over the seeds, shown within [0, 1];
-``sweeps.pareto.replicate_stats``) of ``attack_success`` and
+``sweeps.analysis.replicate_stats``) of ``attack_success`` and
 ``utility``, the clean model's, the paper's own claim and whether it reproduces here by the row's
 stated criterion, and the command that reruns the row.
 
@@ -96,7 +96,7 @@ METRICS = ("attack_success", "utility", "clean_attack_success", "clean_utility")
 
 
 def trial_config(row: Row, seed: int):
-    from sweeps.config import load_config
+    from sweeps.config._schema import load_config
 
     with resources.as_file(resources.files("sweeps.presets") / row.preset) as path:
         sweep = load_config(path, [*row.overrides, *row.sets])
@@ -143,7 +143,7 @@ def table(rows: list[Row], seeds: list[int], cache: Path) -> tuple[dict[str, str
     """Each row's line of the page (Markdown) and each finished row's means."""
     import pandas as pd
 
-    from sweeps.pareto import replicate_stats
+    from sweeps.analysis._pareto import replicate_stats
 
     lines, means = {}, {}
     for row in sorted(rows, key=lambda r: r.undefended is not None):  # a defense row after its undefended one

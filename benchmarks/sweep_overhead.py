@@ -1,6 +1,6 @@
 """What the sweep machinery costs per trial: poisonsweep's own driver over trials of fixed work.
 
-It runs ``sweeps.driver.run_sweep`` as ``poisonsweep run`` does (Ray Tune's Tuner with
+It runs ``sweeps.launch.run_sweep`` as ``poisonsweep run`` does (Ray Tune's Tuner with
 OptunaSearch and a ConcurrencyLimiter, the TrialLogger writing a parent run and one child
 run per trial into a SQLite MLflow store, the launch file, per-epoch checkpoints, retries
 allowed), with one substitution: each trial's function (``run_sweep(trainable=...)``) does
@@ -82,7 +82,7 @@ def record_trial(sweep: Any, folder: Path) -> dict[str, Any]:
     poison plan and the loop state of its last epoch."""
     import pyarrow.parquet as pq
 
-    from sweeps.worker import PLAN_FILE
+    from sweeps._files import PLAN_FILE
     from trainers import run_trial
     from trainers.resume import write_state
 
@@ -114,7 +114,7 @@ def record_trial(sweep: Any, folder: Path) -> dict[str, Any]:
 
 def fixed_work_trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_dir: str,
                          threads: int, objectives: list[str], every: int = 1, **_: Any) -> None:
-    """A trial of ``$SWEEP_OVERHEAD_WORK`` seconds, with :func:`sweeps.worker.trainable`'s
+    """A trial of ``$SWEEP_OVERHEAD_WORK`` seconds, with :func:`sweeps.launch.trainable`'s
     signature and reports, replaying the recorded real trial (see the module's docstring);
     parameters it has no use for are ignored."""
     import tempfile as _tempfile
@@ -122,8 +122,9 @@ def fixed_work_trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: d
     import yaml
     from ray import tune
 
-    from sweeps.config import resolve
-    from sweeps.worker import CONFIG_FILE, METRICS_FILE, PLAN_FILE, for_worker
+    from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE
+    from sweeps.config._schema import resolve
+    from sweeps.launch._trainable import for_worker
 
     record, work = Path(os.environ[RECORD_ENV]), float(os.environ[WORK_ENV])
     config = for_worker(resolve(raw, dims, values), threads)
@@ -201,7 +202,7 @@ def check_mlflow(uri: str, outcome: Any, sweep: Any, record: Path, trials: int, 
     """What is missing from MLflow (empty: nothing)."""
     from mlflow.tracking import MlflowClient
 
-    from sweeps.tracking import ROLE_TAG
+    from sweeps.tracking._client import ROLE_TAG
 
     client, problems = MlflowClient(uri), []
     final_names = set(json.loads((record / FINAL_FILE).read_text()))
@@ -254,9 +255,9 @@ def main() -> None:
 
     import ray
 
-    from sweeps import local_ray
-    from sweeps.config import validate_config
-    from sweeps.driver import QUIET_ENV, run_sweep
+    from sweeps import _local_ray as local_ray
+    from sweeps.config._schema import validate_config
+    from sweeps.launch._driver import QUIET_ENV, run_sweep
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     folder = Path(args.keep or tempfile.mkdtemp(prefix="sweep-overhead-")).resolve()

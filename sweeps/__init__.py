@@ -1,4 +1,12 @@
-"""sweeps: config schema, search spaces, the Ray Tune driver, MLflow logging and the CLI.
+"""sweeps: the sweep system around one trial — the only package of poisonsweep that imports
+ray, optuna and mlflow.
 
-The only package of poisonsweep that imports ray, optuna and mlflow.
+- ``sweeps.config``: the sweep config's schema, validation and search space;
+- ``sweeps.launch``: running a sweep (the Ray Tune driver, the trainable in Ray's workers);
+- ``sweeps.tracking``: MLflow (the client, the mirror of Tune's storage, the trial logger);
+- ``sweeps.analysis``: Pareto fronts and the attack × defense table, read from MLflow;
+- ``sweeps.budget``: the minimal poison budget's sequential search;
+- ``sweeps.cli``: the ``poisonsweep`` command, every verb.
+
+Each package's ``__init__`` lists its public names; its modules (``_name.py``) are private.
 """

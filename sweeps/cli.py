@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -165,8 +165,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
     from sweeps.config import load_config
-    from sweeps.driver import run_sweep, summary_table
-    from sweeps.tracking import redact, tracking_uri
+    from sweeps.launch import run_sweep
+    from sweeps.tracking import redact, summary_table, tracking_uri
 
     sweep = load_config(config_path or args.config, args.overrides)  # all checks before Ray starts
     uri = tracking_uri(args.tracking_uri, sweep)
@@ -188,13 +188,49 @@ def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from sweeps.sync import LAUNCH_FILE
-    from sweeps.sync_command import sync_launch
+    from sweeps._files import LAUNCH_FILE
 
     folder = Path(args.folder).resolve()
     if not (folder / LAUNCH_FILE).is_file():
         raise ConfigError(f"{folder}: not a poisonsweep launch folder (no {LAUNCH_FILE})")
     return sync_launch(folder, args.tracking_uri, printer=lambda line: print(line, flush=True))
+
+
+def sync_launch(folder, cli_uri: str | None, *, printer: Callable[[str], None] = print) -> int:
+    """Brings every trial of the launch in ``folder`` into MLflow and finishes its parent run;
+    0 when MLflow has it all, 3 when the tracking store still fails. The store: ``--tracking-uri``,
+    else the one the launch wrote to (its launch file says which), else as ``poisonsweep run``
+    chooses one."""
+    import ray
+
+    from sweeps import _local_ray as local_ray
+    from sweeps._files import LAUNCH_FILE
+    from sweeps.config import read_yaml, validate_config
+    from sweeps.tracking import Launch, Tracker, TrialLogger, redact, summary_csv, tracking_uri
+
+    launch = Launch.read(folder)
+    sweep = validate_config(read_yaml(launch.config_yaml, str(Path(folder) / LAUNCH_FILE)), check_data=False)
+    uri = tracking_uri(cli_uri or launch.tracking_uri, sweep)
+    tracker = Tracker(uri, sweep)
+    tracker.reopen_parent(launch.parent_run_id)
+    logger = TrialLogger(sweep, tracker, printer)
+    logger.reattach()
+    before = {t: r.status for t, r in logger.mirror.runs.items()}
+    if not ray.is_initialized():  # Tune reads its experiment state through a Ray session
+        if os.environ.get("RAY_ADDRESS"):  # on a cluster node or inside `ray job submit`: join it
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            local_ray.init(num_cpus=1)
+    if not logger.catch_up(folder):
+        printer(f"MLflow at {redact(uri)} still fails; nothing lost: run this again when it answers")
+        return 3
+    tracker.finish_parent(summary_csv(logger.rows(), sweep))
+    launch.finished = True
+    launch.write(folder)
+    changed = sum(before.get(t) != r.status for t, r in logger.mirror.runs.items())
+    printer(f"{launch.run_name}: {len(logger.mirror.runs)} trial runs in MLflow ({changed} written now), "
+            f"parent run {launch.parent_run_id} finished")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -233,7 +269,7 @@ def check_output(path: Path, flag: str) -> None:
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from sweeps.pareto import parse_objectives
+    from sweeps.analysis import parse_objectives
     from sweeps.tracking import tracking_uri
 
     objectives = parse_objectives(args.objectives)
@@ -245,7 +281,7 @@ def _print_front(uri: str, experiment: str, objectives: dict[str, str], parent: 
                  group_by: str | None = None, show_all: bool = False) -> int:
     from mlflow.tracking import MlflowClient
 
-    from sweeps.pareto import format_front, latest_sweep_run, load_trials, pareto_front, record
+    from sweeps.analysis import format_front, latest_sweep_run, load_trials, pareto_front, record
 
     client = MlflowClient(uri)
     experiment_id, runs = load_trials(client, experiment, parent)
@@ -261,7 +297,7 @@ def _print_front(uri: str, experiment: str, objectives: dict[str, str], parent: 
 def _defenses(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from sweeps.defenses_table import defenses_report
+    from sweeps.analysis import defenses_report
     from sweeps.tracking import tracking_uri
 
     print(defenses_report(MlflowClient(tracking_uri(args.tracking_uri, None)), args.experiment, args.parent))
@@ -269,7 +305,7 @@ def _defenses(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
-    from sweeps.budget_driver import BudgetOptions, prepare_budget, run_budget, summary
+    from sweeps.budget import BudgetOptions, prepare_budget, run_budget, summary
     from sweeps.config import load_config
     from sweeps.tracking import redact, tracking_uri
 

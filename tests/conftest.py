@@ -23,7 +23,7 @@ def ray_local():
     """Local Ray with two CPUs for the real sweeps of one test module (shut down after it)."""
     import ray
 
-    from sweeps import local_ray
+    from sweeps import _local_ray as local_ray
 
     local_ray.init(num_cpus=2)
     yield

@@ -71,7 +71,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path, m
     (b'["a list"]', "not a poisonsweep launch file (expected a JSON object with run_name, experiment"),
 ], ids=["cut-short", "not-utf8", "not-an-object"])
 def test_a_broken_launch_file_is_one_line_naming_it(tmp_path, capsys, content, expected):
-    from sweeps.sync import LAUNCH_FILE
+    from sweeps._files import LAUNCH_FILE
 
     (tmp_path / LAUNCH_FILE).write_bytes(content)
     assert main(["sync", str(tmp_path)]) == 2
@@ -128,9 +128,9 @@ def test_the_machine_and_our_own_bugs_are_told_apart(monkeypatch, capsys):
 
 def test_resume_takes_only_its_own_sweeps_launches(tmp_path):
     from poison import ConfigError
-    from sweeps.config import validate_config
-    from sweeps.driver import find_launch
-    from sweeps.sync import Launch
+    from sweeps.config._schema import validate_config
+    from sweeps.launch._driver import find_launch
+    from sweeps.tracking._mirror import Launch
 
     def sweep(name):
         return validate_config({**CONFIG, "name": name, "storage": {"path": str(tmp_path)}}, check_data=False)
@@ -149,9 +149,10 @@ def test_resume_takes_only_its_own_sweeps_launches(tmp_path):
 
 
 def test_sync_writes_to_the_store_its_launch_wrote_to(tmp_path, monkeypatch):
-    import sweeps.sync_command as sync_command
-    from sweeps.config import validate_config
-    from sweeps.sync import Launch
+    import sweeps.tracking._client as client
+    from sweeps.cli import sync_launch
+    from sweeps.config._schema import validate_config
+    from sweeps.tracking._mirror import Launch
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sweep = validate_config({**CONFIG, "storage": {"path": str(tmp_path)}}, check_data=False)
@@ -166,10 +167,10 @@ def test_sync_writes_to_the_store_its_launch_wrote_to(tmp_path, monkeypatch):
         used.append(uri)
         raise Stop
 
-    monkeypatch.setattr(sync_command, "Tracker", tracker)
+    monkeypatch.setattr(client, "Tracker", tracker)
     for flag, expected in ((None, own), ("sqlite:///other.db", "sqlite:///other.db")):
         with pytest.raises(Stop):
-            sync_command.sync_launch(tmp_path / "l", flag)
+            sync_launch(tmp_path / "l", flag)
         assert used[-1] == expected  # the launch's own store, unless --tracking-uri says otherwise
 
 
@@ -179,9 +180,9 @@ def test_a_launch_stopped_before_tunes_state_resumes_and_a_failed_start_leaves_n
     """The launch file is written, then the start fails before Tune writes anything (a kill there
     is the same for Tune): the parent run is FAILED, not RUNNING; ``--resume`` starts Tune afresh
     under the same parent run, and the sweep ends with its trials in MLflow. About a minute."""
-    import sweeps.driver as driver
-    from sweeps.config import load_config
-    from sweeps.sync import LAUNCH_FILE
+    import sweeps.launch._driver as driver
+    from sweeps._files import LAUNCH_FILE
+    from sweeps.config._schema import load_config
     from tests.conftest import launch_runs
     from tests.test_faults import TINY, _write
 

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from poison import ConfigError
-from sweeps.budget import (
+from sweeps.budget._search import BudgetOptions, prepare_budget, rate_of
+from sweeps.budget._stats import (
     BudgetSearch,
     Point,
     SimulatedResponse,
@@ -19,9 +20,8 @@ from sweeps.budget import (
     log_counts,
     run_simulated,
 )
-from sweeps.budget_driver import BudgetOptions, prepare_budget, rate_of
 from sweeps.cli import main
-from sweeps.config import validate_config
+from sweeps.config._schema import validate_config
 from tests.conftest import backdoor, launch_runs
 
 LOW, HIGH = 10, 2000
@@ -307,7 +307,7 @@ def test_budget_search_runs_real_trials_into_mlflow(tmp_path, ray_local, capsys)
 
 
 def _outcome(search: BudgetSearch, rate=None):
-    from sweeps.budget_driver import BudgetOutcome
+    from sweeps.budget._search import BudgetOutcome
 
     return BudgetOutcome(search.estimate(), rate, [], search, "0", "run", "sqlite://")
 
@@ -315,7 +315,7 @@ def _outcome(search: BudgetSearch, rate=None):
 def test_only_a_fitted_interval_is_printed_as_a_confidence_interval():
     """Seeds that succeed all or nothing at 30 leave a gap between two counts and no curve: the
     summary says what that is, and claims no confidence; a Fieller interval is printed as the CI it is."""
-    from sweeps.budget_driver import describe, summary
+    from sweeps.budget._search import describe, summary
 
     step = BudgetSearch(low=5, high=5000, threshold=0.9, replicates=2, max_trials=16)
     while not step.done:

@@ -106,7 +106,7 @@ def test_rayjob_image_is_built_on_the_cluster_yaml_image_and_its_sweep_validates
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert f"FROM {_ray_image(_launcher_config())}" in dockerfile.splitlines()
     (config_map,) = [d for d in _rayjob_docs() if d["kind"] == "ConfigMap"]
-    from sweeps.config import validate_config
+    from sweeps.config._schema import validate_config
 
     for text in config_map["data"].values():
         validate_config(yaml.safe_load(text), check_data=False)

@@ -4,8 +4,8 @@ import pytest
 from optuna.trial import FixedTrial
 
 from poison import ConfigError
-from sweeps.config import apply_override, flatten, load_config, validate_config
-from sweeps.space import define_by_run
+from sweeps.config._schema import apply_override, flatten, load_config, validate_config
+from sweeps.config._space import define_by_run
 from tests.conftest import backdoor
 
 BASE = {"name": "t", "data": {"size": 400, "test_size": 40}, "attack": backdoor(20)}
@@ -141,7 +141,7 @@ def test_a_config_with_a_duplicate_key_or_an_alias_bomb_is_one_line(tmp_path, te
 
 
 def test_anchors_merge_keys_and_non_utf8_configs(tmp_path):
-    from sweeps.config import read_yaml
+    from sweeps.config._schema import read_yaml
 
     # anchors, aliases and merge keys still work (a merged key may be overridden)
     assert read_yaml("a: &x {k: 1, j: 2}\nb:\n  <<: *x\n  k: 3\nc: *x\n", "c.yaml") == {
@@ -371,7 +371,7 @@ def test_a_point_may_give_values_for_dimensions_its_kinds_do_not_use():
 
 
 def test_summary_table_marks_dimensions_a_trial_does_not_use():
-    from sweeps.driver import TrialRow, summary_csv, summary_table
+    from sweeps.tracking._logger import TrialRow, summary_csv, summary_table
 
     cfg = validate_config(mixed())
     rows = [TrialRow("a", "FINISHED", {"attack.kind": "targeted", "attack.poison_count": 30}, {}, None),
@@ -387,7 +387,7 @@ def test_objectives_are_the_trial_metrics_plus_every_attacks_metrics(monkeypatch
     from typing import ClassVar, Literal
 
     from poison import ATTACKS, Attack
-    from sweeps.config import objective_names
+    from sweeps.config._schema import objective_names
 
     names = objective_names()
     for kind in ATTACKS:
@@ -475,7 +475,7 @@ def test_any_registry_switches_its_key_text_trigger_included():
 
 
 def test_printed_tracking_uris_hide_their_password():
-    from sweeps.tracking import redact
+    from sweeps.tracking._client import redact
 
     assert redact("https://ana:hunter2@mlflow.example.org:8443/x") == "https://ana:***@mlflow.example.org:8443/x"
     assert redact("postgresql://mlflow:s3cret@db/mlflow") == "postgresql://mlflow:***@db/mlflow"

@@ -318,8 +318,8 @@ def test_a_corrupt_poisoned_checkpoint_is_rebuilt(tmp_path):
 # --- defenses in a sweep config ---
 
 def test_the_driver_trains_one_reference_model_per_distinct_filter_recipe():
-    from sweeps.config import validate_config
-    from sweeps.driver import reference_configs
+    from sweeps.config._schema import validate_config
+    from sweeps.launch._driver import reference_configs
 
     base = {"data": {"size": 200, "test_size": 20}, "attack": backdoor(20)}
     kinds = {"kind": {"choices": ["clean-finetune", "similarity-filter", "outlier-filter"]}}
@@ -335,7 +335,7 @@ def test_the_driver_trains_one_reference_model_per_distinct_filter_recipe():
 
 
 def test_defense_metrics_are_objectives_without_a_list_of_them(monkeypatch):
-    from sweeps.config import objective_names, validate_config
+    from sweeps.config._schema import objective_names, validate_config
 
     names = objective_names()
     for kind in DEFENSES:
@@ -353,7 +353,7 @@ def test_defense_metrics_are_objectives_without_a_list_of_them(monkeypatch):
 
 
 def test_defense_kind_is_searched_with_its_own_dimensions():
-    from sweeps.config import validate_config
+    from sweeps.config._schema import validate_config
 
     cfg = validate_config({
         "data": {"size": 400, "test_size": 40}, "attack": backdoor(20),
@@ -381,7 +381,7 @@ def test_defense_kind_is_searched_with_its_own_dimensions():
     ({"kind": "clean-finetune", "clean_pairs": 10**9}, {"utility": "max"}, None),  # synthetic: any number
 ])
 def test_defense_objectives_and_dimensions_are_checked_at_load(defense, objectives, expected):
-    from sweeps.config import validate_config
+    from sweeps.config._schema import validate_config
 
     raw = {"data": {"size": 400, "test_size": 40}, "attack": backdoor(20), "defense": defense,
            "search": {"objectives": objectives}}

@@ -100,7 +100,7 @@ def test_the_filter_drops_the_poison_before_training(sweep):
         assert m["attack_success"] <= 0.2 and m["utility"] >= undefended["predefense_utility"] - 0.15
         assert m["reference_utility"] > 0.4  # chance is 0.1
     # the reference model (2,000 trusted pairs) was trained once by the driver before the trials
-    # (sweeps.driver.references_first): the filter loaded it
+    # (sweeps.launch._driver.references_first): the filter loaded it
     assert [t.data.metrics["reference_cache_hit"] for t in sweep["filters"]] == [1.0]
 
 

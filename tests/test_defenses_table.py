@@ -7,8 +7,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from poison import ConfigError
+from sweeps.analysis._defenses import defense_table
 from sweeps.cli import main
-from sweeps.defenses_table import defense_table
 
 T2 = 4.302652729911275   # scipy.stats.t.ppf(0.975, 2): three seeds
 T1 = 12.706204736174696  # scipy.stats.t.ppf(0.975, 1): two seeds

@@ -111,7 +111,7 @@ def sweep_config(tmp_path, **resources) -> dict:
 
 def test_workers_must_split_every_batch_size_evenly(tmp_path):
     from poison import ConfigError
-    from sweeps.config import validate_config
+    from sweeps.config._schema import validate_config
 
     raw = sweep_config(tmp_path, workers=3)
     with pytest.raises(ConfigError, match="train.batch_size: batch size 64 does not split evenly over resources.workers 3"):
@@ -131,7 +131,7 @@ def test_workers_must_split_every_batch_size_evenly(tmp_path):
 
 
 def test_a_trials_workers_may_spread_over_nodes_but_must_all_fit():
-    from sweeps.config import ResourcesConfig
+    from sweeps.config._schema import ResourcesConfig
 
     nodes = [{"CPU": 2.0}, {"CPU": 3.0, "GPU": 1.0}]
     assert ResourcesConfig(cpu=1, workers=5).fits(nodes) and not ResourcesConfig(cpu=1, workers=6).fits(nodes)

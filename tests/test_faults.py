@@ -185,12 +185,12 @@ def test_a_tracking_server_down_mid_sweep_loses_nothing(tmp_path, ray_local, mon
     what Tune recorded once the server is back (no run twice, no epoch twice)."""
     import functools
 
-    import sweeps.driver
-    from sweeps.config import load_config
-    from sweeps.driver import run_sweep
-    from sweeps.sync import Backoff
+    import sweeps.tracking._logger as logger
+    from sweeps.config._schema import load_config
+    from sweeps.launch._driver import run_sweep
+    from sweeps.tracking._mirror import Backoff
 
-    monkeypatch.setattr(sweeps.driver, "Backoff", functools.partial(Backoff, seconds=1.0))
+    monkeypatch.setattr(logger, "Backoff", functools.partial(Backoff, seconds=1.0))
     server = TrackingServer(tmp_path)
     server.start()
     lines: list[str] = []

@@ -15,8 +15,8 @@ def test_a_trial_out_of_memory_is_retried_then_failed_everywhere(tmp_path, ray_l
     (``search.max_failures``), then FAILED in Tune, FAIL in Optuna, FAILED in MLflow with the
     allocator's message, and the sweep ends normally. (Killed for memory by the kernel or by
     Ray's memory monitor, a trial's worker dies as in the test above.)"""
-    from sweeps.config import load_config
-    from sweeps.driver import run_sweep
+    from sweeps.config._schema import load_config
+    from sweeps.launch._driver import run_sweep
 
     def runs_out_of_memory(values, **kwargs) -> None:  # nested: Ray's workers get it by value
         """Reports its first epoch, then asks torch's allocator for 64 TiB (the machine has far

@@ -5,8 +5,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from poison import ConfigError
+from sweeps.analysis._pareto import pareto_front, parse_objectives
 from sweeps.cli import main
-from sweeps.pareto import pareto_front, parse_objectives
 
 
 def runs(rows):
@@ -37,7 +37,7 @@ def test_a_success_rate_over_runs_gets_wilsons_interval():
     Wilson's score interval by hand (z = 1.96): centre (0.35 + z²/40) / (1 + z²/20) = 0.37417,
     half-width z·√(0.35·0.65/20 + z²/1600) / (1 + z²/20) = 0.19298: [0.1812, 0.5672]. A metric
     with values between 0 and 1 keeps the t-interval."""
-    from sweeps.pareto import format_front, replicate_stats
+    from sweeps.analysis._pareto import format_front, replicate_stats
 
     frame = pd.DataFrame({"run_id": [f"r{i:02d}" for i in range(20)], "k": 1,
                           "targeted_success": [1.0] * 7 + [0.0] * 13, "utility": np.linspace(0.5, 0.7, 20)})

@@ -111,7 +111,7 @@ def _package_files() -> list[Path]:
 
 
 def test_checkpoints_load_weights_only_and_yaml_loads_safely():
-    from sweeps.config import StrictLoader
+    from sweeps.config._schema import StrictLoader
 
     # the one loader of ours the scan accepts is a SafeLoader, and the only class of that name
     assert issubclass(StrictLoader, yaml.SafeLoader) and StrictLoader.yaml_constructors is yaml.SafeLoader.yaml_constructors

@@ -182,8 +182,8 @@ def test_fashion_mnist_backdoor_preset_learns_and_the_attack_works(tmp_path):
 def test_replicates_tell_the_searcher_each_objectives_mean_over_the_seeds_that_finished():
     from ray.tune.search import Searcher
 
-    from sweeps.config import REPLICATE, validate_config
-    from sweeps.driver import Replicates
+    from sweeps.config._schema import REPLICATE, validate_config
+    from sweeps.launch._driver import Replicates
 
     class Recorder(Searcher):
         def __init__(self):

@@ -5,9 +5,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sweeps.config import validate_config
-from sweeps.sync import Mirror
-from sweeps.worker import CONFIG_FILE, METRICS_FILE, PLAN_FILE
+from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE
+from sweeps.config._schema import validate_config
+from sweeps.tracking._mirror import Mirror
 
 
 class Recorder:
@@ -56,7 +56,7 @@ def test_a_final_write_replayed_after_a_crash_logs_no_metric_twice(tmp_path):
     logging any final metric again: they went in one batch with the tag that says so."""
     from mlflow.tracking import MlflowClient
 
-    from sweeps.tracking import FINAL_TAG, Tracker
+    from sweeps.tracking._client import FINAL_TAG, Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = validate_config({"name": "replay", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},

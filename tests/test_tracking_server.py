@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeps.config import validate_config
-from sweeps.tracking import Tracker
+from sweeps.config._schema import validate_config
+from sweeps.tracking._client import Tracker
 from tests.conftest import backdoor, free_port
 
 

@@ -20,13 +20,11 @@ import yaml
 from ray import tune
 
 from poison import load_dataset
+from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE
 from sweeps.config import ResourcesConfig, resolve
 from trainers import TrialConfig, clean_model, run_trial
 from trainers.resume import read_state, write_state
 from trainers.trial import reference_model
-
-#: A trial's final checkpoint: its poison plan, final metrics and resolved config.
-PLAN_FILE, METRICS_FILE, CONFIG_FILE = "poison_plan.parquet", "metrics.json", "trial_config.yaml"
 
 
 class TuneCheckpointer:

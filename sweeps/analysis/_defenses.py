@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from poison import ConfigError
-from sweeps.pareto import (
+from sweeps.analysis._pareto import (
     config_key,
     format_rows,
     latest_sweep_run,

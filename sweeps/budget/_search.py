@@ -2,10 +2,10 @@
 
 :func:`prepare_budget` turns a sweep config into the budget search's own config (every
 dimension at its default but ``attack.poison_count``, whose low/high, or ``--low``/``--high``,
-is the bracket) and a :class:`sweeps.budget.BudgetSearch`, checking everything before Ray
+is the bracket) and a :class:`sweeps.budget._stats.BudgetSearch`, checking everything before Ray
 starts. :func:`run_budget` then runs the search round by round: each round's (count,
-seed) points are one Tune run of the sweep's own trainable (``sweeps.driver.tuner``),
-logged by the sweep's :class:`~sweeps.driver.TrialLogger` as child runs of one parent
+seed) points are one Tune run of the sweep's own trainable (``sweeps.launch._driver.tuner``),
+logged by the sweep's :class:`~sweeps.tracking.TrialLogger` as child runs of one parent
 run; the estimate, a CSV of every point and the budget curve go to that parent.
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ from mlflow.entities import Metric
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from poison import ConfigError
-from sweeps.budget import BudgetSearch, Estimate, Point
+from sweeps.budget._stats import BudgetSearch, Estimate, Point
 from sweeps.config import Dimension, SweepConfig, validate_config
-from sweeps.driver import Printer, TrialLogger, TrialRow, clean_first, start_driver, summary_csv, tuner
-from sweeps.tracking import Tracker
+from sweeps.launch import clean_first, start_driver, tuner
+from sweeps.tracking import Printer, Tracker, TrialLogger, TrialRow, summary_csv
 
 COUNT, SEED = "attack.poison_count", "seed"
 ROLE = "budget"

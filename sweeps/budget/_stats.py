@@ -4,7 +4,7 @@ The question: the smallest ``attack.poison_count`` at which ``attack_success`` r
 threshold τ, with a confidence interval. :class:`BudgetSearch` is the whole algorithm and
 runs no trial: it *proposes* (count, seed) points, is told their results (*observe*),
 *estimates* the crossing with its interval and says when it is *done*. The runner in
-``sweeps.budget_driver`` evaluates its points through Ray Tune; tests and
+``sweeps.budget._search`` evaluates its points through Ray Tune; tests and
 ``benchmarks/budget_search.py`` evaluate them on simulated dose-responses
 (:class:`SimulatedResponse`).
 

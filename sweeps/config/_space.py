@@ -6,7 +6,7 @@ from typing import Any
 
 import optuna
 
-from sweeps.config import Dimension, dropped_by, kind_switches, search_order
+from sweeps.config._schema import Dimension, dropped_by, kind_switches, search_order
 
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),

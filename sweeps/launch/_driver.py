@@ -6,7 +6,6 @@ and runs a ``Tuner`` whose trials call :func:`trainers.run_trial`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,19 +22,18 @@ from ray.tune.search import ConcurrencyLimiter, Repeater, SearchAlgorithm, Searc
 from ray.tune.search.optuna import OptunaSearch
 
 from poison import ConfigError
-from sweeps import local_ray
-from sweeps.config import REPLICATE, SweepConfig, read_yaml
-from sweeps.space import define_by_run, make_sampler
-from sweeps.sync import LAUNCH_FILE, TRACKING_ERRORS, Backoff, Launch, Mirror, trial_folder
-from sweeps.tracking import Tracker, without_credentials
-from sweeps.worker import METRICS_FILE, finite, train_clean, train_reference, trial_parameters, trial_resources
-from sweeps.worker import trainable as trial_trainable
+from sweeps import _local_ray as local_ray
+from sweeps._files import LAUNCH_FILE
+from sweeps.config import SweepConfig, define_by_run, make_sampler, read_yaml
+from sweeps.launch._trainable import finite, train_clean, train_reference, trial_parameters, trial_resources
+from sweeps.launch._trainable import trainable as trial_trainable
+from sweeps.tracking import TRACKING_ERRORS, Launch, Tracker, without_credentials
+from sweeps.tracking._logger import Printer, TrialLogger, TrialRow, restoring, summary_csv, trial_count
 from trainers import TrialConfig
 from trainers.cache import model_key
 from trainers.trial import reference_config
 
-Printer = Callable[[str], None]
-Trainable = Callable[..., None]  # a trial function with sweeps.worker.trainable's signature
+Trainable = Callable[..., None]  # a trial function with sweeps.launch.trainable's signature
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
              "RAY_TRAIN_V2_ENABLED": "0",
              # a tracking server that is down must not hold Tune's event loop for minutes
@@ -45,18 +43,6 @@ QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOI
              # Tune saves its experiment state at most this often (its "auto": every >= 10 s); a
              # launch killed and resumed reruns the trials that finished since the last save
              "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-
-
-@dataclass
-class TrialRow:
-    """One finished (or failed) trial, for the summary table."""
-
-    trial_id: str
-    status: str
-    values: dict[str, Any]
-    metrics: dict[str, float]
-    run_id: str | None
-    error: str = ""
 
 
 @dataclass
@@ -86,7 +72,7 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
     restores its trials and search state; finished trials are not run again, unfinished
     ones go on from their last checkpoint) under its own parent run.
 
-    ``trainable`` replaces :func:`sweeps.worker.trainable` as each trial's function (same
+    ``trainable`` replaces :func:`sweeps.launch.trainable` as each trial's function (same
     signature and reports); only for measuring the sweep machinery with trials of known
     cost (``benchmarks/sweep_overhead.py``) and for a fault a real trial does not have on cue
     (``tests/test_faults.py``: running out of memory).
@@ -233,11 +219,6 @@ def _searcher(sweep: SweepConfig, run_name: str, study_url: str) -> ConcurrencyL
     return ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent)
 
 
-def trial_count(sweep: SweepConfig) -> int:
-    """Tune trials of a launch: every configuration's replicates."""
-    return sweep.search.num_samples * sweep.search.replicates
-
-
 class Replicates(Repeater):
     """Ray Tune's :class:`~ray.tune.search.Repeater` (each suggestion run ``repeat`` times,
     ``__trial_index__`` telling the replicate, which ``resolve`` adds to the seed) for several
@@ -265,7 +246,7 @@ class Replicates(Repeater):
 def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_samples: int, logger: TrialLogger,
           run_name: str, objectives: list[str], param_space: dict[str, Any] | None = None, *,
           trainable: Trainable | None = None, clean_seeds: list[int] | None = None) -> tune.Tuner:
-    """The Tuner of ``num_samples`` trials drawn by ``search_alg``, each a :func:`sweeps.worker.trainable`
+    """The Tuner of ``num_samples`` trials drawn by ``search_alg``, each a :func:`sweeps.launch.trainable`
     (with the sweep's resources, its CPU share as torch threads) mirrored into MLflow by ``logger``.
     ``clean_seeds``: the seeds whose trials are measured against a clean model (default: all).
 
@@ -300,13 +281,9 @@ def restore(sweep: SweepConfig, folder: Path, logger: TrialLogger, objectives: l
             trainable: Trainable | None = None) -> tune.Tuner:
     """The interrupted launch in ``folder``, restored by Tune with its searcher's state: finished
     trials stay finished, unfinished ones go on from their last checkpoint, failed ones stay failed."""
-    global _LIVE_LOGGER
-    _LIVE_LOGGER = logger  # the pickled Tuner's callback unpickles as this launch's logger
-    try:
+    with restoring(logger):  # the pickled Tuner's callback unpickles as this launch's logger
         return tune.Tuner.restore(str(folder), trainable=_resourced_trainable(sweep, objectives, trainable),
                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
-    finally:
-        _LIVE_LOGGER = None
 
 
 def _resourced_trainable(sweep: SweepConfig, objectives: list[str], trainable: Trainable | None = None,
@@ -366,212 +343,3 @@ def references_first(sweep: SweepConfig) -> list[dict[str, Any]]:
     return [ray.get(task.remote(c.model_dump(mode="json"), sweep.storage.cache_dir(), threads)) for c in configs]
 
 
-_LIVE_LOGGER: TrialLogger | None = None
-
-
-def _live_logger() -> tune.Callback:
-    """What a pickled :class:`TrialLogger` becomes: the logger of the launch restoring it
-    (a Tuner pickles its callbacks; a client to a tracking server does not belong on disk)."""
-    return _LIVE_LOGGER if _LIVE_LOGGER is not None else tune.Callback()
-
-
-class TrialLogger(tune.Callback):
-    """Mirrors every trial into MLflow as it runs, and prints its progress.
-
-    Tune's storage keeps the record; MLflow is written from the events as they come. When
-    the tracking store fails, live writes pause (:class:`~sweeps.sync.Backoff`) and the
-    trials they missed are brought up to date from Tune's storage once it answers again,
-    and at the end (:meth:`catch_up`). One logger may serve several Tuners in turn (the
-    budget search's rounds): trials are numbered on across them, out of ``total``
-    (default ``search.num_samples``).
-    """
-
-    def __init__(self, sweep: SweepConfig, tracker: Tracker, printer: Printer, *, total: int | None = None) -> None:
-        self.sweep, self.tracker, self.printer = sweep, tracker, printer
-        self.total = total or trial_count(sweep)
-        self.mirror = Mirror(sweep, tracker)
-        self.backoff = Backoff()
-        self.behind: dict[str, Any] = {}  # trials whose MLflow run lags Tune's record
-        self.order: dict[str, int] = {}
-        self.finished: dict[str, TrialRow] = {}
-        self.start = time.monotonic()
-
-    def __reduce__(self) -> tuple:
-        return (_live_logger, ())
-
-    @property
-    def run_ids(self) -> dict[str, str]:
-        return {t: r.run_id for t, r in self.mirror.runs.items()}
-
-    def reattach(self) -> None:
-        """Takes over the trial runs an interrupted launch left under the parent run."""
-        self.mirror.load_existing()
-        for trial_id, run in self.mirror.runs.items():
-            self.order[trial_id] = run.number
-
-    def say(self, line: str) -> None:
-        """Prints a progress line stamped with the time since the sweep started."""
-        elapsed = int(time.monotonic() - self.start)
-        self.printer(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}")
-
-    def _label(self, trial: Any) -> str:
-        return f"trial {self.order[trial.trial_id]}/{self.total}"
-
-    def _write(self, trial: Any, write: Callable[[], Any]) -> bool:
-        """Does one MLflow write for ``trial``; on a tracking error, leaves it to the catch-up."""
-        if trial.trial_id in self.behind or not self.backoff.ready():
-            self.behind[trial.trial_id] = trial
-            return False
-        try:
-            write()
-            return True
-        except TRACKING_ERRORS as err:
-            self.behind[trial.trial_id] = trial
-            self._tracking_failed(err)
-            return False
-
-    def _tracking_failed(self, err: BaseException) -> None:
-        if self.backoff.ready():  # the first failure since MLflow last answered
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            self.say(f"MLflow unreachable ({first}); the trials go on, their results are kept in "
-                     f"Tune's storage and written when it answers again")
-        self.backoff.failed()
-
-    def _catch_up_behind(self) -> None:
-        if not self.behind or not self.backoff.ready():
-            return
-        for trial_id, trial in list(self.behind.items()):
-            try:
-                self._catch_up_one(trial)
-            except TRACKING_ERRORS as err:
-                self._tracking_failed(err)
-                return
-            del self.behind[trial_id]
-        self.say("MLflow answers again: the trials' results are written")
-
-    def _catch_up_one(self, trial: Any) -> None:
-        number = self.order.setdefault(trial.trial_id, len(self.order) + 1)
-        self.mirror.catch_up(trial, number, _epochs(self.sweep.resolve(trial.config)), _error_text)
-
-    def catch_up(self, folder: Path) -> bool:
-        """Brings every trial of the launch in ``folder`` into MLflow as Tune recorded it (a
-        restored launch's trials that finished before too, for the summary); False when
-        the tracking store still fails."""
-        from ray.tune import ExperimentAnalysis
-
-        trials = ExperimentAnalysis(str(folder)).trials
-        for trial in sorted(trials, key=lambda t: self.order.get(t.trial_id, len(self.order) + 1)):
-            self.order.setdefault(trial.trial_id, len(self.order) + 1)
-            try:
-                self._catch_up_one(trial)
-            except TRACKING_ERRORS as err:
-                self._tracking_failed(err)
-                return False
-            self.behind.pop(trial.trial_id, None)
-            if trial.trial_id not in self.finished and trial.status in ("TERMINATED", "ERROR"):
-                self._record(trial)
-        return True
-
-    def _record(self, trial: Any, done: bool = False) -> None:
-        """The trial's summary row, from its final checkpoint (or its error); ``done``: Tune
-        completed it (its status changes only after the callbacks)."""
-        run = self.mirror.runs.get(trial.trial_id)
-        if (done or trial.status == "TERMINATED") and trial.checkpoint is not None:
-            with trial.checkpoint.as_directory() as folder:
-                if (Path(folder) / METRICS_FILE).is_file():
-                    metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
-                    self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FINISHED", dict(trial.config),
-                                                             metrics, run.run_id if run else None)
-                    return
-        last = _error_text(trial).strip().splitlines()
-        self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FAILED", dict(trial.config), {},
-                                                 run.run_id if run else None, last[-1] if last else "error")
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        restarted = trial.trial_id in self.order
-        number = self.order.setdefault(trial.trial_id, len(self.order) + 1)
-        self._write(trial, lambda: self.mirror.start(trial.trial_id, dict(trial.config), number))
-        values = " ".join(f"{'replicate' if k == REPLICATE else k}={_fmt(v)}" for k, v in trial.config.items())
-        self.say(f"{self._label(trial)} {'restarted' if restarted else 'started'}: {values or 'defaults'}")
-        self._catch_up_behind()
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        epoch = result.get("epoch_metrics")
-        if not epoch:
-            return
-        self._write(trial, lambda: self.mirror.epoch(trial.trial_id, epoch))
-        total = _epochs(self.sweep.resolve(trial.config))
-        self.say(f"{self._label(trial)} epoch {int(epoch['epoch'])}/{total}: loss {epoch['loss']:.3f} "
-                 f"utility {epoch.get('utility', float('nan')):.3f} "
-                 f"attack_success {epoch.get('attack_success', float('nan')):.3f}")
-        self._catch_up_behind()
-
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = _error_text(trial).strip().splitlines()
-        self.say(f"{self._label(trial)} failed ({error[-1] if error else 'worker lost'}); retrying from its "
-                 f"last checkpoint (failure {trial.num_failures} of {self.sweep.search.max_failures} allowed)")
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        step = _epochs(self.sweep.resolve(trial.config))  # the last epoch's step
-        with trial.checkpoint.as_directory() as folder:
-            self._write(trial, lambda: self.mirror.complete(trial.trial_id, Path(folder), step, trial_folder(trial)))
-        self._record(trial, done=True)
-        metrics = self.finished[trial.trial_id].metrics
-        self.say(f"{self._label(trial)} done: attack_success {metrics.get('attack_success', float('nan')):.3f} "
-                 f"utility {metrics['utility']:.3f} poison_count {metrics['poison_count']}")
-        self._catch_up_behind()
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = _error_text(trial)
-        self._write(trial, lambda: self.mirror.fail(trial.trial_id, error))
-        self._record(trial)
-        self.say(f"{self._label(trial)} FAILED: {self.finished[trial.trial_id].error}")
-        self._catch_up_behind()
-
-    def rows(self) -> list[TrialRow]:
-        return [self.finished[t] for t in sorted(self.finished, key=lambda t: self.order.get(t, 0))]
-
-
-def _epochs(config: TrialConfig) -> int:
-    """Epochs a trial reports: its training's plus a post-training defense's."""
-    return config.train.epochs + config.defense.extra_epochs
-
-
-def _error_text(trial: Any) -> str:
-    path = trial.error_file
-    if path and Path(path).is_file():
-        return Path(path).read_text()
-    return str(trial.get_error() or "")
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-SUMMARY_COLUMNS = ["poison_count", "attack_success", "utility", "clean_utility", "clean_attack_success"]
-
-
-def summary_csv(rows: list[TrialRow], sweep: SweepConfig) -> str:
-    """One line per trial; a dimension its drawn kinds do not use is left empty."""
-    dims, cols = list(sweep.dimensions), SUMMARY_COLUMNS
-    lines = [",".join(["trial_id", "status", *dims, *cols, "run_id"])]
-    for r in rows:
-        lines.append(",".join([r.trial_id, r.status, *(str(r.values.get(d, "")) for d in dims),
-                               *(str(r.metrics.get(c, "")) for c in cols), r.run_id or ""]))
-    return "\n".join(lines) + "\n"
-
-
-def summary_table(rows: list[TrialRow], sweep: SweepConfig) -> str:
-    """The final table of trials: their drawn values ("-": a dimension the trial's kinds
-    do not use) and headline metrics."""
-    dims = list(sweep.dimensions)
-    head = ["trial", "status", *dims, "poison_count", "trigger", "attack_success", "utility"]
-    body = []
-    for r in rows:
-        trigger = sweep.resolve(r.values).attack.trigger_name
-        body.append([r.trial_id, r.status, *(_fmt(r.values[d]) if d in r.values else "-" for d in dims),
-                     _fmt(r.metrics.get("poison_count", "")), trigger,
-                     _fmt(r.metrics.get("attack_success", "")), _fmt(r.metrics.get("utility", ""))])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), *(fmt.format(*map(str, row)) for row in body)])

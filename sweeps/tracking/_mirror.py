@@ -25,11 +25,10 @@ from mlflow.exceptions import MlflowException
 
 from poison import plan_hash
 from poison.config import ConfigError
+from sweeps._files import CONFIG_FILE, LAUNCH_FILE, METRICS_FILE, PLAN_FILE
 from sweeps.config import SweepConfig
-from sweeps.tracking import FINAL_TAG, Tracker
-from sweeps.worker import CONFIG_FILE, METRICS_FILE, PLAN_FILE
+from sweeps.tracking._client import FINAL_TAG, Tracker
 
-LAUNCH_FILE = "poisonsweep.json"
 #: what an unreachable or failing tracking store raises through MlflowClient
 TRACKING_ERRORS = (MlflowException, OSError)
 
@@ -212,4 +211,4 @@ class Backoff:
         self.until = time.monotonic() + self.seconds
 
 
-__all__ = ["Backoff", "LAUNCH_FILE", "Launch", "Mirror", "TRACKING_ERRORS", "epoch_reports"]
+__all__ = ["Backoff", "Launch", "Mirror", "TRACKING_ERRORS", "epoch_reports"]

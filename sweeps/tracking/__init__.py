@@ -1,0 +1,11 @@
+"""Tracking: the MLflow client (parent and trial runs, params, tags), the mirror of Tune's
+storage into MLflow (live, and ``poisonsweep sync`` after an outage), and the trial logger
+that feeds it from Tune's events."""
+from sweeps._lazy import exports
+
+__all__, __getattr__, __dir__ = exports(__name__, {
+    "_client": ["FINAL_TAG", "ROLE_TAG", "Tracker", "check_tracking_uri", "redact", "tracking_uri",
+                "without_credentials"],
+    "_mirror": ["TRACKING_ERRORS", "Backoff", "Launch", "Mirror"],
+    "_logger": ["Printer", "TrialLogger", "TrialRow", "summary_csv", "summary_table"],
+})
