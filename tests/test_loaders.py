@@ -6,7 +6,6 @@ afterwards refers only to kept pairs.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import tarfile
@@ -258,7 +257,7 @@ def test_webdataset_shards_are_indexed_once_per_node(shards, tmp_path, monkeypat
 
     spec = DataSpec(dataset="webdataset", path=str(shards), size=None, test_size=2, image_size=16,
                     cache_dir=str(tmp_path / "cache"))
-    plain = load_dataset(dataclasses.replace(spec, cache_dir=None))  # no cache: as before
+    plain = load_dataset(spec.model_copy(update={"cache_dir": None}))  # no cache: as before
     read: list[str] = []
     members = webdataset._members
     monkeypatch.setattr(webdataset, "_members", lambda shard: read.append(shard.name) or members(shard))
@@ -270,12 +269,12 @@ def test_webdataset_shards_are_indexed_once_per_node(shards, tmp_path, monkeypat
     assert again.skip_reasons == first.skip_reasons == {"empty_caption": 1, "missing": 1, "undecodable": 1,
                                                         "malformed": 0}
     _shard(shards / "00001.tar", {"00020.jpg": _encoded(COLOURS["green"]), "00020.txt": b"a green photo 20"})
-    changed = load_dataset(dataclasses.replace(spec, test_size=1))
+    changed = load_dataset(spec.model_copy(update={"test_size": 1}))
     assert sorted(read) == ["00000.tar", "00001.tar", "00001.tar"]  # only the rewritten shard again
     assert "a green photo 20" in changed.manifest["caption"].to_pylist()
     for cached in (tmp_path / "cache" / "webdataset-index").glob("*.arrow"):  # corrupt entries: read again
         cached.write_bytes(b"not arrow")
-    assert load_dataset(dataclasses.replace(spec, test_size=1)).manifest.equals(changed.manifest)
+    assert load_dataset(spec.model_copy(update={"test_size": 1})).manifest.equals(changed.manifest)
     assert sorted(read) == ["00000.tar", "00000.tar", "00001.tar", "00001.tar", "00001.tar"]
 
 
@@ -453,12 +452,12 @@ def test_a_trusted_split_shares_no_image_with_the_training_pairs(tmp_path):
     spec = DataSpec(dataset="imagefolder", path=str(root), size=12, test_size=4, image_size=8, seed=2)
     main = load_dataset(spec)
     assert main.trusted_capacity == 16
-    trusted = load_dataset(dataclasses.replace(spec, trusted=10))
+    trusted = load_dataset(spec.model_copy(update={"trusted": 10}))
     assert trusted.num_train == 10
     main_images = {main.images[i].tobytes() for i in main.split("train")["image"].to_pylist()}
     assert not main_images & {trusted.images[i].tobytes() for i in trusted.split("train")["image"].to_pylist()}
     with pytest.raises(DataError, match="trusted split: 17 pairs do not fit in the 16"):
-        load_dataset(dataclasses.replace(spec, trusted=17))
+        load_dataset(spec.model_copy(update={"trusted": 17}))
 
 
 def test_a_short_trial_runs_on_an_imagefolder(tmp_path):

@@ -1,5 +1,7 @@
 """The typed config of one trial: everything that determines its result.
 
+The ``data`` section's schema is poison's (``poison.datasets.DataConfig``), which the loaders' spec extends.
+
 Sweep-only sections (search, resources, tracking, storage) live in
 ``sweeps.config``; a trial sees only this.
 """
@@ -9,58 +11,9 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
-from poison import DATASETS, Attack, DataSpec, Defense, make_attack, make_defense
+from poison import Attack, Defense, make_attack, make_defense
 from poison.config import ConfigError, Section, validate_section
-
-
-def registered_dataset(value: str) -> str:
-    if value not in DATASETS:
-        raise ValueError(f"unknown dataset {value!r}; valid: {', '.join(DATASETS.names())}")
-    return value
-
-
-class ZeroshotConfig(Section):
-    """``data.zeroshot``: a labelled dataset whose test images and classes measure utility and
-    attack success, while the training pairs come from ``data`` (poison.datasets.zeroshot)."""
-
-    dataset: str
-    path: str | None = None
-    size: int | None = Field(None, ge=1)  # test images (None: the dataset's own test split or default)
-
-    _registered = field_validator("dataset")(classmethod(lambda cls, value: registered_dataset(value)))
-
-
-class DataConfig(Section):
-    dataset: str = "synthetic"
-    path: str | None = None
-    size: int | None = Field(20000, ge=1)  # None: all the dataset has
-    test_size: int | None = Field(None, ge=1)
-    image_size: int = Field(32, ge=8)
-    # csv only: the header's names of the image-path and caption columns (None: the first
-    # of the usual names the file has, poison.datasets.csv_pairs.IMAGE_COLUMNS/CAPTION_COLUMNS)
-    image_column: str | None = Field(None, min_length=1)
-    caption_column: str | None = Field(None, min_length=1)
-    # train on these pairs, evaluate zero-shot on another dataset's test split and classes
-    # (e.g. CC3M pairs, ImageNet classes); unlabelled pairs take the class their caption names
-    zeroshot: ZeroshotConfig | None = None
-    # zero-shot classes for pairs without classes (csv, webdataset, coco-captions): every pair
-    # takes the one class its caption names (Yang et al.'s COCO classes)
-    classes: list[str] | None = Field(None, min_length=2)
-
-    _registered = field_validator("dataset")(classmethod(lambda cls, value: registered_dataset(value)))
-
-    @model_validator(mode="after")
-    def _one_source_of_classes(self) -> DataConfig:
-        if self.classes is not None and self.zeroshot is not None:
-            raise ConfigError("data.classes: the classes come from data.zeroshot's dataset; give one of the two")
-        return self
-
-    @model_validator(mode="after")
-    def _columns_only_for_csv(self) -> DataConfig:
-        for key in ("image_column", "caption_column"):
-            if getattr(self, key) is not None and self.dataset != "csv":
-                raise ConfigError(f"data.{key}: only the csv dataset reads named columns, not {self.dataset}")
-        return self
+from poison.datasets import DataConfig, DataSpec
 
 
 class ModelConfig(Section):
@@ -159,15 +112,9 @@ class TrialConfig(Section):
                 raise ConfigError("train.device: cuda was asked for, but torch sees no CUDA device")
         return self
 
-    def data_spec(self, cache_dir: str | None = None) -> DataSpec:
-        d = self.data
-        return DataSpec(dataset=d.dataset, path=d.path, size=d.size, test_size=d.test_size,
-                        image_size=d.image_size, seed=self.seed, cache_dir=cache_dir,
-                        columns=(d.image_column, d.caption_column),
-                        classes=None if d.classes is None else tuple(d.classes),
-                        zeroshot=None if d.zeroshot is None else DataSpec(
-                            dataset=d.zeroshot.dataset, path=d.zeroshot.path, size=1, test_size=d.zeroshot.size,
-                            image_size=d.image_size, seed=self.seed, cache_dir=cache_dir))
+    def data_spec(self, cache_dir: str | None = None, trusted: int | None = None) -> DataSpec:
+        """The loaders' spec of the ``data`` section, seeded by the trial (``DataConfig.spec``)."""
+        return self.data.spec(self.seed, cache_dir, trusted)
 
     def clean(self) -> TrialConfig:
         """The same data, model and recipe without poison or defense."""

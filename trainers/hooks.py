@@ -4,7 +4,6 @@ trial's own loop (after training). A defense sees these, never the loop's intern
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,9 +26,8 @@ EMBED_CHUNK = 4096  # rows stamped and embedded at a time
 def trusted_dataset(config: TrialConfig, pairs: int, key: str, cache_dir: str | None) -> Dataset:
     """``pairs`` trusted training pairs of the trial's dataset, disjoint from its training pairs
     (``DataSpec.trusted``); a ConfigError names ``key`` when the dataset has too few."""
-    spec = dataclasses.replace(config.data_spec(cache_dir), trusted=pairs)
     try:
-        return load_dataset(spec)
+        return load_dataset(config.data_spec(cache_dir, trusted=pairs))
     except DataError as err:
         raise ConfigError(f"{key}: {err}") from None
 

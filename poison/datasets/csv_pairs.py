@@ -43,8 +43,7 @@ def load(spec: DataSpec) -> Dataset:
     path = require_path(spec, "a CSV or TSV file of image paths and captions")
     if path.is_dir():
         raise DataError(f"data.path: {path} is a folder; the csv dataset needs a CSV or TSV file")
-    image_column, caption_column = spec.columns
-    return load_index(read_index(path, image_column=image_column, caption_column=caption_column),
+    return load_index(read_index(path, image_column=spec.image_column, caption_column=spec.caption_column),
                       spec, sources=[path])
 
 
