@@ -1,7 +1,9 @@
 """A tiny name → factory registry shared by datasets, triggers and attacks.
 
 Adding a unit is a new module plus one ``@REGISTRY.register("name")`` line;
-unknown names fail with the list of valid ones, duplicate names fail at import.
+unknown names fail with the list of valid ones, duplicate names fail at import. A unit
+whose module is heavy to import (torch) is named ahead with ``register_module``: its module
+is imported when the name is first looked up.
 
 Every registry is also known by its ``kind`` (``Registry.find("trigger")``), which
 is the config key it switches: the ``kind`` of the mapping at ``attack.trigger``
@@ -11,6 +13,7 @@ paths of its own.
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -48,6 +51,7 @@ class Registry(Generic[T]):
             raise ValueError(f"a registry of kind {kind!r} exists already")
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._modules: dict[str, str] = {}  # names whose module is imported on first lookup
         Registry._by_kind[kind] = self
 
     @classmethod
@@ -65,11 +69,24 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
+            self._modules.pop(name, None)
             return obj
 
         return _add
 
+    def register_module(self, name: str, module: str) -> None:
+        """Names ``name`` as registered by ``module`` (with :meth:`register`), which is imported
+        when ``name`` is first looked up: listing the names costs no import."""
+        if name in self._items or name in self._modules:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._modules[name] = module
+
     def get(self, name: str) -> T:
+        if name not in self._items and name in self._modules:
+            module = self._modules[name]
+            importlib.import_module(module)
+            if name not in self._items:
+                raise ValueError(f"{self.kind} {name!r}: module {module} does not register it")
         try:
             return self._items[name]
         except KeyError:
@@ -78,10 +95,10 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted({*self._items, *self._modules})
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._modules
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -22,6 +22,7 @@ and with it every dimension under it). A key no choice accepts is still an error
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,14 +225,19 @@ class SweepConfig:
     tracking: TrackingConfig
     storage: StorageConfig
     default_trial: TrialConfig = field(repr=False)
+    _resolved: dict[str, TrialConfig] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return self.default_trial.name
 
     def resolve(self, values: dict[str, Any] | None = None) -> TrialConfig:
-        """The trial config with ``values`` (key path → value) for the dimensions, defaults elsewhere."""
-        return resolve(self.raw, self.dimensions, values or {})
+        """The trial config with ``values`` (key path → value) for the dimensions, defaults elsewhere;
+        resolved once per point (the sections are frozen), however often the driver asks."""
+        key = json.dumps(values or {}, sort_keys=True, default=str)
+        if key not in self._resolved:
+            self._resolved[key] = resolve(self.raw, self.dimensions, values or {})
+        return self._resolved[key]
 
     def defaults(self) -> dict[str, Any]:
         return {path: dim.value_default() for path, dim in self.dimensions.items()}

@@ -142,7 +142,9 @@ class Tracker:
             tags["mlflow.parentRunId"] = self.parent_id
         run = self.client.create_run(self.experiment_id, run_name=name or trial_id, tags=tags)
         params = flatten(config.to_dict())
-        params.update({f"search.{'replicate' if k == REPLICATE else k}": v for k, v in values.items()})
+        # a drawn value as the config holds it, in its field's type (an integer drawn for a float
+        # field is logged 4.0 in both places)
+        params.update({f"search.{'replicate' if k == REPLICATE else k}": params.get(k, v) for k, v in values.items()})
         self._batch(run.info.run_id, params=params)
         return run.info.run_id
 

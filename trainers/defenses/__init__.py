@@ -2,7 +2,11 @@
 data-side ones; the trial runs their hooks through ``trainers.hooks`` and their training
 objectives (``trainers.objectives``) through the one loop.
 
-This package only defines configs, objectives and hook bodies: importing it pulls in no
-training loop, so ``trainers.config`` can import it to register them.
+Each is named here with the module that defines it, imported when a config first names it:
+reading or validating a config that uses none of them does not import torch.
 """
-from trainers.defenses import cleanclip, finetune, roclip, safeclip  # noqa: F401  (registration on import)
+from poison.defenses import DEFENSES
+
+for _name, _module in (("clean-finetune", "finetune"), ("cleanclip", "cleanclip"), ("roclip", "roclip"),
+                       ("safeclip", "safeclip"), ("safeclip-mixed", "safeclip")):
+    DEFENSES.register_module(_name, f"trainers.defenses.{_module}")
