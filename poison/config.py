@@ -3,10 +3,17 @@
 Every section is a frozen pydantic model that rejects unknown keys; errors are
 re-raised as :class:`ConfigError` naming the dotted key path and the bad value,
 never as a traceback from inside a library.
+
+A field's part in cache keys is marked in the schema itself, as ``Annotated`` metadata:
+:data:`SPEED_ONLY` (the value changes how fast or where a result is computed, never the
+result) and :data:`KEYED_WHEN_SET` (the value enters keys only when it is not ``None``,
+so the keys of caches made before the field existed stay valid). :func:`key_values` is
+a section's values for a key with both applied.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -23,6 +30,43 @@ class Section(BaseModel):
     """Base of every config section: frozen, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class KeyMarker:
+    """A field's part in cache keys, given as ``Annotated[type, marker]`` (see the module's docstring)."""
+
+    name: str
+
+
+SPEED_ONLY = KeyMarker("speed_only")
+KEYED_WHEN_SET = KeyMarker("keyed_when_set")
+
+
+def key_values(section: BaseModel) -> dict[str, Any]:
+    """``section``'s JSON values less its :data:`SPEED_ONLY` fields and its unset
+    :data:`KEYED_WHEN_SET` ones, in nested sections too: what a cache key of it hashes.
+
+    Example:
+        >>> from typing import Annotated
+        >>> class Train(Section):
+        ...     epochs: int = 1
+        ...     threads: Annotated[int, SPEED_ONLY] = 1
+        ...     columns: Annotated[str | None, KEYED_WHEN_SET] = None
+        >>> key_values(Train(threads=4)), key_values(Train(columns="a"))
+        ({'epochs': 1}, {'epochs': 1, 'columns': 'a'})
+    """
+    return _prune(section, section.model_dump(mode="json"))
+
+
+def _prune(section: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if SPEED_ONLY in field.metadata or (value is None and KEYED_WHEN_SET in field.metadata):
+            dumped.pop(name, None)
+        elif isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):
+            _prune(value, dumped[name])
+    return dumped
 
 
 def validate_section(cls: type[M], data: Any, path: str) -> M:

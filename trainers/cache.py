@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from poison import Dataset, plan_hash
+from poison.config import key_values
 from poison.manifest import atomic_write, cache_key
 from trainers.config import TrialConfig
 from trainers.distributed import Ranks
@@ -56,14 +57,11 @@ class TrainedModel:
 
 def model_key(config: TrialConfig, plan: pa.Table | None = None, **extra: Any) -> str:
     """Hash of everything that determines the model ``config`` trains without a defense: the
-    resolved seed, data, model and train sections (not the thread counts, device or memory layout), the attack
-    and its plan when there is one, the architecture's open_clip config and version, ``extra``."""
-    resolved = config.to_dict()
-    for key in ("threads", "device", "memory_format", "loader_threads"):  # where and how fast does not change what is trained
-        resolved["train"].pop(key)
-    for key in ("image_column", "caption_column", "zeroshot", "classes"):  # unset: the keys of caches made before they existed
-        if resolved["data"][key] is None:
-            resolved["data"].pop(key)
+    resolved seed, data, model and train sections less what the schema marks as not changing
+    the result (``poison.config.key_values``: thread counts, device, memory layout; data keys
+    while unset), the attack and its plan when there is one, the architecture's open_clip
+    config and version, ``extra``."""
+    resolved = key_values(config)
     parts = {k: resolved[k] for k in ("seed", "data", "model", "train")}
     if config.attack.kind != "none":
         parts.update(attack=resolved["attack"], plan=plan_hash(plan) if plan is not None else None)

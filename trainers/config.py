@@ -7,12 +7,12 @@ Sweep-only sections (search, resources, tracking, storage) live in
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from poison import Attack, Defense, make_attack, make_defense
-from poison.config import ConfigError, Section, validate_section
+from poison.config import SPEED_ONLY, ConfigError, Section, validate_section
 from poison.datasets import DataConfig, DataSpec
 
 
@@ -30,24 +30,27 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
+    """``train:``, the recipe. Fields marked ``SPEED_ONLY`` change where and how fast a model
+    trains, never what it learns: cache keys leave them out (``poison.config.key_values``)."""
+
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(256, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     warmup: float = Field(0.1, ge=0, lt=1)  # fraction of all steps
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Annotated[Literal["auto", "cpu", "cuda"], SPEED_ONLY] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU
-    threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
+    threads: Annotated[int | None, SPEED_ONLY] = Field(None, ge=1)  # torch CPU threads; None: torch's default
     # the model's memory layout: channels_last speeds convolutions (on this 2-core CPU a tiny
     # ResNet trains 1.25x faster: benchmarks/throughput.py); auto: channels_last when the image
     # tower has convolutions beyond a patch embedding (ResNets), contiguous for ViTs
-    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    memory_format: Annotated[Literal["auto", "channels_last", "contiguous"], SPEED_ONLY] = "auto"
     # background threads preparing the next batches (reading the image cache, stamping triggers,
     # normalising, copying to the device) while the model trains on the current one; 0: none,
     # each batch is prepared in the training thread when it is needed; auto: 1 on a GPU, 0 on
     # the CPU (where a loader thread competes with torch's own threads for the cores: on this
     # 2-core machine one cost about 15% of the throughput, benchmarks/throughput.py)
-    loader_threads: Literal["auto"] | int = "auto"
+    loader_threads: Annotated[Literal["auto"] | int, SPEED_ONLY] = "auto"
 
     @field_validator("loader_threads", mode="before")
     @classmethod

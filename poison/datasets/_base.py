@@ -14,10 +14,11 @@ The data is described at two levels, one model extending the other:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
-from poison.config import ConfigError, Section
+from poison.config import KEYED_WHEN_SET, ConfigError, Section
 from poison.manifest import Dataset
 from poison.registry import Registry
 
@@ -76,6 +77,9 @@ class DataConfig(Section):
             webdataset, coco-captions): each pair (training and test) takes the one class
             its caption names (``poison.datasets.zeroshot.caption_classes``), as Yang et al.
             pick COCO's captions and images "of a class".
+
+    The four optional keys enter cache keys only when set (``poison.config.KEYED_WHEN_SET``):
+    the keys of caches made before they existed stay valid.
     """
 
     dataset: str = "synthetic"
@@ -83,10 +87,10 @@ class DataConfig(Section):
     size: int | None = Field(20000, ge=1)
     test_size: int | None = Field(None, ge=1)
     image_size: int = Field(32, ge=8)
-    image_column: str | None = Field(None, min_length=1)
-    caption_column: str | None = Field(None, min_length=1)
-    zeroshot: ZeroshotConfig | None = None
-    classes: list[str] | None = Field(None, min_length=2)
+    image_column: Annotated[str | None, KEYED_WHEN_SET] = Field(None, min_length=1)
+    caption_column: Annotated[str | None, KEYED_WHEN_SET] = Field(None, min_length=1)
+    zeroshot: Annotated[ZeroshotConfig | None, KEYED_WHEN_SET] = None
+    classes: Annotated[list[str] | None, KEYED_WHEN_SET] = Field(None, min_length=2)
 
     _registered = field_validator("dataset")(classmethod(lambda cls, value: registered_dataset(value)))
 
