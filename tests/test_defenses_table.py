@@ -212,3 +212,19 @@ def test_configs_differing_beyond_the_seed_stay_apart_and_match_their_own_baseli
 def test_a_table_needs_its_headline_metrics():
     with pytest.raises(ConfigError, match="no finished trial reports utility"):
         defense_table(frame([("a", 1, "none", None, 0, 0.3, 0.8)]).drop(columns="metrics.utility"))
+
+
+def test_the_analysis_verbs_import_neither_torch_nor_ray(store):
+    """``pareto`` and ``defenses`` read MLflow tables: a process that runs both never imports
+    torch, torchvision, open_clip or Ray (seconds saved on every call)."""
+    import subprocess
+    import sys
+
+    uri, _, _ = store
+    script = ("import sys; from sweeps.cli import main; "
+              f"codes = [main(['pareto', '--experiment', 'swp', '--objectives', 'attack_success:max,utility:max', '--tracking-uri', {uri!r}]), "
+              f"main(['defenses', '--experiment', 'swp', '--tracking-uri', {uri!r}])]; "
+              "print('CODES', codes, 'HEAVY', sorted(m for m in ('torch', 'torchvision', 'open_clip', 'ray') "
+              "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300).stdout
+    assert "CODES [0, 0] HEAVY []" in out, out[-2000:]

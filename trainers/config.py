@@ -79,7 +79,7 @@ class TrialConfig(Section):
     name: str = "poisonsweep"
     seed: int = Field(0, ge=0, lt=2**32)
     data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig)  # built when needed: its check imports open_clip
     train: TrainConfig = TrainConfig()
     attack: SerializeAsAny[Attack] = Field(default_factory=lambda: make_attack(None))
     defense: SerializeAsAny[Defense] = Field(default_factory=lambda: make_defense(None))
