@@ -1,5 +1,5 @@
 """The defenses where their papers put them, over seeds: the table in the docstring of
-``tests/test_defenses_pretrained_e2e.py``, regenerated.
+``tests/e2e/test_defenses_pretrained_e2e.py``, regenerated.
 
 A clean tiny-rn pretrained on 4,000 trusted Fashion-MNIST pairs (seed 0, as the test) is
 fine-tuned on 2,000 pairs plus a patch backdoor, once per seed and sweep point of the test's
@@ -109,7 +109,7 @@ def main() -> None:
         "The threat model of Yang et al. 2023: a clean pretrained CLIP (tiny-rn, 6 epochs on 4,000",
         f"trusted Fashion-MNIST pairs, zero-shot top-1 {top1:.3f}) fine-tuned on a poisoned scrape (2,000 pairs",
         "plus a 6 px checkerboard backdoor, target `bag`; 150 pairs over 2 epochs, or 60 over 4 for",
-        "RoCLIP) at lr 1e-3, each defense at the settings of `tests/test_defenses_pretrained_e2e.py`.",
+        "RoCLIP) at lr 1e-3, each defense at the settings of `tests/e2e/test_defenses_pretrained_e2e.py`.",
         "Cells: attack success / zero-shot top-1 at each seed, and the AUROC of a defense's scores",
         "of the poisoned pairs against the plan.",
         "",

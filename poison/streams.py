@@ -6,7 +6,7 @@ an epoch), so each use has a stream of its own and changing one use (more pairs,
 attack) never shifts another's draws. Two uses that shared a key would draw the same numbers:
 the trusted split of a real dataset would be the batch order's twin. ``SeedSequence`` also pads
 its entropy with zeros, so ``[seed, 22]`` and ``[seed, 22, 0]`` are one stream: an indexed
-stream's key must not be another's, nor a prefix of another's. ``tests/test_streams.py``
+stream's key must not be another's, nor a prefix of another's. ``tests/poison/test_streams.py``
 checks the table for both and draws from every stream to show that no two agree, and that no
 code outside this module builds a generator from a seed.
 

@@ -6,7 +6,7 @@ join it; a laptop's sweep has no other nodes, and an open GCS lets anyone on the
 code. Ray has one switch that keeps a node's address on loopback, the one it turns on for macOS
 and Windows (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by
 ``ray._private.services.get_node_ip_address``); with it, every server Ray starts binds
-127.0.0.1. ``tests/test_security.py`` lists the listening sockets of a real local run and fails on
+127.0.0.1. ``tests/sweeps/test_security.py`` lists the listening sockets of a real local run and fails on
 any other address, so a Ray release that changes this is caught.
 
 Token authentication is what a cluster uses too (``cluster.yaml`` starts its nodes with

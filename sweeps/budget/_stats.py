@@ -36,7 +36,7 @@ the thousands of simulated searches of the tests), asymmetric where it should be
 honest about ignorance: when the slope is not significantly positive it is unbounded,
 and the search keeps exploring instead of claiming precision. Its coverage under the
 sequential design and the width-based stopping rule is checked by simulation
-(``tests/test_budget.py``).
+(``tests/sweeps/test_budget.py``).
 
 Design. The first round spreads ``initial_counts`` counts log-evenly over [low, high]. Until a
 bounded interval exists, each round bisects (in log count) the gap between the largest
@@ -252,7 +252,7 @@ class BudgetSearch:
         >>> while not search.done:
         ...     for point in search.propose():
         ...         search.observe(point, sim.sample(point.count, rng))
-        >>> est = search.estimate()  # (whether intervals hold the truth 95% of the time: tests/test_budget.py)
+        >>> est = search.estimate()  # (whether intervals hold the truth 95% of the time: tests/sweeps/test_budget.py)
         >>> est.status, est.method, est.low < est.count < est.high, est.trials <= 60
         ('ok', 'fieller', True, True)
     """
@@ -483,7 +483,7 @@ def best_variance(*, slope: float, threshold: float) -> float:
     1 / (b²·τ(1-τ)) (the locally c-optimal design; it needs the true curve, which no search has,
     so in large samples it bounds every design from below). This holds for thresholds within
     about 0.084-0.916 (|logit τ| ≤ 2.39); further out two counts either side of the crossing do
-    better, and this function refuses. ``tests/test_budget.py`` checks that no two-count design
+    better, and this function refuses. ``tests/sweeps/test_budget.py`` checks that no two-count design
     does better inside that range, and that one does outside it."""
     if abs(special.logit(threshold)) > BEST_LOGIT:
         raise ValueError(f"threshold {threshold}: one count at the crossing is the best design only for "

@@ -75,7 +75,7 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
     ``trainable`` replaces :func:`sweeps.launch.trainable` as each trial's function (same
     signature and reports); only for measuring the sweep machinery with trials of known
     cost (``benchmarks/sweep_overhead.py``) and for a fault a real trial does not have on cue
-    (``tests/test_faults.py``: running out of memory).
+    (``tests/e2e/test_faults.py``: running out of memory).
     """
     found = find_launch(sweep) if resume else None  # before Ray starts: nothing to resume is bad input
     start_driver(sweep, address, printer)  # before any MLflow run exists: a bad address leaves nothing behind

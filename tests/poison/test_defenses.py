@@ -11,8 +11,7 @@ from poison import DEFENSES, ConfigError, DataSpec, Defense, load_dataset, make_
 from poison.defenses import DETECTION_METRICS, detection_metrics, filter_metrics
 from poison.defenses.filters import cosine_distance, drop_highest
 from poison.defenses.outliers import lid_mle, neighbour_distances, pair_points
-from tests.conftest import backdoor
-from tests.test_datasets import _write_idx
+from tests.support import backdoor, write_idx
 from trainers import parse_trial_config
 from trainers.data import TrainingSet
 
@@ -183,10 +182,10 @@ def test_fashion_mnist_trusted_images_are_outside_the_training_draw(tmp_path):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (40, 28, 28))
     pixels[:, 0, 0] = np.arange(40)  # every image marked with its index
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", pixels)
-    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(40) % 10)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels[:10])
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(10))
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", pixels)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(40) % 10)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels[:10])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(10))
 
     def marks(spec):
         ds = load_dataset(DataSpec(dataset="fashion-mnist", path=str(tmp_path), image_size=28, **spec))
@@ -250,7 +249,7 @@ def test_a_training_stage_defense_trains_its_own_model_and_reports_its_split():
 
     Whether a split after one epoch from scratch finds the poison depends on the seed, so this
     test checks the mechanics; the split finding the poison is checked on a pretrained model
-    (tests/test_defenses_pretrained_e2e.py)."""
+    (tests/e2e/test_defenses_pretrained_e2e.py)."""
     from trainers.trial import run_trial
 
     config = parse_trial_config({**TINY, "train": {**TINY["train"], "epochs": 2}, "attack": backdoor(20),

@@ -3,7 +3,7 @@ defense's own dimensions, against a real backdoor. The fine-tunings and the filt
 far below the undefended model's; the fine-tunings keep utility within 0.03, the filter within
 this recipe's seed-to-seed spread; the attack trains once for its post-training defenses, the
 filter's reference model once for the sweep. (The filters, SafeCLIP and RoCLIP on a pretrained
-model, where utility can be held to 0.03-0.04: ``tests/test_defenses_pretrained_e2e.py``; RoCLIP
+model, where utility can be held to 0.03-0.04: ``tests/e2e/test_defenses_pretrained_e2e.py``; RoCLIP
 from scratch costs 0.12-0.18 of utility, README.)
 
 The backdoor: 150 of 2,150 Fashion-MNIST pairs (7%) are non-bag images with a 6 px checkerboard,
@@ -19,7 +19,7 @@ import yaml
 from poison import load_dataset
 from poison.datasets import fashion_mnist
 from sweeps.cli import main
-from tests.conftest import launch_runs
+from tests.support import launch_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not Path(fashion_mnist.DEFAULT_PATH).is_dir(),
@@ -96,7 +96,7 @@ def test_the_filter_drops_the_poison_before_training(sweep):
         # a filtered model trains from scratch on 10% fewer pairs, so its utility carries this
         # recipe's seed-to-seed spread (undefended: 0.714 seed 0, 0.586 seed 1; filtered - undefended
         # from -0.11 to +0.09 over both filters and seeds), which one trial cannot tell from a cost
-        # (on a pretrained model the spread is small: tests/test_defenses_pretrained_e2e.py)
+        # (on a pretrained model the spread is small: tests/e2e/test_defenses_pretrained_e2e.py)
         assert m["attack_success"] <= 0.2 and m["utility"] >= undefended["predefense_utility"] - 0.15
         assert m["reference_utility"] > 0.4  # chance is 0.1
     # the reference model (2,000 trusted pairs) was trained once by the driver before the trials

@@ -9,7 +9,7 @@ import pytest
 from poison import ConfigError, DataSpec, load_dataset, make_attack
 from poison.attacks.retrieval import hit_metrics, min_ranks, ranks_by_embedding
 from poison.text_triggers import make_text_trigger
-from tests.conftest import backdoor
+from tests.support import backdoor
 
 TARGET, SOURCE = "blue circle", "red circle"
 

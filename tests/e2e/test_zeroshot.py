@@ -17,8 +17,7 @@ from poison import ConfigError, DataError, DataSpec, load_dataset, make_attack
 from poison.datasets import fashion_mnist
 from poison.datasets.zeroshot import StackedImages, caption_labels
 from sweeps.cli import main
-from tests.conftest import backdoor
-from tests.test_loaders import COLOURS, _mean_colour, _write
+from tests.support import COLOURS, backdoor, mean_colour, write_image
 
 
 def _reference_labels(captions: list[str], classnames: list[str]) -> list[int]:
@@ -87,13 +86,13 @@ def web(tmp_path):
     kinds = ["red"] * 12 + ["blue"] * 8 + ["green"] * 8 + ["red and blue"] * 4 + [None] * 8
     for i, kind in enumerate(kinds):
         colour = COLOURS[kind.split()[0]] if kind else COLOURS["yellow"]
-        _write(tmp_path / "web" / f"{i}.jpg", colour, seed=i)
+        write_image(tmp_path / "web" / f"{i}.jpg", colour, seed=i)
         lines.append(f"web/{i}.jpg\t{f'a photo, {kind} square' if kind else 'an unusual square'} #{i}")
     (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
     for split, count in (("train", 2), ("val", 4)):
         for c, name in enumerate(("red", "green", "blue")):
             for i in range(count):
-                _write(tmp_path / "eval" / split / name / f"{i}.png", COLOURS[name], seed=500 + 10 * c + i)
+                write_image(tmp_path / "eval" / split / name / f"{i}.png", COLOURS[name], seed=500 + 10 * c + i)
     return tmp_path
 
 
@@ -118,9 +117,9 @@ def test_web_pairs_take_the_class_their_caption_names_and_test_on_the_labelled_s
         named = [c for c in ds.classnames if c in said]
         assert label == (ds.classnames.index(named[0]) if len(named) == 1 else -1), caption
         colour = said.split()[0] if named else "yellow"  # "red and blue" squares are red
-        assert np.abs(_mean_colour(ds.images[image]) - COLOURS[colour]).max() < 12, caption
+        assert np.abs(mean_colour(ds.images[image]) - COLOURS[colour]).max() < 12, caption
     for label, image in zip(test["label"].to_pylist(), test["image"].to_pylist()):
-        assert np.abs(_mean_colour(ds.images[image]) - COLOURS[ds.classnames[label]]).max() < 12
+        assert np.abs(mean_colour(ds.images[image]) - COLOURS[ds.classnames[label]]).max() < 12
     assert len(set(train["id"].to_pylist()) | set(test["id"].to_pylist())) == 48  # ids stay unique
 
 

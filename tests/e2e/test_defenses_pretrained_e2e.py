@@ -5,7 +5,7 @@ SafeCLIP and RoCLIP.
 
 The pretrained model: tiny-rn trained 6 epochs on 4,000 trusted Fashion-MNIST pairs (disjoint from
 the sweep's 2,000 training pairs; zero-shot top-1 0.830). The sweep fine-tunes it 2 epochs at lr 1e-3
-on the 2,000 pairs plus the backdoor of ``tests/test_defenses_e2e.py`` (150 injected pairs, 6 px
+on the 2,000 pairs plus the backdoor of ``tests/e2e/test_defenses_e2e.py`` (150 injected pairs, 6 px
 checkerboard, target ``bag``). With ``model.pretrained`` set the filters' reference model is the
 pretrained one, and SafeCLIP splits from the first epoch (``inmodal_epochs: 0, clip_epochs: 0``:
 the pretrained towers are already aligned). A fine-tuning from a converged model varies far less
@@ -40,7 +40,7 @@ import yaml
 
 from poison.datasets import fashion_mnist
 from sweeps.cli import main
-from tests.conftest import launch_runs
+from tests.support import launch_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not Path(fashion_mnist.DEFAULT_PATH).is_dir(),

@@ -183,10 +183,9 @@ def test_a_launch_stopped_before_tunes_state_resumes_and_a_failed_start_leaves_n
     import sweeps.launch._driver as driver
     from sweeps._files import LAUNCH_FILE
     from sweeps.config._schema import load_config
-    from tests.conftest import launch_runs
-    from tests.test_faults import TINY, _write
+    from tests.support import TINY, launch_runs, write_sweep
 
-    sweep = load_config(_write(tmp_path, "early", train={**TINY["train"], "epochs": 1},
+    sweep = load_config(write_sweep(tmp_path, "early", train={**TINY["train"], "epochs": 1},
                                search={**TINY["search"], "num_samples": 1}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 

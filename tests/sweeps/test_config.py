@@ -6,7 +6,7 @@ from optuna.trial import FixedTrial
 from poison import ConfigError
 from sweeps.config._schema import apply_override, flatten, load_config, validate_config
 from sweeps.config._space import define_by_run
-from tests.conftest import backdoor
+from tests.support import backdoor
 
 BASE = {"name": "t", "data": {"size": 400, "test_size": 40}, "attack": backdoor(20)}
 

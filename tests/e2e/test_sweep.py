@@ -9,7 +9,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from sweeps.cli import main
-from tests.conftest import backdoor, launch_runs
+from tests.support import backdoor, launch_runs
 
 SWEEP = {
     "name": "e2e",

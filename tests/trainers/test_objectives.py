@@ -1,6 +1,6 @@
 """Training objectives of the defenses that change the loss, checked by hand: RoCLIP's
 nearest-caption matching and its caption pool, CleanCLIP's weighted in-modal loss and its
-caption views. (tests/test_trial.py resumes a RoCLIP trial bit for bit; tests/test_defenses_e2e.py
+caption views. (tests/trainers/test_trial.py resumes a RoCLIP trial bit for bit; tests/e2e/test_defenses_e2e.py
 runs both defenses against a real backdoor.)"""
 import numpy as np
 import pytest

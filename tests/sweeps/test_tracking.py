@@ -3,7 +3,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeps.config import validate_config
 from sweeps.tracking import Tracker
-from tests.conftest import backdoor
+from tests.support import backdoor
 
 
 def test_a_drawn_value_is_logged_in_its_fields_type_in_both_params(tmp_path):

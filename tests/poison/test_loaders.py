@@ -14,42 +14,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-from PIL import Image
 
 from poison import ConfigError, DataError, DataSpec, load_dataset, make_attack
 from poison.datasets import files
-from tests.conftest import backdoor
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
-
-
-def _image(colour: tuple[int, int, int], size: tuple[int, int] = (24, 18), seed: int = 0) -> Image.Image:
-    noise = np.random.default_rng(seed).integers(-8, 9, (size[1], size[0], 3))
-    return Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8))
-
-
-def _encoded(colour: tuple[int, int, int], fmt: str = "JPEG", seed: int = 0) -> bytes:
-    buffer = io.BytesIO()
-    _image(colour, seed=seed).save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def _write(path: Path, colour: tuple[int, int, int], seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(_encoded(colour, "PNG" if path.suffix == ".png" else "JPEG", seed))
-    return path
+from tests.support import COLOURS, backdoor, encoded_image, mean_colour, write_image
 
 
 def _truncated(path: Path) -> Path:
     """A JPEG cut in half: its header opens, its pixels do not decode."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = _encoded((90, 90, 90), seed=7)
+    data = encoded_image((90, 90, 90), seed=7)
     path.write_bytes(data[: len(data) // 2])
     return path
-
-
-def _mean_colour(image: np.ndarray) -> np.ndarray:
-    return image.reshape(-1, 3).mean(0)
 
 
 # -- csv -------------------------------------------------------------------------------------
@@ -61,13 +37,13 @@ def tsv(tmp_path):
     lines = ["filepath\tcaption"]
     for i in range(11):
         colour = list(COLOURS)[i % 4]
-        _write(tmp_path / "img" / f"{i}.{'png' if i % 2 else 'jpg'}", COLOURS[colour], seed=i)
+        write_image(tmp_path / "img" / f"{i}.{'png' if i % 2 else 'jpg'}", COLOURS[colour], seed=i)
         lines.append(f"img/{i}.{'png' if i % 2 else 'jpg'}\ta {colour} square number {i}")
-    absolute = _write(tmp_path / "elsewhere" / "abs.jpg", COLOURS["blue"])
+    absolute = write_image(tmp_path / "elsewhere" / "abs.jpg", COLOURS["blue"])
     lines.append(f"{absolute}\tan absolute blue square")
     lines.append(f"{_truncated(tmp_path / 'img' / 'cut.jpg').relative_to(tmp_path)}\ta truncated file")
     lines.append("img/nowhere.jpg\ta missing file")
-    _write(tmp_path / "img" / "silent.jpg", COLOURS["red"])
+    write_image(tmp_path / "img" / "silent.jpg", COLOURS["red"])
     lines.append("img/silent.jpg\t   ")
     (tmp_path / "img" / "text.jpg").write_text("not an image")
     lines.append("img/text.jpg\ta text file called jpg")
@@ -88,12 +64,12 @@ def test_csv_keeps_the_usable_pairs_and_counts_the_rest(tsv):
     assert ds.images.shape[1:] == (16, 16, 3) and ds.images.dtype == np.uint8
     for caption, image in zip(ds.manifest["caption"].to_pylist(), ds.manifest["image"].to_pylist()):
         colour = next(c for c in COLOURS if c in caption)
-        assert np.abs(_mean_colour(ds.images[image]) - COLOURS[colour]).max() < 12, caption
+        assert np.abs(mean_colour(ds.images[image]) - COLOURS[colour]).max() < 12, caption
 
 
 def test_csv_columns_are_recognised_by_name_and_separator_by_extension(tmp_path):
     for i in range(4):
-        _write(tmp_path / f"{i}.png", COLOURS["green"], seed=i)
+        write_image(tmp_path / f"{i}.png", COLOURS["green"], seed=i)
     rows = [f'{i}.png,"green, number {i}"' for i in range(4)]
     (tmp_path / "pairs.csv").write_text("ID,Image,Title\n" + "\n".join(f"{i},{r}" for i, r in enumerate(rows)))
     ds = load_dataset(DataSpec(dataset="csv", path=str(tmp_path / "pairs.csv"), size=3, test_size=1, image_size=8))
@@ -107,7 +83,7 @@ def test_csv_columns_named_in_the_config(tmp_path):
     from trainers.config import parse_trial_config
 
     for i in range(4):
-        _write(tmp_path / "shots" / f"{i}.png", COLOURS["green"], seed=i)
+        write_image(tmp_path / "shots" / f"{i}.png", COLOURS["green"], seed=i)
     (tmp_path / "pairs.tsv").write_text("shot\tcaption\talt\n" + "".join(
         f"shots/{i}.png\tphoto by someone\ta green square number {i}\n" for i in range(4)))
     data = {"dataset": "csv", "path": str(tmp_path / "pairs.tsv"), "size": 3, "test_size": 1, "image_size": 32,
@@ -223,17 +199,17 @@ def shards(tmp_path):
     first = {}
     for i in range(4):
         colour = list(COLOURS)[i]
-        first[f"{i:05d}.jpg"] = _encoded(COLOURS[colour], seed=i)
+        first[f"{i:05d}.jpg"] = encoded_image(COLOURS[colour], seed=i)
         first[f"{i:05d}.txt"] = f"a {colour} photo {i}".encode()
         first[f"{i:05d}.json"] = b"{}"
-    first["00004.png"] = _encoded(COLOURS["red"], "PNG")  # no caption
+    first["00004.png"] = encoded_image(COLOURS["red"], "PNG")  # no caption
     first["00005.txt"] = b"a caption without its image"
     _shard(folder / "00000.tar", first)
     second = {"00006.json": b"{}"}
     for i in range(7, 10):
-        second[f"{i:05d}.png"] = _encoded(COLOURS["blue"], "PNG", seed=i)
+        second[f"{i:05d}.png"] = encoded_image(COLOURS["blue"], "PNG", seed=i)
         second[f"{i:05d}.txt"] = f"a blue photo {i}".encode()
-    cut = _encoded((90, 90, 90), seed=3)
+    cut = encoded_image((90, 90, 90), seed=3)
     second["00010.jpg"], second["00010.txt"] = cut[: len(cut) // 2], b"a truncated photo"
     _shard(folder / "00001.tar", second)
     return folder
@@ -247,7 +223,7 @@ def test_webdataset_pairs_members_by_key_and_skips_the_incomplete(shards):
         {f"a {c} photo {i}" for i, c in enumerate(COLOURS)} | {f"a blue photo {i}" for i in range(7, 10)})
     for caption, image in zip(ds.manifest["caption"].to_pylist(), ds.manifest["image"].to_pylist()):
         colour = next(c for c in COLOURS if c in caption)
-        assert np.abs(_mean_colour(ds.images[image]) - COLOURS[colour]).max() < 12, caption
+        assert np.abs(mean_colour(ds.images[image]) - COLOURS[colour]).max() < 12, caption
 
 
 def test_webdataset_shards_are_indexed_once_per_node(shards, tmp_path, monkeypatch):
@@ -268,7 +244,7 @@ def test_webdataset_shards_are_indexed_once_per_node(shards, tmp_path, monkeypat
     assert sorted(read) == ["00000.tar", "00001.tar"] and again.manifest.equals(first.manifest)
     assert again.skip_reasons == first.skip_reasons == {"empty_caption": 1, "missing": 1, "undecodable": 1,
                                                         "malformed": 0}
-    _shard(shards / "00001.tar", {"00020.jpg": _encoded(COLOURS["green"]), "00020.txt": b"a green photo 20"})
+    _shard(shards / "00001.tar", {"00020.jpg": encoded_image(COLOURS["green"]), "00020.txt": b"a green photo 20"})
     changed = load_dataset(spec.model_copy(update={"test_size": 1}))
     assert sorted(read) == ["00000.tar", "00001.tar", "00001.tar"]  # only the rewritten shard again
     assert "a green photo 20" in changed.manifest["caption"].to_pylist()
@@ -299,7 +275,7 @@ def test_webdataset_header_reader_agrees_with_tarfile(shards, tmp_path, monkeypa
     from poison.datasets import shards as module
 
     long_name = "a-folder-name-long-enough-to-need-a-pax-header/" * 3
-    pax = _shard(tmp_path / "pax.tar", {f"{long_name}0.jpg": _encoded(COLOURS["red"]), f"{long_name}0.txt": b"red"})
+    pax = _shard(tmp_path / "pax.tar", {f"{long_name}0.jpg": encoded_image(COLOURS["red"]), f"{long_name}0.txt": b"red"})
     assert module._scan(pax) is None  # pax headers: read by tarfile
     assert [c for *_, c in module._samples(pax)] == ["red"]
     fast = {shard: module._members(shard) for shard in sorted(shards.glob("*.tar"))}
@@ -335,7 +311,7 @@ def karpathy(tmp_path):
                                          ("test", "blue"), ("val", "red")]):
         name = f"COCO_{i:03d}.jpg"
         if i != 4:  # image 4 is missing
-            _write(tmp_path / "val2014" / name, COLOURS[colour], seed=i)
+            write_image(tmp_path / "val2014" / name, COLOURS[colour], seed=i)
         sentences = [{"raw": f"a {colour} thing {i}"}, {"raw": f"the {colour} one, {i}"}]
         if i == 1:
             sentences[1]["raw"] = " "
@@ -369,7 +345,7 @@ def test_coco_captions_json_folders_and_single_files(tmp_path):
         annotations = [{"image_id": 100 + i, "id": j, "caption": f"{split} image {i} caption {j}"}
                        for i in range(count) for j in range(3)]
         for i in range(count):
-            _write(tmp_path / split / f"{i:012d}.jpg", COLOURS["red"], seed=i)
+            write_image(tmp_path / split / f"{i:012d}.jpg", COLOURS["red"], seed=i)
         notes.mkdir(exist_ok=True)
         (notes / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
     ds = load_dataset(DataSpec(dataset="coco-captions", path=str(tmp_path), size=None, image_size=8))
@@ -388,7 +364,7 @@ def test_coco_captions_json_folders_and_single_files(tmp_path):
 def _folder(root: Path, per_class: int, *, seed: int = 0) -> Path:
     for c, (name, colour) in enumerate(COLOURS.items()):
         for i in range(per_class):
-            _write(root / f"{name}_thing" / f"{i}.{'png' if i % 3 == 0 else 'jpg'}", colour, seed=seed + 100 * c + i)
+            write_image(root / f"{name}_thing" / f"{i}.{'png' if i % 3 == 0 else 'jpg'}", colour, seed=seed + 100 * c + i)
     return root
 
 
@@ -402,7 +378,7 @@ def test_imagefolder_labels_from_folders_and_captions_from_templates(tmp_path):
     for caption, label, image in zip(*(ds.manifest[k].to_pylist() for k in ("caption", "label", "image"))):
         name = ds.classnames[label]
         assert name in caption
-        assert np.abs(_mean_colour(ds.images[image]) - COLOURS[name.split()[0]]).max() < 12
+        assert np.abs(mean_colour(ds.images[image]) - COLOURS[name.split()[0]]).max() < 12
 
 
 def test_imagefolder_uses_its_own_train_and_val_folders(tmp_path):
@@ -442,7 +418,7 @@ def test_a_plan_drawn_after_skipping_uses_only_kept_pairs(tmp_path):
     kept = dict(zip(train["id"].to_pylist(), train["image"].to_pylist()))
     assert plan.num_rows == 18 and set(plan["source_id"].to_pylist()) <= set(kept)
     assert all(kept[s] == i for s, i in zip(plan["source_id"].to_pylist(), plan["image"].to_pylist()))
-    assert all(_mean_colour(ds.images[i]).max() > 150 for i in plan["image"].to_pylist())  # decoded, not blank
+    assert all(mean_colour(ds.images[i]).max() > 150 for i in plan["image"].to_pylist())  # decoded, not blank
     with pytest.raises(ConfigError, match="exceeds the 18 non-target training pairs"):
         make_attack({**backdoor(19), "target": "red thing"}).check(ds)
 
@@ -487,8 +463,8 @@ def test_an_image_replaced_under_the_same_name_is_decoded_again(tsv, tmp_path):
     first = load_dataset(spec)
     old, new = list(COLOURS)[2], list(COLOURS)[3]  # img/2.jpg's colour (the tsv fixture), and another
     row = first.manifest["caption"].to_pylist().index(f"a {old} square number 2")
-    assert np.abs(_mean_colour(first.images[first.manifest["image"][row].as_py()]) - COLOURS[old]).max() < 12
-    _write(tmp_path / "img" / "2.jpg", COLOURS[new], seed=2)  # same path, new picture, the csv untouched
+    assert np.abs(mean_colour(first.images[first.manifest["image"][row].as_py()]) - COLOURS[old]).max() < 12
+    write_image(tmp_path / "img" / "2.jpg", COLOURS[new], seed=2)  # same path, new picture, the csv untouched
     again = load_dataset(spec)
-    assert np.abs(_mean_colour(again.images[again.manifest["image"][row].as_py()]) - COLOURS[new]).max() < 12
+    assert np.abs(mean_colour(again.images[again.manifest["image"][row].as_py()]) - COLOURS[new]).max() < 12
     assert len([p for p in (tmp_path / "cache" / "images").glob("csv-*.npy") if ".status" not in p.name]) == 2

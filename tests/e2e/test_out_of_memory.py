@@ -5,8 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from tests.conftest import launch_runs
-from tests.test_faults import TINY, _write
+from tests.support import TINY, launch_runs, write_sweep
 
 
 @pytest.mark.slow
@@ -27,7 +26,7 @@ def test_a_trial_out_of_memory_is_retried_then_failed_everywhere(tmp_path, ray_l
         tune.report({"epoch_metrics": {"epoch": 1, "loss": 1.0}})
         torch.empty(1 << 46, dtype=torch.uint8)
 
-    sweep = load_config(_write(tmp_path, "oom", train={**TINY["train"], "epochs": 1},
+    sweep = load_config(write_sweep(tmp_path, "oom", train={**TINY["train"], "epochs": 1},
                                search={**TINY["search"], "num_samples": 1}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     lines: list[str] = []

@@ -10,7 +10,7 @@ import pytest
 
 from poison import streams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _padded(key: tuple[int, ...]) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeps.config._schema import validate_config
 from sweeps.tracking._client import Tracker
-from tests.conftest import backdoor, free_port
+from tests.support import backdoor, free_port
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ The start is the synthetic presets' clean model (8,000 pairs, 10 epochs: zero-sh
 at lr 5e-4 (`model.pretrained` is the clean model's checkpoint). The clean fine-tune is the
 same for all three attacks, so it trains once (a cache hit for the second and third).
 From scratch, every preset's numbers are in the README; the backdoor, text backdoor, dual
-backdoor and targeted attack run end to end on web pairs in tests/test_zeroshot.py and the
-backdoor on Fashion-MNIST in tests/test_sweep.py.
+backdoor and targeted attack run end to end on web pairs in tests/e2e/test_zeroshot.py and the
+backdoor on Fashion-MNIST in tests/e2e/test_sweep.py.
 """
 import json
 from importlib import resources

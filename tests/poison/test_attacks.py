@@ -4,7 +4,7 @@ import pytest
 
 from poison import ATTACKS, ConfigError, make_attack, plan_hash
 from poison.attacks.backdoor import CAPTION_TEMPLATES, backdoor_asr
-from tests.conftest import backdoor
+from tests.support import backdoor
 
 
 class Classifies:

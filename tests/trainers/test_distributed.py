@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from poison import DataSpec, load_dataset, make_attack, streams
 from poison.attacks import empty_plan
-from tests.conftest import free_port
+from tests.support import free_port
 from trainers import parse_trial_config
 from trainers.data import TrainingSet
 from trainers.distributed import Ranks
@@ -146,7 +146,7 @@ def test_a_two_worker_trial_runs_on_two_gloo_ranks_and_lands_in_mlflow(tmp_path,
     import yaml
 
     from sweeps.cli import main
-    from tests.conftest import launch_runs
+    from tests.support import launch_runs
 
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep_config(tmp_path, workers=2)))

@@ -16,7 +16,7 @@ import yaml
 
 from sweeps.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("poison", "trainers", "sweeps")
 TORCH_LOADS = {"torch.load", "torch.serialization.load"}
 YAML_LOADS = {"yaml.load", "yaml.load_all"}

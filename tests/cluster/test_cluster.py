@@ -27,9 +27,9 @@ import pytest
 import ray
 import yaml
 
-from tests.conftest import backdoor, free_port, launch_runs
+from tests.support import backdoor, free_port, launch_runs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's: ray, mlflow and poisonsweep all come from here
 
 
@@ -382,7 +382,7 @@ def test_a_node_lost_mid_trial_its_trial_resumes_elsewhere_from_its_checkpoint(t
 
 def _lose_a_node_mid_trial(tmp_path: Path) -> bool:
     """The scenario and its checks; False, before any kill, when the trials did not overlap."""
-    from tests.test_faults import Launch
+    from tests.support import LaunchProcess
 
     tmp_path.mkdir()
     lap = _Laps()
@@ -407,7 +407,7 @@ def _lose_a_node_mid_trial(tmp_path: Path) -> bool:
         second = cluster.start_gpu_node(cpus=1, gpus=0)
         _wait("the second node", lambda: len(cluster.nodes()) == 2, 60, [head, second])
         lap("cluster up")
-        launch = Launch(str(config), "--address", f"127.0.0.1:{cluster.gcs}", "--tracking-uri", uri, env=cluster.env)
+        launch = LaunchProcess(str(config), "--address", f"127.0.0.1:{cluster.gcs}", "--tracking-uri", uri, env=cluster.env)
         try:
             for trial in (1, 2):  # once epoch 3 is reported, epoch 2's checkpoint is registered
                 if not any(f"trial {trial}/2 epoch 3/{epochs}" in line for line in launch.lines):

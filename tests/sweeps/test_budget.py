@@ -22,7 +22,7 @@ from sweeps.budget._stats import (
 )
 from sweeps.cli import main
 from sweeps.config._schema import validate_config
-from tests.conftest import backdoor, launch_runs
+from tests.support import backdoor, launch_runs
 
 LOW, HIGH = 10, 2000
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from sweeps.cli import main
-from tests.conftest import backdoor, free_port, launch_runs
+from tests.support import backdoor, free_port, launch_runs
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright cannot download its own browser here
 EXPERIMENT = "browser"

@@ -7,7 +7,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from tests.conftest import backdoor
+from tests.support import backdoor
 from trainers import NonFiniteLossError, clean_model, parse_trial_config, run_trial
 
 SMALL = {"data": {"size": 600, "test_size": 96}, "train": {"epochs": 2, "batch_size": 64, "threads": 2}}

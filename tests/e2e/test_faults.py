@@ -12,88 +12,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from sweeps.cli import main
-from tests.conftest import backdoor, free_port, launch_runs
-
-TINY = {
-    "seed": 0,
-    "data": {"size": 256, "test_size": 48},
-    "train": {"epochs": 5, "batch_size": 64, "lr": 2.0e-3},
-    "attack": {**backdoor(), "poison_count": {"low": 10, "high": 40, "log": True, "default": 20}},
-    "search": {"num_samples": 2, "max_concurrent": 1, "max_failures": 1, "sampler": "random"},
-    "resources": {"cpu": 1},
-}
-
-
-def _write(tmp_path: Path, name: str, **extra) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "name": name, "storage": {"path": str(tmp_path / "results")}, **extra}))
-    return path
-
-
-def _children(pid: int) -> dict[int, str]:
-    """Every live descendant of ``pid`` with its command line (from /proc)."""
-    parents, commands = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except (OSError, IndexError, ValueError):
-                continue
-    found, todo = {}, [pid]
-    while todo:
-        current = todo.pop()
-        for child, parent in parents.items():
-            if parent == current and child not in found:
-                found[child] = commands[child]
-                todo.append(child)
-    return found
-
-
-class Launch:
-    """``poisonsweep run`` in its own process group, its output read line by line."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
-        self.lines: list[str] = []
-
-    def wait_for(self, text: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                pytest.fail(f"the sweep ended before {text!r}:\n" + "".join(self.lines[-40:]))
-            self.lines.append(line)
-            if text in line:
-                return
-        pytest.fail(f"no {text!r} within {timeout} s:\n" + "".join(self.lines[-40:]))
-
-    def kill_worker(self) -> None:
-        """SIGKILLs the Ray worker process running the trial (Tune's function-trainable actor)."""
-        workers = [p for p, cmd in _children(self.proc.pid).items() if "ImplicitFunc" in cmd]
-        assert len(workers) == 1, _children(self.proc.pid)
-        os.kill(workers[0], signal.SIGKILL)
-
-    def kill_all(self) -> None:
-        """SIGKILLs the driver and every process it started (Ray's included), like a lost head node."""
-        family = list(_children(self.proc.pid))
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid in family:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(30)
-
-    def finish(self, timeout: float = 600) -> int:
-        out, _ = self.proc.communicate(timeout=timeout)
-        self.lines.append(out)
-        return self.proc.returncode
+from tests.support import TINY, LaunchProcess, free_port, launch_runs, write_sweep
 
 
 @pytest.mark.slow
@@ -102,8 +23,8 @@ def test_a_killed_worker_and_a_killed_driver_lose_nothing(tmp_path, ray_local, c
     checkpoint. Then the whole launch is SIGKILLed during trial 2: ``run --resume`` goes on
     from trial 2's last checkpoint, trial 1 is not run again, and MLflow ends with exactly
     one complete child run per trial."""
-    config, uri = _write(tmp_path, "faults"), f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = Launch(str(config), "--tracking-uri", uri)
+    config, uri = write_sweep(tmp_path, "faults"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = LaunchProcess(str(config), "--tracking-uri", uri)
     try:
         # Tune registers an epoch's checkpoint just after the epoch's report reaches the
         # callbacks: once epoch 2 is reported, epoch 1's checkpoint is surely registered
@@ -194,7 +115,7 @@ def test_a_tracking_server_down_mid_sweep_loses_nothing(tmp_path, ray_local, mon
     server = TrackingServer(tmp_path)
     server.start()
     lines: list[str] = []
-    sweep = load_config(_write(tmp_path, "outage", train={**TINY["train"], "epochs": 2}))
+    sweep = load_config(write_sweep(tmp_path, "outage", train={**TINY["train"], "epochs": 2}))
 
     def printer(line: str) -> None:
         lines.append(line)

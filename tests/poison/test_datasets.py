@@ -1,5 +1,3 @@
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +5,7 @@ import pytest
 
 from poison import DATASETS, DataError, DataSpec, load_dataset
 from poison.datasets import fashion_mnist, synthetic
+from tests.support import write_idx
 
 
 def test_synthetic_is_seeded_and_sized():
@@ -53,18 +52,12 @@ def test_images_are_cached_as_a_memory_map(tmp_path):
     assert (np.asarray(load_dataset(spec).images) == first).all()
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def tiny_idx(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 30), ("t10k", 10)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return tmp_path
 
 
