@@ -41,6 +41,7 @@ POINTS = (("undefended (150 pairs, 2 epochs)", 150, 2, "none", {}),
 def pretrained(cache: Path) -> tuple[str, float]:
     """The test's pretrained model (trained once, cached): its checkpoint path and zero-shot top-1."""
     from tests.test_defenses_pretrained_e2e import PRETRAINING
+
     from trainers import parse_trial_config
     from trainers.trial import reference_model
 
@@ -51,8 +52,8 @@ def pretrained(cache: Path) -> tuple[str, float]:
 
 def trial(args: tuple[str, int, int, str, dict, int, str, str]) -> tuple[str, int, dict]:
     import torch
-
     from tests.test_defenses_pretrained_e2e import SWEEP
+
     from trainers import parse_trial_config, run_trial
 
     label, count, epochs, kind, extra, seed, checkpoint, cache = args
