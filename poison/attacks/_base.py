@@ -51,7 +51,19 @@ def nested_sample(size: int, count: int, rng: np.random.Generator) -> np.ndarray
 
 
 class Attack(Section):
-    """Base of attacks; the default is the clean (no-poison) case."""
+    """Base of attacks: a frozen config; the base itself is the clean (no-poison) case.
+
+    Lifecycle, in a trial's order:
+
+    1. ``check(dataset)``: before any training, rejects what cannot run on this dataset
+       (a budget larger than the data, a target class it lacks), naming the key;
+    2. ``plan(dataset, seed)``: the poison plan, a table of the training rows it adds or
+       alters (deterministic in ``seed``: one stream of ``poison.streams``);
+    3. ``stamp(images, columns)``: as batches load, the plan's image changes on its rows
+       (captions come from the plan itself);
+    4. ``evaluate(dataset, model, seed)``: after training, ``metric_names`` measured on the
+       test split through a :class:`ModelView`, headed by ``attack_success``.
+    """
 
     kind: str
     poison_count: int = 0

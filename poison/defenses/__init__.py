@@ -26,6 +26,7 @@ from poison.defenses._base import (
     FILTER_METRICS,
     Defense,
     NoDefense,
+    PostTrainingSession,
     Selection,
     Stage,
     TrainingPairs,
@@ -35,4 +36,4 @@ from poison.defenses._base import (
     make_defense,
 )
 
-__all__ = ["check_trusted", "Defense", "DEFENSES", "detection_metrics", "DETECTION_METRICS", "filter_metrics", "FILTER_METRICS", "make_defense", "NoDefense", "Selection", "Stage", "TrainingPairs"]
+__all__ = ["check_trusted", "Defense", "DEFENSES", "detection_metrics", "DETECTION_METRICS", "filter_metrics", "FILTER_METRICS", "make_defense", "NoDefense", "PostTrainingSession", "Selection", "Stage", "TrainingPairs"]

@@ -34,6 +34,22 @@ class TrainingPairs(Protocol):
         model trained once on ``trusted_pairs`` trusted pairs (None: as many as ``data.size``)."""
 
 
+class PostTrainingSession(Protocol):
+    """What a post-training defense (``after_training``) may ask of the trial
+    (``trainers.hooks.PostTraining`` implements it)."""
+
+    config: Any  # the trial's resolved config (a ``trainers.config.TrialConfig``)
+    metrics: dict[str, float]  # the latest evaluation of the model
+
+    def trusted(self, pairs: int, key: str) -> Dataset:
+        """``pairs`` clean pairs disjoint from the trial's training pairs (errors name ``key``)."""
+
+    def fit(self, data: Dataset, *, epochs: int, lr: float, objective: Any | None = None) -> dict[str, float]:
+        """Trains the model further on ``data`` with the trial's loop and recipe (``epochs``, ``lr``,
+        ``objective``: a ``trainers.objectives.Objective``, default CLIP's loss); returns the last
+        evaluation."""
+
+
 @dataclass(frozen=True)
 class Selection:
     """What a data-side defense decided: the rows to keep, and each row's suspicion score
@@ -44,7 +60,23 @@ class Selection:
 
 
 class Defense(Section):
-    """Base of defenses; the default is no defense."""
+    """Base of defenses: a frozen config with optional hooks on the one training loop of
+    trainers/, each doing nothing by default, so a defense implements only its own.
+
+    Lifecycle, in a trial's order:
+
+    1. ``check(dataset, pretrained=...)``: before any training, rejects what cannot work on
+       this dataset (more trusted pairs than it has), naming the key;
+    2. ``select(pairs, seed)`` / ``keep_mask(pairs, seed)``: before training, the rows of the
+       poisoned training set to train on (a data-side filter, ``stage = "data"``);
+    3. ``objective(seed)``: during training, the loss the loop minimises instead of CLIP's
+       (``stage = "training"``);
+    4. ``after_training(session)``: after training, changes the model through a
+       :class:`PostTrainingSession` (``stage = "post"``).
+
+    ``metric_names`` are the metrics it adds; ``extra_epochs`` the epochs it reports after the
+    trial's own.
+    """
 
     kind: str
 
@@ -77,9 +109,9 @@ class Defense(Section):
         """During training: the ``trainers.objectives.Objective`` the loop minimises (None: CLIP's loss)."""
         return None
 
-    def after_training(self, session: Any) -> dict[str, float] | None:
-        """After training: changes the model through ``session`` (a ``trainers.defenses.PostTraining``)
-        and returns its own metrics, or None when it did nothing."""
+    def after_training(self, session: PostTrainingSession) -> dict[str, float] | None:
+        """After training: changes the model through ``session`` and returns its own metrics,
+        or None when it did nothing."""
         return None
 
 
@@ -152,4 +184,4 @@ def make_defense(data: object, path: str = "defense") -> Defense:
     return make_registered(DEFENSES, data, path, default="none")
 
 
-__all__ = ["check_trusted", "Defense", "DEFENSES", "detection_metrics", "DETECTION_METRICS", "filter_metrics", "FILTER_METRICS", "make_defense", "NoDefense", "Selection", "Stage", "TrainingPairs"]
+__all__ = ["check_trusted", "Defense", "DEFENSES", "detection_metrics", "DETECTION_METRICS", "filter_metrics", "FILTER_METRICS", "make_defense", "NoDefense", "PostTrainingSession", "Selection", "Stage", "TrainingPairs"]
