@@ -54,6 +54,7 @@ EVAL = Stream((12,), "attacks: the test images a success rate is measured on, an
 TARGETED_CHOICE = Stream((13,), "targeted attack: the target images (shared by plan and evaluation)")
 TEXT_BACKDOOR_CHOICE = Stream((14,), "text backdoor: the single target image")
 DUAL_TEXT_PART = Stream((11, 15), "dual backdoor: its text half's plan, a branch of PLAN")
+DUAL_REPLACED = Stream((11, 17), "dual backdoor, replace mode: one order of the pairs it alters, dealt to its halves")
 MULTIMODAL_CHOICE = Stream((16,), "Yang et al. attacks: a goal's single target image", index="goal")
 
 # training

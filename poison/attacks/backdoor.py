@@ -74,16 +74,16 @@ class Backdoor(Attack):
         return self.plan_with(dataset, rng, first_new=next_id(dataset), meta=plan_meta(self, dataset, seed))
 
     def plan_with(self, dataset: Dataset, rng: np.random.Generator, *, first_new: int, meta: dict[str, str],
-                  exclude: pa.Array | None = None) -> pa.Table:
-        """The plan drawn from ``rng``, numbering injected pairs from ``first_new`` and
-        leaving out the training pairs ``exclude`` (used when attacks are combined)."""
-        target = target_label(dataset, self.target)
-        pool = non_target_rows(dataset, target)  # positions: no copy of millions of captions
-        if exclude is not None:
-            ids = dataset.manifest["id"].take(pa.array(pool))
-            pool = pool[~pc.is_in(ids, value_set=exclude).to_numpy(zero_copy_only=False)]
+                  altered: pa.Array | None = None) -> pa.Table:
+        """The plan drawn from ``rng``, numbering injected pairs from ``first_new``; ``altered``:
+        the training pairs' ids it poisons, in order, instead of drawing them (when attacks are
+        combined, one draw shared by their parts)."""
         pick, caption_rng, placement_rng = rng.spawn(3)  # a stream per column: plans nested in the count
-        rows = dataset.manifest.take(pa.array(pool[nested_sample(len(pool), self.poison_count, pick)]))
+        if altered is None:
+            pool = non_target_rows(dataset, target_label(dataset, self.target))  # positions: no copy of millions of captions
+            rows = dataset.manifest.take(pa.array(pool[nested_sample(len(pool), self.poison_count, pick)]))
+        else:
+            rows = dataset.manifest.take(pc.index_in(altered, value_set=dataset.manifest["id"]))
         captions = draw_captions(dataset, self.target, self.caption_source, self.poison_count, caption_rng)
         placement = self.trigger.placement(self.poison_count, dataset.image_size, placement_rng)
         return make_plan(op=self.mode, altered=rows["id"].to_numpy(), images=rows, captions=captions,

@@ -91,13 +91,16 @@ class TextBackdoor(TextTriggered):
         return self.plan_with(dataset, seed, rng, first_new=next_id(dataset), meta=plan_meta(self, dataset, seed))
 
     def plan_with(self, dataset: Dataset, seed: int, rng: np.random.Generator, *, first_new: int,
-                  meta: dict[str, str], exclude: pa.Array | None = None) -> pa.Table:
+                  meta: dict[str, str], altered: pa.Array | None = None) -> pa.Table:
+        """The plan drawn from ``rng``; ``altered``: the training pairs' ids it poisons, in order,
+        instead of drawing them (when attacks are combined, one draw shared by their parts)."""
         target = target_label(dataset, self.target)
         pool = non_target_pairs(dataset, target)
-        if exclude is not None:
-            pool = pool.filter(pc.invert(pc.is_in(pool["id"], value_set=exclude)))
         pick, position_rng, image_rng = rng.spawn(3)  # a stream per column: plans nested in the count
-        rows = pool.take(pa.array(nested_sample(pool.num_rows, self.poison_count, pick)))
+        if altered is None:
+            rows = pool.take(pa.array(nested_sample(pool.num_rows, self.poison_count, pick)))
+        else:
+            rows = pool.take(pc.index_in(altered, value_set=pool["id"]))
         clean = rows["caption"].to_pylist()
         positions = self.text_trigger.placement(clean, position_rng)
         if self.target_image == "single":
@@ -185,14 +188,30 @@ class DualBackdoor(TextTriggered):
         image, text = self.parts()
         meta = plan_meta(self, dataset, seed)
         first = next_id(dataset)
-        a = image.plan_with(dataset, streams.rng(seed, streams.PLAN), first_new=first, meta=meta)
+        shared = {"image": None, "text": None}
+        if self.mode == "replace":  # one draw of the pairs to alter, dealt out: budgets stay nested
+            shared = self.dealt(dataset, seed)
+        a = image.plan_with(dataset, streams.rng(seed, streams.PLAN), first_new=first, meta=meta,
+                            altered=shared["image"])
         b = text.plan_with(dataset, seed, streams.rng(seed, streams.DUAL_TEXT_PART),
-                           first_new=first + a.num_rows, meta=meta,
-                           exclude=a["poison_id"] if self.mode == "replace" else None)
+                           first_new=first + a.num_rows, meta=meta, altered=shared["text"])
         a = a.append_column("part", pa.array(["image"] * a.num_rows, pa.string()))
         b = b.append_column("part", pa.array(["text"] * b.num_rows, pa.string()))
         # the image rows carry trigger placement, the text rows text-trigger positions: nulls elsewhere
         return pa.concat_tables([a, b], promote_options="default").replace_schema_metadata(meta)
+
+    def dealt(self, dataset: Dataset, seed: int) -> dict[str, pa.Array]:
+        """Replace mode: the ids of the pairs each half alters, the first ``poison_count`` of one
+        order of the non-target pairs (stream ``DUAL_REPLACED``), the image half taking the even
+        places and the text half the odd ones while both have pairs left: the pairs of a smaller
+        budget are those of a larger one, each in the same half."""
+        n_image, n_text = self.counts()
+        ids = non_target_pairs(dataset, target_label(dataset, self.target))["id"]
+        order = nested_sample(len(ids), self.poison_count, streams.rng(seed, streams.DUAL_REPLACED))
+        both = 2 * min(n_image, n_text)
+        image = np.concatenate([order[:both:2], order[both:]]) if n_image > n_text else order[:both:2]
+        text = np.concatenate([order[1:both:2], order[both:]]) if n_text > n_image else order[1:both:2]
+        return {"image": ids.take(pa.array(image, pa.int64())), "text": ids.take(pa.array(text, pa.int64()))}
 
     def stamp(self, images: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
         hit = np.asarray(columns["part"]) == "image"

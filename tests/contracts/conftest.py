@@ -161,7 +161,7 @@ def train_tiny(tiny_arch) -> Callable[..., Run]:
     import torch
 
     from poison import load_dataset, streams
-    from tests.conftest import backdoor
+    from tests.support import backdoor
     from trainers import parse_trial_config
     from trainers.data import TrainingSet
     from trainers.loop import fit

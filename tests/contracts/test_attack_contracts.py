@@ -17,14 +17,6 @@ from poison.attacks import PLAN_SCHEMA, Attack, next_id
 from .conftest import build, seeded_twice, variants
 
 CASES = variants(ATTACKS)
-#: Known bugs, by case id (strict: a fix makes the case pass, and its entry must go).
-NOT_NESTED = {
-    "dual-backdoor:mode=replace": "the text part draws from the non-target pairs the image part leaves, a pool "
-                                  "whose size depends on the budget, so its altered pairs are redrawn at every "
-                                  "count (TextBackdoor.plan_with's exclude, then nested_sample over that pool)",
-}
-NESTING_CASES = [pytest.param(*case.values, id=case.id, marks=pytest.mark.xfail(reason=NOT_NESTED[case.id], strict=True))
-                 if case.id in NOT_NESTED else case for case in CASES]
 
 
 def attack_of(name, overrides, dataset, count=12):
@@ -71,7 +63,7 @@ def test_one_seed_gives_one_plan_and_another_seed_another(name, overrides, small
         assert not other.replace_schema_metadata(None).equals(a.replace_schema_metadata(None))
 
 
-@pytest.mark.parametrize("name, overrides", NESTING_CASES)
+@pytest.mark.parametrize("name, overrides", CASES)
 def test_a_smaller_budget_is_part_of_a_larger_one(name, overrides, small_synthetic):
     """Each pair (image, caption, trigger placement, ...) planned at 5 is planned at 12 too;
     injected pairs are numbered in plan order, so their ids are left out of the comparison."""

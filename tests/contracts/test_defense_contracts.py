@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from poison import DEFENSES, make_attack
-from tests.conftest import backdoor
+from tests.support import backdoor
 from trainers import parse_trial_config
 from trainers.data import TrainingSet
 
