@@ -1,6 +1,9 @@
+
 """Text triggers, text/dual backdoors and Yang et al.'s retrieval attacks: plans, bad input,
 and their metrics on models whose rankings are worked out by hand."""
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +11,7 @@ import pytest
 
 from poison import ConfigError, DataSpec, load_dataset, make_attack
 from poison.attacks.retrieval import hit_metrics, min_ranks, ranks_by_embedding
-from poison.text_triggers import make_text_trigger
+from poison.text_triggers import TEXT_TRIGGERS, make_text_trigger
 from tests.support import backdoor
 
 TARGET, SOURCE = "blue circle", "red circle"
@@ -120,7 +123,7 @@ def test_phrase_trigger_positions_by_hand():
 def test_text_trigger_bad_input():
     with pytest.raises(ConfigError, match="attack.text_trigger.text: the trigger needs at least one word"):
         make_text_trigger({"text": "  "})
-    with pytest.raises(ConfigError, match="attack.text_trigger.kind: unknown text trigger 'emoji'; valid: phrase"):
+    with pytest.raises(ConfigError, match=re.escape(f"attack.text_trigger.kind: unknown text trigger 'emoji'; valid: {', '.join(TEXT_TRIGGERS.names())}")):
         make_text_trigger({"kind": "emoji"})
     with pytest.raises(ConfigError, match="attack.text_trigger.position: expected 'start', 'end' or 'random'"):
         make_attack({"kind": "text-backdoor", "target": TARGET, "poison_count": 1,

@@ -3,10 +3,11 @@ import textwrap
 import pytest
 from optuna.trial import FixedTrial
 
-from poison import ConfigError
+from poison import ATTACKS, DATASETS, ConfigError
 from sweeps.config._schema import apply_override, flatten, load_config, validate_config
 from sweeps.config._space import define_by_run
 from tests.support import backdoor
+from trainers.models import bundled_archs
 
 BASE = {"name": "t", "data": {"size": 400, "test_size": 40}, "attack": backdoor(20)}
 
@@ -69,11 +70,11 @@ def test_a_bad_choice_is_named():
     (with_(train={"lr": {"low": 0, "high": 1, "log": True}}), "train.lr: a log range needs low > 0"),
     (with_(train={"epochs": {"choices": []}}), "train.epochs.choices: empty list"),
     (with_(train={"epochs": {"low": 1, "high": 3, "default": 9}}), "train.epochs: default 9 is outside [1, 3]"),
-    (with_(attack={"kind": "nope"}), "attack.kind: unknown attack 'nope'; valid: backdoor"),
+    (with_(attack={"kind": "nope"}), f"attack.kind: unknown attack 'nope'; valid: {', '.join(ATTACKS.names())}"),
     (with_(attack={**backdoor(), "trigger": {"kind": "star"}}), "attack.trigger.kind: unknown trigger 'star'"),
-    (with_(model={"arch": "nope"}), "model.arch: unknown architecture 'nope'; valid: tiny-rn, tiny-vit"),
+    (with_(model={"arch": "nope"}), f"model.arch: unknown architecture 'nope'; valid: {', '.join(bundled_archs())}"),
     (with_(model={"arch": "tiny-rn", "pretrained": "/no/such.pt"}), "model.pretrained: checkpoint file /no/such.pt not found"),
-    (with_(data={"dataset": "cifar"}), "data.dataset: unknown dataset 'cifar'; valid: coco-captions, csv, fashion-mnist, imagefolder"),
+    (with_(data={"dataset": "cifar"}), f"data.dataset: unknown dataset 'cifar'; valid: {', '.join(DATASETS.names())}"),
     (with_(data={"dataset": "fashion-mnist", "path": "/no/where"}), "data.path: /no/where/train-images"),
     (with_(search={"num_samples": 0}), "search.num_samples: expected greater than or equal to 1"),
     (with_(search={"objectives": {"attack_success": "up"}}), "search.objectives.attack_success: expected 'max' or 'min'"),
