@@ -1,11 +1,4 @@
-"""Text triggers, registered by name (``attack.text_trigger.kind``).
-
-A text trigger inserts a token or phrase into captions. Like an image trigger it
-has a seeded ``placement`` (the word position in each caption, stored in the
-poison plan) and a pure ``apply``. Captions are short strings, so a plan holds
-the triggered caption itself; ``apply`` is used again at evaluation time on
-clean test captions.
-"""
+"""``phrase``: a token or phrase inserted into captions."""
 from __future__ import annotations
 
 from typing import Literal
@@ -13,23 +6,7 @@ from typing import Literal
 import numpy as np
 from pydantic import field_validator
 
-from poison.config import Section, make_registered
-from poison.registry import Registry
-
-TEXT_TRIGGERS: Registry = Registry("text_trigger")
-
-
-class TextTrigger(Section):
-    """Base of text triggers: ``placement`` then ``apply``; both deterministic."""
-
-    kind: str
-
-    def placement(self, captions: list[str], rng: np.random.Generator) -> np.ndarray:
-        """The word index at which the trigger goes into each caption."""
-        raise NotImplementedError
-
-    def apply(self, captions: list[str], positions: np.ndarray) -> list[str]:
-        raise NotImplementedError
+from poison.text_triggers._base import TEXT_TRIGGERS, TextTrigger
 
 
 @TEXT_TRIGGERS.register("phrase")
@@ -72,10 +49,3 @@ class PhraseTrigger(TextTrigger):
             words = caption.split()
             out.append(" ".join([*words[: int(at)], self.text, *words[int(at):]]))
         return out
-
-
-def make_text_trigger(data: object, path: str = "attack.text_trigger") -> TextTrigger:
-    """Validates a text-trigger mapping into its registered class (default: ``phrase``)."""
-    return make_registered(TEXT_TRIGGERS, data, path, default="phrase")
-
-__all__ = ["PhraseTrigger", "TEXT_TRIGGERS", "TextTrigger", "make_text_trigger"]
