@@ -15,15 +15,13 @@ def small_synthetic():
     return load_dataset(DataSpec(dataset="synthetic", size=400, test_size=40, seed=3))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """Local Ray with two CPUs for the real sweeps, started once per test run (its start and its
-    workers' imports of torch are paid once, not in every module) and shut down at the end."""
+    """Local Ray with two CPUs for the real sweeps of one test module (shut down after it)."""
     import ray
 
     from sweeps import _local_ray as local_ray
 
-    if not ray.is_initialized():
-        local_ray.init(num_cpus=2)
+    local_ray.init(num_cpus=2)
     yield
     ray.shutdown()
