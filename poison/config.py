@@ -41,10 +41,14 @@ class KeyMarker:
 
 SPEED_ONLY = KeyMarker("speed_only")
 KEYED_WHEN_SET = KeyMarker("keyed_when_set")
+#: The value decides whether a run may go ahead (what it may read), never what it computes.
+POLICY = KeyMarker("policy")
+#: The markers of fields left out of keys whatever their value.
+UNKEYED = (SPEED_ONLY, POLICY)
 
 
 def key_values(section: BaseModel) -> dict[str, Any]:
-    """``section``'s JSON values less its :data:`SPEED_ONLY` fields and its unset
+    """``section``'s JSON values less its :data:`UNKEYED` fields and its unset
     :data:`KEYED_WHEN_SET` ones, in nested sections too: what a cache key of it hashes.
 
     Example:
@@ -62,7 +66,7 @@ def key_values(section: BaseModel) -> dict[str, Any]:
 def _prune(section: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
     for name, field in type(section).model_fields.items():
         value = getattr(section, name)
-        if SPEED_ONLY in field.metadata or (value is None and KEYED_WHEN_SET in field.metadata):
+        if any(m in field.metadata for m in UNKEYED) or (value is None and KEYED_WHEN_SET in field.metadata):
             dumped.pop(name, None)
         elif isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):
             _prune(value, dumped[name])

@@ -14,11 +14,11 @@ The data is described at two levels, one model extending the other:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from poison.config import KEYED_WHEN_SET, ConfigError, Section
+from poison.config import KEYED_WHEN_SET, POLICY, ConfigError, Section
 from poison.manifest import Dataset
 from poison.registry import Registry
 
@@ -55,7 +55,7 @@ class ZeroshotConfig(Section):
         """The spec loading this dataset's test split at ``of``'s image size, seed and cache (its
         training pairs are unused: one is drawn)."""
         return DataSpec(dataset=self.dataset, path=self.path, size=1, test_size=self.size,
-                        image_size=of.image_size, seed=of.seed, cache_dir=of.cache_dir)
+                        image_size=of.image_size, seed=of.seed, cache_dir=of.cache_dir, outside_paths=of.outside_paths)
 
 
 class DataConfig(Section):
@@ -77,6 +77,9 @@ class DataConfig(Section):
             webdataset, coco-captions): each pair (training and test) takes the one class
             its caption names (``poison.datasets.zeroshot.caption_classes``), as Yang et al.
             pick COCO's captions and images "of a class".
+        outside_paths: ``refuse`` (the default): a file dataset whose drawn image paths leave
+            its folder (``../``, an absolute path, a symbolic link out of it) is refused in one
+            line naming the first such path; ``allow`` reads them.
 
     The four optional keys enter cache keys only when set (``poison.config.KEYED_WHEN_SET``):
     the keys of caches made before they existed stay valid.
@@ -91,6 +94,7 @@ class DataConfig(Section):
     caption_column: Annotated[str | None, KEYED_WHEN_SET] = Field(None, min_length=1)
     zeroshot: Annotated[ZeroshotConfig | None, KEYED_WHEN_SET] = None
     classes: Annotated[list[str] | None, KEYED_WHEN_SET] = Field(None, min_length=2)
+    outside_paths: Annotated[Literal["refuse", "allow"], POLICY] = "refuse"
 
     _registered = field_validator("dataset")(classmethod(lambda cls, value: registered_dataset(value)))
 

@@ -57,7 +57,13 @@ def load(spec: DataSpec) -> Dataset:
     path = require_path(spec, "a Karpathy split JSON, a COCO captions JSON, or a folder of them")
     files = caption_files(path)
     records = [(file, split, _read_json(file)) for file, split in files]
-    return load_index(read_index(records), spec, sources=[file for file, _ in files])
+    return load_index(read_index(records), spec, sources=[file for file, _ in files], root=dataset_folder(files[0][0]))
+
+
+def dataset_folder(json_file: Path) -> Path:
+    """The folder the images must lie in: the JSON's, or the one above ``annotations/``."""
+    folder = json_file.parent
+    return folder.parent if folder.name == "annotations" else folder
 
 
 def caption_files(path: Path) -> list[tuple[Path, str | None]]:
@@ -94,29 +100,76 @@ def read_index(records: list[tuple[Path, str | None, dict[str, Any]]]) -> pa.Tab
 
 def _is_karpathy(data: dict[str, Any]) -> bool:
     images = data.get("images")
-    return isinstance(images, list) and bool(images) and "sentences" in images[0]
+    return isinstance(images, list) and bool(images) and isinstance(images[0], dict) and "sentences" in images[0]
 
 
 def _karpathy(data: dict[str, Any], file: Path) -> list[ImageRecord]:
     out = []
     for i, image in enumerate(data["images"]):
-        if "filename" not in image:
-            raise DataError(f"data.path: {file}: images[{i}] has no 'filename'")
+        where = f"images[{i}]"
+        image = _object(image, file, where)
+        name = _text(image, "filename", file, where)
         split = KARPATHY_SPLITS.get(image.get("split", ""), "val")
-        sentences = [s.get("raw") or " ".join(s.get("tokens", [])) for s in image.get("sentences", [])]
-        out.append((image.get("filepath", ""), image["filename"], split, sentences))
+        sentences = image.get("sentences", [])
+        if not isinstance(sentences, list):
+            raise DataError(f"data.path: {file}: {where}.sentences is a JSON {_kind(sentences)}, not a list")
+        captions = [_sentence(_object(s, file, f"{where}.sentences[{j}]"), file, f"{where}.sentences[{j}]")
+                    for j, s in enumerate(sentences)]
+        out.append((_text(image, "filepath", file, where, default=""), name, split, captions))
     return out
+
+
+def _sentence(sentence: dict[str, Any], file: Path, where: str) -> str | None:
+    raw = sentence.get("raw")
+    if raw is not None and not isinstance(raw, str):
+        raise DataError(f"data.path: {file}: {where}.raw is a JSON {_kind(raw)}, not a string")
+    tokens = sentence.get("tokens", [])
+    if not raw and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise DataError(f"data.path: {file}: {where}.tokens is not a list of strings")
+    return raw or " ".join(tokens)
 
 
 def _coco(data: dict[str, Any], file: Path, split: str | None) -> list[ImageRecord]:
     if not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise DataError(f"data.path: {file} is neither a Karpathy split file (images[].sentences) nor COCO "
                         f"captions (images and annotations); its keys: {', '.join(map(str, data)) or 'none'}")
-    captions: dict[Any, list[str]] = {}
-    for note in data["annotations"]:
-        captions.setdefault(note.get("image_id"), []).append(note.get("caption"))
+    captions: dict[Any, list[str | None]] = {}
+    for i, note in enumerate(data["annotations"]):
+        note = _object(note, file, f"annotations[{i}]")
+        caption = note.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            raise DataError(f"data.path: {file}: annotations[{i}].caption is a JSON {_kind(caption)}, not a string")
+        captions.setdefault(note.get("image_id"), []).append(caption)
     subdir = file.stem.removeprefix("captions_")  # captions_train2017.json: images in train2017/
-    return [(subdir, image["file_name"], split, captions.get(image.get("id"), [])) for image in data["images"]]
+    out = []
+    for i, image in enumerate(data["images"]):
+        image = _object(image, file, f"images[{i}]")
+        out.append((subdir, _text(image, "file_name", file, f"images[{i}]"), split,
+                    captions.get(image.get("id"), [])))
+    return out
+
+
+def _kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _object(value: Any, file: Path, where: str) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else a DataError naming ``file`` and the entry."""
+    if not isinstance(value, dict):
+        raise DataError(f"data.path: {file}: {where} is a JSON {_kind(value)}, not an object")
+    return value
+
+
+def _text(entry: dict[str, Any], key: str, file: Path, where: str, *, default: str | None = None) -> str:
+    """``entry[key]``, a non-empty string (or ``default`` when absent and one is given), else a
+    DataError naming ``file`` and the entry."""
+    value = entry.get(key, default)
+    if value is None:
+        raise DataError(f"data.path: {file}: {where} has no '{key}'")
+    if not isinstance(value, str) or (not value and default is None):
+        what = "empty" if value == "" else f"a JSON {_kind(value)}"
+        raise DataError(f"data.path: {file}: {where}.{key} is {what}, not a file name")
+    return value
 
 
 def _locate(root: Path, names: list[tuple[str, str]], file: Path) -> list[str]:

@@ -44,7 +44,7 @@ def load(spec: DataSpec) -> Dataset:
     if path.is_dir():
         raise DataError(f"data.path: {path} is a folder; the csv dataset needs a CSV or TSV file")
     return load_index(read_index(path, image_column=spec.image_column, caption_column=spec.caption_column),
-                      spec, sources=[path])
+                      spec, sources=[path], root=path.parent)
 
 
 def read_index(path: Path, *, image_column: str | None = None, caption_column: str | None = None) -> pa.Table:

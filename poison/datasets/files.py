@@ -63,8 +63,12 @@ INDEX_SCHEMA = pa.schema([
     ("problem", pa.string()),  # a reason the loader already knows the row is unusable; null: none
 ])
 #: Why a drawn pair was skipped, by code (0 = kept): the keys of ``Dataset.skip_reasons``.
-REASONS = ("empty_caption", "missing", "undecodable", "malformed")
-OK, EMPTY_CAPTION, MISSING, UNDECODABLE, MALFORMED = range(5)
+REASONS = ("empty_caption", "missing", "undecodable", "malformed", "too_large")
+OK, EMPTY_CAPTION, MISSING, UNDECODABLE, MALFORMED, TOO_LARGE = range(6)
+#: The longest side an image may have, as a multiple of ``data.image_size`` (at least
+#: MIN_MAX_SIDE px): a larger one is skipped as ``too_large`` before it is decoded, and so is an
+#: image file or shard member of more bytes than an uncompressed RGB image of that side.
+MAX_SIDE_RATIO, MIN_MAX_SIDE = 64, 8192
 DEFAULT_TEST_FRACTION = 0.1
 CHUNK = 64  # images per decoding task
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
@@ -101,12 +105,13 @@ def make_index(*, file: pa.Array | Sequence[str | None], caption: pa.Array | Seq
 
 
 def load_index(index: pa.Table, spec: DataSpec, *, sources: Sequence[Path], classnames: list[str] | None = None,
-               templates: list[str] | None = None) -> Dataset:
+               templates: list[str] | None = None, root: Path | None = None) -> Dataset:
     """The Dataset of ``index``: selection, skipping, decoding (cached) and the manifest.
 
     ``sources`` are the files the index was read from (their sizes and modification
     times key the image cache); ``classnames`` and ``templates`` are the zero-shot
-    classes, when the source has any.
+    classes, when the source has any; ``root``: the dataset's folder, which the drawn images'
+    paths may not leave unless ``data.outside_paths`` is ``allow``.
     """
     if index.num_rows == 0:
         raise DataError(f"data.path: {spec.path} holds no image-caption pairs for {spec.dataset}")
@@ -117,6 +122,8 @@ def load_index(index: pa.Table, spec: DataSpec, *, sources: Sequence[Path], clas
     hit = reasons == OK  # the rows whose images are decoded: one image per distinct group
     _, first, inverse = np.unique(index["group"].to_numpy()[rows[hit]], return_index=True, return_inverse=True)
     located = index.select(["file", "offset", "length"]).take(pa.array(rows[hit][first]))
+    if root is not None and spec.outside_paths == "refuse":
+        check_inside(located["file"].to_pylist(), root)
     images, status = decode_images(located, spec, sources)
     reasons[hit] = status[inverse]
     image = np.full(len(rows), -1, np.int64)
@@ -130,6 +137,28 @@ def load_index(index: pa.Table, spec: DataSpec, *, sources: Sequence[Path], clas
     return Dataset(name=spec.dataset, manifest=manifest, classnames=classnames or [], templates=templates or [],
                    image_size=spec.image_size, _render=lambda: images, _images=images, trusted_capacity=capacity,
                    skipped=int(np.sum(~keep)), skip_reasons=_counts(reasons))
+
+
+def check_inside(files: Sequence[str], root: Path) -> None:
+    """Raises DataError unless every one of ``files`` (links followed) lies in ``root``.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> check_inside([str(root / "a.jpg"), str(root / "sub" / "b.jpg")], root)
+        >>> check_inside([str(root / "a.jpg"), str(root / ".." / "b.jpg")], root)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        poison.datasets._base.DataError: data.outside_paths: 1 of the 2 drawn image paths leave ... (the first: ...); set data.outside_paths: allow to read them
+    """
+    base = os.path.realpath(root)
+    outside = [f for f in dict.fromkeys(files) if not os.path.realpath(f).startswith(base + os.sep)]
+    if outside:
+        first = outside[0]
+        real = os.path.realpath(first)
+        shown = first if real == os.path.normpath(first) else f"{first} -> {real}"
+        raise DataError(f"data.outside_paths: {len(outside):,} of the {len(set(files)):,} drawn image paths leave "
+                        f"{base} (the first: {shown}); set data.outside_paths: allow to read them")
 
 
 def select(index: pa.Table, spec: DataSpec, *, known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -356,11 +385,28 @@ def _decode_all(table: pa.Table, images: np.ndarray, status: np.ndarray, side: i
         list(pool.map(chunk, starts))
 
 
+def max_side(side: int) -> int:
+    """The longest side, in pixels, of an image decoded for ``side``-pixel training.
+
+    >>> max_side(32), max_side(224)
+    (8192, 14336)
+    """
+    return max(MAX_SIDE_RATIO * side, MIN_MAX_SIDE)
+
+
+def max_bytes(side: int) -> int:
+    """The most bytes an image file or shard member may hold: an uncompressed RGB square of
+    :func:`max_side`, plus 1 MiB of headers."""
+    return 3 * max_side(side) ** 2 + 2**20
+
+
 def decode_into(images: np.ndarray, i: int, file: str | None, offset: int, length: int, side: int) -> int:
     """Decodes one image into ``images[i]``; returns OK or the reason code it was skipped for."""
     if not file:
         return MISSING
     try:
+        if (os.path.getsize(file) if length < 0 else length) > max_bytes(side):
+            return TOO_LARGE
         if length < 0:
             images[i] = decode(file, side)
             return OK
@@ -373,27 +419,56 @@ def decode_into(images: np.ndarray, i: int, file: str | None, offset: int, lengt
         return OK
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return MISSING
+    except (TooLarge, Image.DecompressionBombError):
+        return TOO_LARGE
     except Exception:  # noqa: BLE001  (whatever Pillow raises for a bad file: skipped and counted)
         return UNDECODABLE
 
 
+class TooLarge(ValueError):
+    """An image larger than :func:`max_side` allows, found from its header."""
+
+
 def decode(source: str | io.BytesIO, side: int) -> np.ndarray:
     """One image as uint8 (side, side, 3): RGB, shorter side scaled to ``side``, centre crop.
+
+    Every mode Pillow reads becomes RGB: 16- and 32-bit grey scaled from their full range
+    (``I;16``: 0-65535, ``I``: 0-65535 as 16-bit PNGs open) and floats from [0, 1] to 0-255
+    (Pillow's own conversion clips them); transparency is dropped as open_clip's
+    ``_convert_to_rgb`` drops it. An image whose longer side exceeds :func:`max_side` raises
+    TooLarge before its pixels are decoded.
 
     Example:
         >>> buffer = io.BytesIO()
         >>> Image.new("RGB", (60, 30), (255, 0, 0)).save(buffer, "PNG")
         >>> decode(buffer, 16).shape
         (16, 16, 3)
+        >>> grey = io.BytesIO()
+        >>> Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(grey, "PNG")  # 16-bit mid-grey
+        >>> decode(grey, 8)[0, 0].tolist()
+        [128, 128, 128]
     """
     with Image.open(source) as img:
+        if max(img.size) > max_side(side):
+            raise TooLarge(f"{img.size[0]}x{img.size[1]} px")
         img.draft("RGB", (side, side))  # JPEG: let the decoder scale down (stays >= side)
-        rgb = img.convert("RGB")
+        rgb = _eight_bit(img).convert("RGB")
     w, h = rgb.size
     c = min(w, h)
     box = ((w - c) / 2, (h - c) / 2, (w + c) / 2, (h + c) / 2)  # the centre square
     return np.asarray(rgb.resize((side, side), Image.Resampling.BICUBIC, box=box), dtype=np.uint8)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "INDEX_SCHEMA", "REASONS", "decode", "decode_images", "known_reasons", "load_index",
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """``img`` in an 8-bit mode: 16- and 32-bit integer and float grey rescaled, others as they are."""
+    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I
+        scaled = np.asarray(img, np.float64) * (255 / 65535)
+    elif img.mode == "F":
+        scaled = np.asarray(img, np.float64) * 255
+    else:
+        return img
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
+__all__ = ["IMAGE_EXTENSIONS", "INDEX_SCHEMA", "REASONS", "check_inside", "decode", "max_bytes", "max_side", "decode_images", "known_reasons", "load_index",
            "make_index", "require_path", "select"]

@@ -48,7 +48,7 @@ def load(spec: DataSpec) -> Dataset:
     if index.num_rows == 0:
         raise DataError(f"data.path: {root} has no class subfolders with images "
                         f"({', '.join(IMAGE_EXTENSIONS)})")
-    return load_index(index, spec, sources=[], classnames=classnames(folders), templates=TEMPLATES)
+    return load_index(index, spec, sources=[], classnames=classnames(folders), templates=TEMPLATES, root=root)
 
 
 def split_folders(root: Path) -> dict[str | None, Path]:

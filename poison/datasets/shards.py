@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # preference order when a sample has several
 CAPTION_KEY = "txt"
 _BRACE = re.compile(r"\{([^{}]*)\}")
+MAX_SHARDS = 1_000_000  # shards a brace pattern may name
 
 
 @DATASETS.register("webdataset")
@@ -68,9 +69,10 @@ def shard_paths(path: str | None) -> list[Path]:
     return shards
 
 
-def expand_braces(pattern: str) -> list[str]:
+def expand_braces(pattern: str, *, whole: str | None = None) -> list[str]:
     """Brace expansion as webdataset writes shard names: ``{a..b}`` (zero-padded like ``a``)
-    and ``{x,y}``.
+    and ``{x,y}``; a range that runs backwards, names more than MAX_SHARDS shards, or braces
+    that are empty or hold an empty choice raise a DataError naming the pattern.
 
     Example:
         >>> expand_braces("s/{008..010}.tar")
@@ -78,6 +80,7 @@ def expand_braces(pattern: str) -> list[str]:
         >>> expand_braces("{a,b}-{1..2}")
         ['a-1', 'a-2', 'b-1', 'b-2']
     """
+    whole = whole or pattern
     match = _BRACE.search(pattern)
     if match is None:
         return [pattern]
@@ -85,11 +88,23 @@ def expand_braces(pattern: str) -> list[str]:
     span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if span:
         lo, hi = span.groups()
+        if int(hi) < int(lo):
+            raise DataError(f"data.path: {whole}: the range {{{body}}} runs backwards")
+        if int(hi) - int(lo) + 1 > MAX_SHARDS:
+            raise DataError(f"data.path: {whole}: the range {{{body}}} names {int(hi) - int(lo) + 1:,} shards "
+                            f"(at most {MAX_SHARDS:,})")
         options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
     else:
         options = body.split(",")
+        if body == "":
+            raise DataError(f"data.path: {whole}: empty braces {{}}")
+        if "" in options:
+            raise DataError(f"data.path: {whole}: an empty choice in {{{body}}}")
     head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+    names = [expanded for option in options for expanded in expand_braces(head + option + tail, whole=whole)]
+    if len(names) > MAX_SHARDS:
+        raise DataError(f"data.path: {whole}: names {len(names):,} shards (at most {MAX_SHARDS:,})")
+    return names
 
 
 def read_index(shards: list[Path], *, cache: Path | None = None) -> pa.Table:

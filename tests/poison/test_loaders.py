@@ -57,7 +57,7 @@ def test_csv_keeps_the_usable_pairs_and_counts_the_rest(tsv):
     ds = load_dataset(DataSpec(dataset="csv", path=str(tsv), size=None, test_size=3, image_size=16, seed=0))
     assert ds.manifest.num_rows == 12 and ds.num_train + ds.split("test").num_rows == 12
     assert ds.skipped == 5
-    assert ds.skip_reasons == {"empty_caption": 1, "missing": 1, "undecodable": 2, "malformed": 1}
+    assert ds.skip_reasons == {"empty_caption": 1, "missing": 1, "undecodable": 2, "malformed": 1, "too_large": 0}
     captions = set(ds.manifest["caption"].to_pylist())
     assert captions == {f"a {list(COLOURS)[i % 4]} square number {i}" for i in range(11)} | {"an absolute blue square"}
     assert ds.classnames == [] and set(ds.manifest["label"].to_pylist()) == {-1}
@@ -218,7 +218,7 @@ def shards(tmp_path):
 def test_webdataset_pairs_members_by_key_and_skips_the_incomplete(shards):
     ds = load_dataset(DataSpec(dataset="webdataset", path=str(shards), size=None, test_size=2, image_size=16))
     assert ds.manifest.num_rows == 7 and ds.skipped == 3
-    assert ds.skip_reasons == {"empty_caption": 1, "missing": 1, "undecodable": 1, "malformed": 0}
+    assert ds.skip_reasons == {"empty_caption": 1, "missing": 1, "undecodable": 1, "malformed": 0, "too_large": 0}
     assert set(ds.manifest["caption"].to_pylist()) == (
         {f"a {c} photo {i}" for i, c in enumerate(COLOURS)} | {f"a blue photo {i}" for i in range(7, 10)})
     for caption, image in zip(ds.manifest["caption"].to_pylist(), ds.manifest["image"].to_pylist()):
@@ -243,7 +243,7 @@ def test_webdataset_shards_are_indexed_once_per_node(shards, tmp_path, monkeypat
     again = load_dataset(spec)
     assert sorted(read) == ["00000.tar", "00001.tar"] and again.manifest.equals(first.manifest)
     assert again.skip_reasons == first.skip_reasons == {"empty_caption": 1, "missing": 1, "undecodable": 1,
-                                                        "malformed": 0}
+                                                        "malformed": 0, "too_large": 0}
     _shard(shards / "00001.tar", {"00020.jpg": encoded_image(COLOURS["green"]), "00020.txt": b"a green photo 20"})
     changed = load_dataset(spec.model_copy(update={"test_size": 1}))
     assert sorted(read) == ["00000.tar", "00001.tar", "00001.tar"]  # only the rewritten shard again
@@ -327,7 +327,7 @@ def test_coco_karpathy_split_pairs_every_caption_and_tests_one_per_image(karpath
     ds = load_dataset(DataSpec(dataset="coco-captions", path=str(karpathy), size=None, image_size=16))
     train, test = ds.split("train"), ds.split("test")
     assert train.num_rows == 7 and test.num_rows == 2  # 5 images x 2 - missing image's 2 - 1 empty
-    assert ds.skip_reasons == {"empty_caption": 1, "missing": 2, "undecodable": 0, "malformed": 0}
+    assert ds.skip_reasons == {"empty_caption": 1, "missing": 2, "undecodable": 0, "malformed": 0, "too_large": 0}
     assert test["caption"].to_pylist() == ["a green thing 5", "a blue thing 6"]
     assert not any("thing 7" in c for c in ds.manifest["caption"].to_pylist())  # val is left out
     # captions of one image share its decoded image

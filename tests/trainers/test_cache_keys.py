@@ -1,5 +1,5 @@
 """A trained model's cache key (``trainers.cache.model_key``) follows the schema's markers: a
-``SPEED_ONLY`` field never changes it, every other field of the sections that determine the
+``SPEED_ONLY`` or ``POLICY`` field never changes it, every other field of the sections that determine the
 model (the seed, ``data``, ``model``, ``train``) does. The fields are read from the schema, so
 a field added later is checked too (one whose other valid value needs context goes in CONTEXT)."""
 import types
@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from poison.config import SPEED_ONLY
+from poison.config import UNKEYED
 from trainers.cache import model_key
 from trainers.config import TrialConfig, parse_trial_config
 
@@ -30,7 +30,7 @@ CONTEXT = {
 def _fields(speed_only: bool) -> list[str]:
     found = [f"{section}.{name}" for section in SECTIONS
              for name, field in TrialConfig.model_fields[section].annotation.model_fields.items()
-             if (SPEED_ONLY in field.metadata) == speed_only]
+             if any(m in field.metadata for m in UNKEYED) == speed_only]
     return found if speed_only else ["seed", *found]
 
 
