@@ -13,11 +13,12 @@ and is never used.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from poison.manifest import atomic_write
 
 TENSORS, META = "train_state.pt", "train_state.json"
 
@@ -42,11 +43,10 @@ def write_state(folder: str | Path, state: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: state[k] for k in ("model", "optimizer", "schedule", "scaler", "torch_rng", "objective")
                if k in state}
-    torch.save(tensors, folder / TENSORS)
-    meta = {k: v for k, v in state.items() if k not in tensors}
-    tmp = folder / (META + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, folder / META)
+    meta = json.dumps({k: v for k, v in state.items() if k not in tensors})
+    # each file whole or not at all, no temporary file left on any path (poison.manifest.atomic_write)
+    atomic_write(folder / TENSORS, lambda fh: torch.save(tensors, fh))
+    atomic_write(folder / META, lambda fh: fh.write(meta.encode()))
 
 
 def read_state(folder: str | Path) -> dict[str, Any] | None:

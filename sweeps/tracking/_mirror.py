@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from poison import plan_hash
 from poison.config import ConfigError
+from poison.manifest import atomic_write
 from sweeps._files import CONFIG_FILE, LAUNCH_FILE, METRICS_FILE, PLAN_FILE
 from sweeps.config import SweepConfig
 from sweeps.tracking._client import FINAL_TAG, Tracker
@@ -49,9 +50,8 @@ class Launch:
 
     def write(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (LAUNCH_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(folder / LAUNCH_FILE)
+        text = json.dumps(asdict(self), indent=1)
+        atomic_write(folder / LAUNCH_FILE, lambda fh: fh.write(text.encode()))
 
     @classmethod
     def read(cls, folder: Path) -> Launch:

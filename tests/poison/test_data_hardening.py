@@ -3,10 +3,12 @@ folder refused unless allowed; images too large for the run skipped before they 
 every image mode Pillow reads converted to the right RGB."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from PIL import Image
 from poison import DataError, DataSpec, load_dataset
 from poison.datasets import files
 from poison.datasets.shards import expand_braces, shard_paths
-from tests.support import COLOURS, mean_colour, write_image
+from tests.support import COLOURS, backdoor, mean_colour, write_image
 
 # -- COCO JSON entries ------------------------------------------------------------------------
 
@@ -167,3 +169,51 @@ def test_every_image_mode_decodes_to_its_rgb(mode):
     decoded = files.decode(_encoded(image, fmt), 8)
     assert decoded.shape == (8, 8, 3)
     assert np.abs(mean_colour(decoded) - np.array(expected)).max() <= 3, (mode, mean_colour(decoded))
+
+
+# -- temporary files --------------------------------------------------------------------------
+
+def test_a_failed_write_leaves_the_last_state_and_no_temporary_file(tmp_path, monkeypatch):
+    """A loop state, a launch file and a decoded-image cache whose writing fails (here: the disk
+    full) leave what was there before and no temporary file beside it."""
+    import torch
+
+    from sweeps.config import validate_config
+    from sweeps.tracking import Launch
+    from trainers.resume import read_state, write_state
+
+    write_state(tmp_path / "state", {"model": {"w": torch.ones(2)}, "epoch": 1})
+    launch = Launch("l", "e", "r", "sqlite:///x", validate_config({"name": "l", "attack": backdoor()}, check_data=False).to_yaml())
+    launch.write(tmp_path / "launch")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    def half_written(obj, target):  # torch.save filling the disk half-way through its file
+        with open(target, "wb") if isinstance(target, (str, Path)) else contextlib.nullcontext(target) as fh:
+            fh.write(b"PK\x03\x04 half a checkpoint")
+        disk_full()
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError, match="No space"):
+        write_state(tmp_path / "state", {"model": {"w": torch.zeros(2)}, "epoch": 2})
+    monkeypatch.setattr(os, "replace", disk_full)  # the rename fails (another file system, say)
+    monkeypatch.setattr(Path, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        Launch("l2", "e", "r", "sqlite:///x", "").write(tmp_path / "launch")
+    monkeypatch.undo()
+    state = read_state(tmp_path / "state")
+    assert state["epoch"] == 1 and state["model"]["w"].tolist() == [1.0, 1.0]
+    assert Launch.read(tmp_path / "launch").run_name == "l"
+
+    folder = tmp_path / "data"  # the image cache: decoding fails half-way
+    for i in range(6):
+        write_image(folder / f"{i}.png", COLOURS["blue"], seed=i)
+    (folder / "pairs.tsv").write_text("\n".join(["filepath\tcaption", *(f"{i}.png\tthing {i}" for i in range(6))]))
+    monkeypatch.setattr(files, "_decode_all", disk_full)
+    spec = DataSpec(dataset="csv", path=str(folder / "pairs.tsv"), size=None, test_size=2, image_size=8,
+                    cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(OSError, match="No space"):
+        load_dataset(spec)
+    left = [p.name for p in tmp_path.rglob("*") if p.is_file() and ".tmp" in p.name]
+    assert left == []
