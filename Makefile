@@ -35,8 +35,10 @@ DOCTESTS := --doctest-modules tests poison trainers sweeps
 lint: install
 	$(VENV)/bin/ruff check .
 
-# the documentation site, strictly: a broken link or a page missing from mkdocs.yml's nav fails it
+# the documentation site, strictly: a broken link or a page missing from mkdocs.yml's nav fails it,
+# and so does a config reference that no longer matches the code's models
 docs: install
+	$(PY) docs/gen_config_reference.py --check
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir .site
 
 test: install lint docs

@@ -163,7 +163,23 @@ def _model_section(cls: type, *, prefix: str, skip: tuple[str, ...] = ()) -> lis
         facts = [f"`{annotation}`" if annotation else "", f"default {_default(info)}", _bounds(info)]
         line = f"- `{prefix}{name}` ({', '.join(f for f in facts if f)})"
         out.append(f"{line}: {_markdown(text)}" if text else line)
+        item = _list_item_model(info.annotation)
+        if item is not None:  # a list of small mappings (mm-multi-label's goals): their keys
+            out += ["    " + sub for sub in _model_section(item, prefix=f"{prefix}{name}[].")]
     return out
+
+
+def _list_item_model(annotation: Any) -> type | None:
+    """``M`` for a ``list[M]`` annotation whose ``M`` is a config section, else None."""
+    import typing
+
+    from pydantic import BaseModel
+
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (None,)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item
+    return None
 
 
 def _doc_summary(cls: type) -> str:
