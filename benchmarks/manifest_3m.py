@@ -1,6 +1,6 @@
 """Manifest and poison plan of a 3,000,000-pair CSV dataset: seconds and peak memory of each.
 
-Issue 6's target: the plan builds in at most 3 s and 1 GB. The manifest is built by the
+The target: the plan builds in at most 3 s and 1 GB. The manifest is built by the
 ``csv`` loader's own code (``read_index``: Arrow's CSV reader and path resolution, then
 ``poison.datasets.files``: seeded selection, skipping, the manifest) from a generated TSV
 of local paths and captions (0.1% empty captions); only the decoding of 3M images is

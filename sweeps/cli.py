@@ -81,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poisonsweep", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="poisonsweep",
+        description="Sweeps of data-poisoning attacks and defenses on CLIP models: Ray Tune runs the trials, "
+                    "Optuna draws them, MLflow keeps the results.")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error instead of its one line (or POISONSWEEP_DEBUG=1)")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -102,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="run one trial without Ray (dimensions at their defaults)")
     train.add_argument("config", help="sweep or trial config YAML")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config field, e.g. --set attack.poison_count=300")
     train.add_argument("--output", help="write the final metrics as a flat JSON object here")
     train.set_defaults(func=_train)
 
@@ -150,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--config", help="sweep config, to find its store")
     ui.add_argument("--tracking-uri", help="tracking store (default: as for run)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     ui.add_argument("--workers", type=int, default=1,
                     help="server processes (default 1: one person's browser; mlflow's own default is 4)")
     ui.set_defaults(func=_ui)
@@ -160,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set attack.poison_count=300")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (then $MLFLOW_TRACKING_URI, then SQLite)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then the config's "
+                        "tracking.uri, then SQLite in storage.path)")
 
 
 def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
