@@ -65,7 +65,12 @@ def trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_
 
     With ``workers`` > 1 (``resources.workers``), the trial trains data-parallel through Ray
     Train on that many workers of ``worker_resources`` each (:func:`data_parallel`), and this
-    function only drives them; it reports to Tune exactly as one process would."""
+    function only drives them; it reports to Tune exactly as one process would.
+
+    A trial Tune restores from its final checkpoint (its worker lost after the final report,
+    before Tune completed it) reports that checkpoint again instead of training again."""
+    if report_final_again():
+        return
     config = resolve(raw, dims, values)
     baseline = clean_seeds is None or config.seed in clean_seeds
     if workers > 1:
@@ -86,6 +91,20 @@ def trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_
         (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
         (Path(folder) / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def report_final_again() -> bool:
+    """When Tune restored this trial from its final checkpoint (the one holding METRICS_FILE),
+    reports its metrics and that checkpoint again and returns True; else False."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as folder:
+        if not (Path(folder) / METRICS_FILE).is_file():
+            return False
+        metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
+    tune.report(metrics, checkpoint=checkpoint)
+    return True
 
 
 # --- data-parallel trials: Ray Train inside the Tune trial ---

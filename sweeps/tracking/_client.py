@@ -25,6 +25,8 @@ MAX_PARAMS_PER_BATCH = 100
 
 #: A trial run's tag, logged in the same batch as its final metrics: they are in MLflow.
 FINAL_TAG = "poisonsweep.final_metrics"
+#: Marks a trial run left by a killed driver whose trial Tune never recorded (see Tracker.abandon_trial).
+LOST_TAG = "poisonsweep.lost"
 #: The tracking URI schemes MLflow 3 keeps runs in: a database (SQLAlchemy's dialects, with or
 #: without ``+driver``), a tracking server, Databricks.
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -172,6 +174,13 @@ class Tracker:
         if error:
             self.client.log_text(run_id, error, "error.txt")
         self.client.set_terminated(run_id, "FAILED")
+
+    def abandon_trial(self, run_id: str) -> None:
+        """A run whose trial Tune never recorded (the driver was killed just after it started):
+        KILLED, with :data:`LOST_TAG` saying why; Tune drew that point again as another trial."""
+        self.client.set_tag(run_id, LOST_TAG, "the driver was killed before Tune recorded this trial; "
+                                              "the resumed launch drew its point again as another trial")
+        self.client.set_terminated(run_id, "KILLED")
 
     def finish_parent(self, summary_csv: str | None, status: str = "FINISHED") -> None:
         if self.parent_id is None:

@@ -98,7 +98,16 @@ class TrialLogger(tune.Callback):
         self.printer(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}")
 
     def _label(self, trial: Any) -> str:
-        return f"trial {self.order[trial.trial_id]}/{self.total}"
+        """"trial N/total"; a trial this process has not seen start (a resumed launch's trial
+        failing as Tune restores it) takes the next number."""
+        return f"trial {self.number(trial.trial_id)}/{self.total}"
+
+    def number(self, trial_id: str) -> int:
+        """The trial's number (its run is ``trial-NNN``): the next after the highest given, so a
+        resumed launch whose MLflow lacks some trials (the server was down) never reuses one."""
+        if trial_id not in self.order:
+            self.order[trial_id] = max(self.order.values(), default=0) + 1
+        return self.order[trial_id]
 
     def _write(self, trial: Any, write: Callable[[], Any]) -> bool:
         """Does one MLflow write for ``trial``; on a tracking error, leaves it to the catch-up."""
@@ -133,7 +142,7 @@ class TrialLogger(tune.Callback):
         self.say("MLflow answers again: the trials' results are written")
 
     def _catch_up_one(self, trial: Any) -> None:
-        number = self.order.setdefault(trial.trial_id, len(self.order) + 1)
+        number = self.number(trial.trial_id)
         self.mirror.catch_up(trial, number, _epochs(self.sweep.resolve(trial.config)), _error_text)
 
     def catch_up(self, folder: Path) -> bool:
@@ -143,8 +152,8 @@ class TrialLogger(tune.Callback):
         from ray.tune import ExperimentAnalysis
 
         trials = ExperimentAnalysis(str(folder)).trials
-        for trial in sorted(trials, key=lambda t: self.order.get(t.trial_id, len(self.order) + 1)):
-            self.order.setdefault(trial.trial_id, len(self.order) + 1)
+        for trial in sorted(trials, key=lambda t: self.order.get(t.trial_id, float("inf"))):
+            self.number(trial.trial_id)
             try:
                 self._catch_up_one(trial)
             except TRACKING_ERRORS as err:
@@ -153,6 +162,14 @@ class TrialLogger(tune.Callback):
             self.behind.pop(trial.trial_id, None)
             if trial.trial_id not in self.finished and trial.status in ("TERMINATED", "ERROR"):
                 self._record(trial)
+        try:
+            lost = self.mirror.close_lost({t.trial_id for t in trials})
+        except TRACKING_ERRORS as err:
+            self._tracking_failed(err)
+            return False
+        if lost:
+            self.say(f"{lost} trial run(s) of a killed driver that Tune never recorded: marked KILLED "
+                     f"(their points were drawn again)")
         return True
 
     def _record(self, trial: Any, done: bool = False) -> None:
@@ -172,7 +189,7 @@ class TrialLogger(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         restarted = trial.trial_id in self.order
-        number = self.order.setdefault(trial.trial_id, len(self.order) + 1)
+        number = self.number(trial.trial_id)
         self._write(trial, lambda: self.mirror.start(trial.trial_id, dict(trial.config), number))
         values = " ".join(f"{'replicate' if k == REPLICATE else k}={_fmt(v)}" for k, v in trial.config.items())
         self.say(f"{self._label(trial)} {'restarted' if restarted else 'started'}: {values or 'defaults'}")

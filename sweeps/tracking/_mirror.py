@@ -149,6 +149,16 @@ class Mirror:
 
     # --- catching up from Tune's storage ---
 
+    def close_lost(self, known: set[str]) -> int:
+        """Marks KILLED every unfinished run whose trial is not among ``known`` (Tune's record of
+        the launch): a trial started just before the driver was killed, which Tune's saved state
+        never held. Returns how many."""
+        lost = [r for t, r in self.runs.items() if t not in known and r.status == "RUNNING"]
+        for run in lost:
+            self.tracker.abandon_trial(run.run_id)
+            run.status = "KILLED"
+        return len(lost)
+
     def catch_up(self, trial: Any, number: int, last_step: int, error: Callable[[Any], str]) -> dict[str, float] | None:
         """Brings one Tune trial's run up to Tune's record (creating it if missing); returns its
         final metrics when it finished."""
