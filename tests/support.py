@@ -103,6 +103,19 @@ def children(pid: int) -> dict[int, str]:
     return found
 
 
+def kill_family(proc: subprocess.Popen) -> None:
+    """SIGKILLs ``proc`` (started in a session of its own) and every process it started, those
+    that left its process group included (Ray's), then reaps it."""
+    family = list(children(proc.pid))
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(30)
+
+
 class LaunchProcess:
     """``poisonsweep run`` in its own process group, its output read line by line."""
 
@@ -130,14 +143,7 @@ class LaunchProcess:
 
     def kill_all(self) -> None:
         """SIGKILLs the driver and every process it started (Ray's included), like a lost head node."""
-        family = list(children(self.proc.pid))
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid in family:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(30)
+        kill_family(self.proc)
 
     def finish(self, timeout: float = 600) -> int:
         out, _ = self.proc.communicate(timeout=timeout)

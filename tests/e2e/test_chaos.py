@@ -20,7 +20,7 @@ import yaml
 
 from sweeps.tracking import LOST_TAG
 from tests.e2e.test_faults import TrackingServer
-from tests.support import TINY, children, launch_runs
+from tests.support import TINY, children, kill_family, launch_runs
 
 pytestmark = pytest.mark.slow
 
@@ -96,14 +96,7 @@ class Driver:
         return [p for p, cmd in children(self.proc.pid).items() if "ImplicitFunc" in cmd]
 
     def kill(self) -> None:
-        family = list(children(self.proc.pid))
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid in family:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(30)
+        kill_family(self.proc)
 
 
 def test_a_sweep_survives_a_seeded_schedule_of_faults_and_loses_nothing(tmp_path):
