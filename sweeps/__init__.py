@@ -15,5 +15,5 @@ Each package's ``__init__`` lists its public names; its modules (``_name.py``) a
 from sweeps._lazy import exports
 
 __all__, __getattr__, __dir__ = exports(__name__, {
-    "api": ["SweepResult", "defenses", "load", "pareto", "run", "trials"],
+    "api": ["ConfigError", "SweepResult", "defenses", "load", "pareto", "run", "trials"],
 })

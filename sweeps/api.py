@@ -133,11 +133,12 @@ def run(config: str | Path | Mapping[str, Any] | SweepConfig, *, overrides: Iter
     The whole config is checked before Ray starts: bad input raises ConfigError. A failed trial is
     recorded as failed (``SweepResult.rows``, MLflow), never raised.
     """
-    from sweeps.launch import run_sweep
     from sweeps.tracking import tracking_uri as resolve_uri
 
     sweep = load(config, overrides=overrides)
     uri = resolve_uri(tracking_uri, sweep)
+    from sweeps.launch import run_sweep  # Ray: only for a config that is valid
+
     outcome = run_sweep(sweep, tracking_uri=uri, address=address, resume=resume,
                         printer=printer or (lambda line: print(line, flush=True)))
     return SweepResult(experiment=sweep.tracking.experiment or sweep.name, parent_run_id=outcome.parent_run_id,
@@ -146,7 +147,7 @@ def run(config: str | Path | Mapping[str, Any] | SweepConfig, *, overrides: Iter
 
 def trials(experiment: str, *, tracking_uri: str | None = None, parent: str | None = None,
            finished: bool = False) -> pd.DataFrame:
-    """The experiment's trial runs, one row each, as MLflow holds them.
+    """The experiment's trial runs, one row each, as MLflow holds them, in the order they started.
 
     Columns: ``run_id``, ``run_name``, ``status`` (``FINISHED``, ``FAILED``, ``RUNNING``, or
     ``KILLED``), ``start_time`` and ``end_time`` (UTC), then ``params.<key>`` (the trial's resolved
@@ -162,7 +163,8 @@ def trials(experiment: str, *, tracking_uri: str | None = None, parent: str | No
     """
     from sweeps.analysis import load_trials
 
-    return load_trials(_client(tracking_uri), experiment, parent, finished=finished)[1]
+    runs = load_trials(_client(tracking_uri), experiment, parent, finished=finished)[1]
+    return runs.sort_values(["start_time", "run_name"], kind="stable").reset_index(drop=True)
 
 
 def pareto(experiment: str, *, objectives: str | Mapping[str, str] | None = None, group_by: str | None = None,
