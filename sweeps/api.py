@@ -7,7 +7,7 @@ a layer over these functions; ``import sweeps`` makes them available as ``sweeps
   :class:`~sweeps.config.SweepConfig`) and runs the sweep through Ray Tune and Optuna into MLflow,
   returning a :class:`SweepResult`;
 - :func:`trials`, :func:`pareto` and :func:`defenses` read an experiment (a sweep's ``name``)
-  from MLflow. They import neither torch nor Ray, and they write nothing unless asked (``log``).
+  from MLflow. They import neither torch nor Ray, and change nothing in MLflow unless asked (``log``).
 
 Bad input raises :class:`poison.ConfigError` with one line naming the key, argument or file, before
 Ray starts or anything is written.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,7 @@ def load(config: str | Path | Mapping[str, Any] | SweepConfig, *,
     from sweeps.config import SweepConfig, apply_override, load_config, validate_config
 
     items = _override_items(overrides)
-    if isinstance(config, (str, Path)):
+    if isinstance(config, (str, os.PathLike)):
         return load_config(config, items)
     if isinstance(config, SweepConfig):
         if not items:

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 import sweeps
 from poison import ConfigError
 from sweeps.tracking import TrialRow
-from tests.support import TINY
+from tests.support import TINY, write_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 BOTH = {"attack_success": "max", "poison_count": "min"}
@@ -53,6 +53,8 @@ def store(tmp_path_factory):
     for defense, a, u, extra in [("none", 0.9, 0.8, {}), ("similarity-filter", 0.1, 0.7, {"defense_seconds": 5})]:
         add_run(client, dexp, dparent, defense, {"seed": 0, "attack.kind": "backdoor", "defense.kind": defense},
                 {"attack_success": a, "utility": u, "train_seconds": 10, **extra})
+    client.create_run(client.create_experiment("idle", artifact_location=(folder / "art-i").as_uri()),
+                      tags={"poisonsweep.role": "sweep"})  # a launch without trials
     return uri, client, first, second, ids
 
 
@@ -70,6 +72,8 @@ def test_trials_is_one_row_per_trial_run_with_its_params_metrics_and_tags(store)
     assert sorted(sweeps.trials("swp", tracking_uri=uri, finished=True)["run_name"]) == ["x1-s0", "x1-s1", "x2",
                                                                                           "x3", "x5"]
     assert sorted(sweeps.trials("swp", tracking_uri=uri, parent=second)["run_name"]) == ["x5"]
+    idle = sweeps.trials("idle", tracking_uri=uri)
+    assert idle.empty and list(idle.columns) == ["run_id", "run_name", "status", "start_time", "end_time"]
 
 
 def test_pareto_of_one_launch_by_hand(store):
@@ -138,7 +142,7 @@ def test_bad_input_is_one_clear_line(store, call, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-def test_load_applies_overrides_to_a_copy():
+def test_load_applies_overrides_to_a_copy(tmp_path):
     raw = {**TINY, "name": "o"}
     sweep = sweeps.load(raw, overrides={"search.num_samples": 3, "attack.trigger": {"kind": "patch", "size": 6}})
     assert sweep.search.num_samples == 3 and sweep.default_trial.attack.trigger.size == 6
@@ -146,6 +150,8 @@ def test_load_applies_overrides_to_a_copy():
     again = sweeps.load(sweep, overrides=["search.num_samples=5"])
     assert again.search.num_samples == 5 and sweep.search.num_samples == 3
     assert sweeps.load(sweep) is sweep
+    from_file = sweeps.load(write_sweep(tmp_path, "file"), overrides="search.num_samples=7")  # a Path, one string
+    assert (from_file.name, from_file.search.num_samples) == ("file", 7)
 
 
 def test_reading_imports_neither_torch_nor_ray_and_bad_input_starts_no_ray(store):
