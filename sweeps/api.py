@@ -6,6 +6,7 @@ a layer over these functions; ``import sweeps`` makes them available as ``sweeps
 - :func:`run` validates a config (a YAML file, its content as a dict, or a
   :class:`~sweeps.config.SweepConfig`) and runs the sweep through Ray Tune and Optuna into MLflow,
   returning a :class:`SweepResult`;
+- :func:`minimal_budget` runs the minimal poison budget's sequential search;
 - :func:`trials`, :func:`pareto` and :func:`defenses` read an experiment (a sweep's ``name``)
   from MLflow. They import neither torch nor Ray, and change nothing in MLflow unless asked (``log``).
 
@@ -27,6 +28,7 @@ from poison import ConfigError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from sweeps.budget import BudgetOutcome
     from sweeps.config import SweepConfig
     from sweeps.tracking import TrialRow
 
@@ -144,6 +146,37 @@ def run(config: str | Path | Mapping[str, Any] | SweepConfig, *, overrides: Iter
                         printer=printer or (lambda line: print(line, flush=True)))
     return SweepResult(experiment=sweep.tracking.experiment or sweep.name, parent_run_id=outcome.parent_run_id,
                        tracking_uri=uri, config=sweep, rows=outcome.rows, synced=outcome.synced, folder=outcome.folder)
+
+
+def minimal_budget(config: str | Path | Mapping[str, Any] | SweepConfig, *, threshold: float,
+                   confidence: float = 0.95, max_trials: int = 60, replicates: int = 3, rel_width: float = 0.5,
+                   low: int | None = None, high: int | None = None, overrides: Iterable[str] | Mapping[str, Any] = (),
+                   tracking_uri: str | None = None, address: str | None = None,
+                   printer: Callable[[str], None] | None = None) -> BudgetOutcome:
+    """The minimal ``poison_count`` whose mean ``attack_success`` reaches ``threshold``, with a
+    confidence interval: the sequential search of real trials of ``poisonsweep budget`` (same
+    options; the config's default point gives the attack, data and recipe; ``low`` and ``high``
+    default to ``attack.poison_count``'s bracket).
+
+    Returns the search's outcome: ``estimate`` (``count``, ``low``, ``high``, ``status``: ``ok``,
+    ``wide``, ``not-reached`` or ``below-low``, ``trials``), ``rate`` (the same as a
+    poison_rate: estimate, low, high), ``rows`` (each trial), ``parent_run_id`` and
+    ``tracking_uri``; ``sweeps.budget.summary(outcome)`` is the text the command prints. The
+    first line ``printer`` gets names the bracket and the store. Bad input raises ConfigError
+    before Ray starts.
+    """
+    from sweeps.budget import BudgetOptions, prepare_budget, run_budget
+    from sweeps.tracking import redact
+    from sweeps.tracking import tracking_uri as resolve_uri
+
+    options = BudgetOptions(threshold=threshold, confidence=confidence, max_trials=max_trials,
+                            replicates=replicates, rel_width=rel_width, low=low, high=high)
+    sweep, search = prepare_budget(load(config, overrides=overrides), options)
+    uri = resolve_uri(tracking_uri, sweep)
+    say = printer or (lambda line: print(line, flush=True))
+    say(f"budget {sweep.name}: poison_count in [{search.low}, {search.high}] reaching attack_success "
+        f">= {search.threshold}, at most {search.max_trials} trials, tracking {redact(uri)}")
+    return run_budget(sweep, search, tracking_uri=uri, address=address, printer=say)
 
 
 def trials(experiment: str, *, tracking_uri: str | None = None, parent: str | None = None,

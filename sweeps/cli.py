@@ -305,21 +305,18 @@ def _defenses(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
-    from sweeps.budget import BudgetOptions, prepare_budget, run_budget, summary
-    from sweeps.config import load_config
-    from sweeps.tracking import redact, tracking_uri
+    from sweeps import api
+    from sweeps.budget import summary
+    from sweeps.tracking import redact
 
-    options = BudgetOptions(threshold=args.threshold, confidence=args.confidence, max_trials=args.max_trials,
-                            replicates=args.replicates, rel_width=args.rel_width, low=args.low, high=args.high)
-    budget, search = prepare_budget(load_config(args.config, args.overrides), options)  # before Ray starts
-    uri = tracking_uri(args.tracking_uri, budget)
-    print(f"budget {budget.name}: poison_count in [{search.low}, {search.high}] reaching attack_success "
-          f">= {search.threshold}, at most {search.max_trials} trials, tracking {redact(uri)}", flush=True)
-    outcome = run_budget(budget, search, tracking_uri=uri, address=args.address,
-                         printer=lambda line: print(line, flush=True))
+    outcome = api.minimal_budget(args.config, overrides=args.overrides, threshold=args.threshold,
+                                 confidence=args.confidence, max_trials=args.max_trials, replicates=args.replicates,
+                                 rel_width=args.rel_width, low=args.low, high=args.high,
+                                 tracking_uri=args.tracking_uri, address=args.address,
+                                 printer=lambda line: print(line, flush=True))
     print()
     print(summary(outcome))
-    print(f"\nOpen the results with:\n  poisonsweep ui --tracking-uri {redact(uri)}")
+    print(f"\nOpen the results with:\n  poisonsweep ui --tracking-uri {redact(outcome.tracking_uri)}")
     return 0 if outcome.search.observations else 1  # every trial failed: a failure
 
 

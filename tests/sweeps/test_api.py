@@ -135,11 +135,26 @@ def test_a_sweep_result_reads_its_own_launch(store):
     (lambda uri: sweeps.run({**TINY, "name": "x", "bogus": 1}), "bogus: unknown key"),
     (lambda uri: sweeps.run({**TINY, "name": "x"}, overrides=[3]), "overrides: 3 is not a 'key.path=value' string"),
     (lambda uri: sweeps.run("missing.yaml"), "missing.yaml: config file not found"),
+    (lambda uri: sweeps.minimal_budget({**TINY, "name": "b"}, threshold=1.0),
+     "--threshold: must lie strictly between 0 and 1"),
 ])
 def test_bad_input_is_one_clear_line(store, call, message):
     with pytest.raises(ConfigError) as err:
         call(store[0])
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_the_package_gives_the_api_whatever_subpackages_are_imported():
+    """``sweeps.<name>`` is the API's function, not a subpackage of that name (a subpackage, once
+    imported, would shadow a lazily exported name)."""
+    import importlib
+    import pkgutil
+
+    from sweeps import api
+
+    for module in pkgutil.iter_modules(sweeps.__path__):
+        importlib.import_module(f"sweeps.{module.name}")
+    assert sweeps.__all__ and all(getattr(sweeps, name) is getattr(api, name) for name in sweeps.__all__)
 
 
 def test_load_applies_overrides_to_a_copy(tmp_path):
