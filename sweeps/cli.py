@@ -169,17 +169,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
-    from sweeps.config import load_config
-    from sweeps.launch import run_sweep
+    from sweeps import api
     from sweeps.tracking import redact, summary_table, tracking_uri
 
-    sweep = load_config(config_path or args.config, args.overrides)  # all checks before Ray starts
+    sweep = api.load(config_path or args.config, overrides=args.overrides)  # all checks before Ray starts
     uri = tracking_uri(args.tracking_uri, sweep)
     replicas = f" x {sweep.search.replicates} seeds" if sweep.search.replicates > 1 else ""
     print(f"sweep {sweep.name}: {sweep.search.num_samples} trials{replicas}, {len(sweep.dimensions)} dimensions, "
           f"tracking {redact(uri)}", flush=True)
-    outcome = run_sweep(sweep, tracking_uri=uri, address=args.address,
-                        printer=lambda line: print(line, flush=True), resume=getattr(args, "resume", False))
+    outcome = api.run(sweep, tracking_uri=uri, address=args.address,
+                      printer=lambda line: print(line, flush=True), resume=getattr(args, "resume", False))
     print()
     print(summary_table(outcome.rows, sweep))
     if outcome.synced and any(r.status == "FINISHED" for r in outcome.rows):
@@ -284,14 +283,11 @@ def _pareto(args: argparse.Namespace) -> int:
 
 def _print_front(uri: str, experiment: str, objectives: dict[str, str], parent: str | None, *,
                  group_by: str | None = None, show_all: bool = False) -> int:
-    from mlflow.tracking import MlflowClient
+    from sweeps import api
+    from sweeps.analysis import Front, format_front
 
-    from sweeps.analysis import format_front, latest_sweep_run, load_trials, pareto_front, record
-
-    client = MlflowClient(uri)
-    experiment_id, runs = load_trials(client, experiment, parent)
-    front = pareto_front(runs, objectives, group_by)
-    record(client, parent or latest_sweep_run(client, experiment_id), front)
+    table = api.pareto(experiment, objectives=objectives, group_by=group_by, tracking_uri=uri, parent=parent, log=True)
+    front = Front(table, table.attrs["hypervolume"], objectives)
     n_front = int(front.table["pareto"].sum())
     print(f"\nPareto front ({n_front} of {len(front.table)} configurations, "
           f"{', '.join(f'{k} {v}' for k, v in objectives.items())}):")
@@ -300,31 +296,27 @@ def _print_front(uri: str, experiment: str, objectives: dict[str, str], parent: 
 
 
 def _defenses(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
+    from sweeps import api
+    from sweeps.analysis import describe_defenses
 
-    from sweeps.analysis import defenses_report
-    from sweeps.tracking import tracking_uri
-
-    print(defenses_report(MlflowClient(tracking_uri(args.tracking_uri, None)), args.experiment, args.parent))
+    table = api.defenses(args.experiment, tracking_uri=args.tracking_uri, parent=args.parent, log=True)
+    print(describe_defenses(args.experiment, table))
     return 0
 
 
 def _budget(args: argparse.Namespace) -> int:
-    from sweeps.budget import BudgetOptions, prepare_budget, run_budget, summary
-    from sweeps.config import load_config
-    from sweeps.tracking import redact, tracking_uri
+    from sweeps import api
+    from sweeps.budget import summary
+    from sweeps.tracking import redact
 
-    options = BudgetOptions(threshold=args.threshold, confidence=args.confidence, max_trials=args.max_trials,
-                            replicates=args.replicates, rel_width=args.rel_width, low=args.low, high=args.high)
-    budget, search = prepare_budget(load_config(args.config, args.overrides), options)  # before Ray starts
-    uri = tracking_uri(args.tracking_uri, budget)
-    print(f"budget {budget.name}: poison_count in [{search.low}, {search.high}] reaching attack_success "
-          f">= {search.threshold}, at most {search.max_trials} trials, tracking {redact(uri)}", flush=True)
-    outcome = run_budget(budget, search, tracking_uri=uri, address=args.address,
-                         printer=lambda line: print(line, flush=True))
+    outcome = api.minimal_budget(args.config, overrides=args.overrides, threshold=args.threshold,
+                                 confidence=args.confidence, max_trials=args.max_trials, replicates=args.replicates,
+                                 rel_width=args.rel_width, low=args.low, high=args.high,
+                                 tracking_uri=args.tracking_uri, address=args.address,
+                                 printer=lambda line: print(line, flush=True))
     print()
     print(summary(outcome))
-    print(f"\nOpen the results with:\n  poisonsweep ui --tracking-uri {redact(uri)}")
+    print(f"\nOpen the results with:\n  poisonsweep ui --tracking-uri {redact(outcome.tracking_uri)}")
     return 0 if outcome.search.observations else 1  # every trial failed: a failure
 
 

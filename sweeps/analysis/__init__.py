@@ -3,7 +3,7 @@ attack × defense table. Imports neither torch nor Ray."""
 from sweeps._lazy import exports
 
 __all__, __getattr__, __dir__ = exports(__name__, {
-    "_pareto": ["format_front", "latest_sweep_run", "load_trials", "pareto_front", "parse_objectives", "record",
+    "_pareto": ["Front", "format_front", "latest_sweep_run", "load_trials", "pareto_front", "parse_objectives", "record",
                 "replicate_stats"],
-    "_defenses": ["defense_table", "defenses_report"],
+    "_defenses": ["defense_table", "defenses_report", "describe_defenses", "load_defenses"],
 })

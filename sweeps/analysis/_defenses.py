@@ -227,17 +227,32 @@ def _plot(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def defenses_report(client: MlflowClient, experiment: str, parent: str | None = None) -> str:
-    """Reads the experiment's finished trials (of launch ``parent`` if given), logs the table's CSV
-    and plot to ``parent`` (default: the latest sweep run) and returns the printed table."""
+def load_defenses(client: MlflowClient, experiment: str, parent: str | None = None, *,
+                  log: bool = False) -> pd.DataFrame:
+    """:func:`defense_table` of the experiment's finished trials (of launch ``parent`` if given).
+    With ``log``, its CSV and plot go to ``parent`` (default: the latest sweep run). ``attrs``:
+    ``trials`` (the finished trial runs read) and ``logged_to`` (the run logged to, or None)."""
     experiment_id, runs = load_trials(client, experiment, parent)
     if runs.empty:
         of = f" of parent run {parent}" if parent else ""
         raise ConfigError(f"--experiment: {experiment!r} has no finished trial runs{of}")
     table = defense_table(runs)
-    target = parent or latest_sweep_run(client, experiment_id)
+    target = (parent or latest_sweep_run(client, experiment_id)) if log else None
     if target is not None:
         record(client, target, table)
+    table.attrs.update(trials=len(runs), logged_to=target)
+    return table
+
+
+def describe_defenses(experiment: str, table: pd.DataFrame) -> str:
+    """The printed report of :func:`load_defenses`' table: a line saying what it holds, then the table."""
+    target = table.attrs.get("logged_to")
     where = f"; logged analysis/defenses.csv and defenses.png to run {target}" if target else ""
-    return (f"Defenses of {experiment} ({len(runs)} trials, {len(table)} attack × defense configurations"
-            f"{where}):\n" + format_table(table))
+    return (f"Defenses of {experiment} ({table.attrs.get('trials', int(table['replicates'].sum()))} trials, "
+            f"{len(table)} attack × defense configurations{where}):\n" + format_table(table))
+
+
+def defenses_report(client: MlflowClient, experiment: str, parent: str | None = None) -> str:
+    """Reads the experiment's finished trials (of launch ``parent`` if given), logs the table's CSV
+    and plot to ``parent`` (default: the latest sweep run) and returns the printed table."""
+    return describe_defenses(experiment, load_defenses(client, experiment, parent, log=True))

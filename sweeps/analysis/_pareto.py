@@ -30,6 +30,7 @@ from sweeps.tracking import ROLE_TAG
 DEFAULT_OBJECTIVES = {"attack_success": "max", "utility": "max", "poison_count": "min"}
 REPLICATE_PARAMS = ("seed", "search.seed", "search.replicate")
 SEARCH_PAGE = 5000  # configurations differing only here are replicates
+RUN_COLUMNS = ("run_id", "run_name", "status", "start_time", "end_time")  # load_trials' first columns
 
 REFERENCE_MARGIN = 0.1  # the hypervolume reference lies this fraction of each range beyond the worst
 
@@ -56,13 +57,16 @@ def parse_objectives(text: str | None) -> dict[str, str]:
     return out
 
 
-def load_trials(client: MlflowClient, experiment: str, parent_run_id: str | None = None) -> tuple[str, pd.DataFrame]:
-    """The experiment's finished trial runs (of one launch, with ``parent_run_id``), one row each."""
+def load_trials(client: MlflowClient, experiment: str, parent_run_id: str | None = None, *,
+                finished: bool = True) -> tuple[str, pd.DataFrame]:
+    """The experiment's finished trial runs (every trial run without ``finished``; of one launch,
+    with ``parent_run_id``), one row each: ``run_id``, ``run_name``, ``status``, ``start_time``,
+    ``end_time``, then ``params.*``, ``metrics.*`` (each metric's last value) and ``tags.*``."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise ConfigError(f"--experiment: no MLflow experiment {experiment!r}; experiments: {names}")
-    query = f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'FINISHED'"
+    query = f"tags.`{ROLE_TAG}` = 'trial'" + (" and attributes.status = 'FINISHED'" if finished else "")
     if parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
     rows, token = [], None
@@ -72,15 +76,22 @@ def load_trials(client: MlflowClient, experiment: str, parent_run_id: str | None
         rows += [_flat(run) for run in page]
         token = page.token
         if not token:
-            return found.experiment_id, pd.DataFrame(rows, columns=None if rows else ["run_id"])
+            return found.experiment_id, pd.DataFrame(rows, columns=None if rows else list(RUN_COLUMNS))
 
 
 def _flat(run: Run) -> dict[str, object]:
-    row: dict[str, object] = {"run_id": run.info.run_id}
+    info = run.info
+    row: dict[str, object] = {"run_id": info.run_id, "run_name": info.run_name, "status": info.status,
+                              "start_time": _time(info.start_time), "end_time": _time(info.end_time)}
     row.update({f"params.{k}": v for k, v in run.data.params.items()})
     row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
     row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
     return row
+
+
+def _time(milliseconds: int | None) -> pd.Timestamp:
+    """MLflow's milliseconds since the epoch as a UTC timestamp (NaT when unset)."""
+    return pd.to_datetime(milliseconds, unit="ms", utc=True) if milliseconds else pd.NaT
 
 
 def pareto_front(runs: pd.DataFrame, objectives: dict[str, str], group_by: str | None = None) -> Front:
