@@ -20,7 +20,9 @@ Run links. MLflow's artifact viewer shows an HTML artifact in a sandboxed iframe
 ``blob:`` URL, where no relative link resolves; the links are therefore absolute, to the UI at
 ``ui_url`` (default: the tracking server for an ``http(s)`` store, else where ``poisonsweep ui``
 listens by default), and a script in the page points them at the server that shows it when it is
-shown by one (the ``blob:`` or ``http(s)`` origin of the page). They open in a new tab.
+shown by one (the ``blob:`` or ``http(s)`` origin of the page). They open in a new tab, except
+inside the viewer, whose sandbox (scripts only) lets the page open no window: there the page says
+so, and a link is copied from the context menu (or the downloaded file opened).
 """
 from __future__ import annotations
 
@@ -171,7 +173,8 @@ def pair_figure(runs: pd.DataFrame, objectives: dict[str, str], x: str, y: str, 
         if clean and f"metrics.{clean}" in runs.columns and runs[f"metrics.{clean}"].notna().any():
             value = float(runs[f"metrics.{clean}"].astype(float).mean())
             text = f"clean model: {name} {value:.3g}"
-            style = {"line_dash": "dash", "line_color": "#555", "name": text, "annotation_text": text}
+            style = {"line_dash": "dash", "line_color": "#555", "name": text, "annotation_text": text,
+                     "annotation_position": "top left" if axis == "y" else "bottom right"}  # apart
             if axis == "y":
                 fig.add_hline(y=value, **style)
             else:
@@ -307,7 +310,7 @@ font-size:.9em}"""
 # Links point at the UI that shows the page: in MLflow's artifact viewer the page is a blob: URL
 # of the server's origin, opened from the server it is the server itself; a file keeps ui_url.
 LINKS = """<script>(function(){var o=null;try{var u=new URL(location.href);
-if(u.protocol==="blob:"){o=new URL(u.pathname).origin;}else if(u.protocol.indexOf("http")===0){o=u.origin;}}catch(e){}
+if(u.protocol==="blob:"){o=new URL(u.pathname).origin;document.getElementById("viewer-note").hidden=false;}else if(u.protocol.indexOf("http")===0){o=u.origin;}}catch(e){}
 var links=document.querySelectorAll("a.run");if(o){for(var i=0;i<links.length;i++){var h=links[i].getAttribute("href");
 links[i].setAttribute("href",o+"/"+h.slice(h.indexOf("#")));}}
 var plots=document.querySelectorAll(".js-plotly-plot");for(var j=0;j<plots.length;j++){plots[j].on("plotly_click",
@@ -325,7 +328,9 @@ def render(report: Report, experiment: str, launch_link: str, table: str, base: 
     if not report.figures:
         parts.append('<p class="note">No figure: the trials report fewer than two objectives.</p>')
     links = (f'<p class="note">Run links open the MLflow UI at {html.escape(base)} (or the server showing this page) '
-             "in a new tab; clicking a point opens its run.</p>")
+             "in a new tab; clicking a point opens its run.</p>\n"
+             '<p class="note" id="viewer-note" hidden>MLflow\'s artifact viewer does not let this page open windows: '
+             "copy a run link from the context menu, or download report.html and open it.</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(report.title)}</title><style>{STYLE}</style></head><body>\n"
             f"<h1>Sweep report: {html.escape(experiment)}</h1>\n<p>Launch {launch_link} — "

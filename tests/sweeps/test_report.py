@@ -208,3 +208,20 @@ def test_bad_input_is_one_clear_line_and_exit_2(store, capsys, args, message):
     assert len(err.splitlines()) == 1 and message in err, err
     with pytest.raises(ConfigError, match="no MLflow experiment 'nope'"):
         write_report(client, "nope", None, ".")
+
+
+def test_the_report_imports_neither_torch_nor_ray(store, tmp_path):
+    """A budget launch's report fits the dose-response again (sweeps.budget's statistics): the
+    process still never imports torch, open_clip or Ray."""
+    import subprocess
+    import sys
+
+    client, _, _ = store
+    script = ("import sys; from sweeps.cli import main; "
+              f"code = main(['report', '--experiment', 'bud', '--output', {str(tmp_path)!r}, "
+              f"'--tracking-uri', {client.tracking_uri!r}]); "
+              "print('CODE', code, 'HEAVY', sorted(m for m in ('torch', 'torchvision', 'open_clip', 'ray') "
+              "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300).stdout
+    assert "CODE 0 HEAVY []" in out, out[-2000:]
+    assert (tmp_path / "report-budget.png").is_file()
