@@ -2,9 +2,10 @@
 Chromium, over a finished 2-trial sweep: ``poisonsweep run`` logs the report at its end, and the
 page is read from what the browser rendered inside the viewer's frame.
 
-Time budget: 90 s, measured at 85 s on a 2-core machine shared with other work (the store and
-the UI 18 s, the sweep with its report 52 s, the report checked in the viewer 7 s; Chromium loads
-MLflow's app while the sweep runs).
+Time budget: 90 s, measured at 67 to 85 s on a 2-core machine shared with other work (the store
+and the UI 18 s, the sweep with its report 32 to 52 s, the report checked in the viewer 5 to 7 s and
+as a file 2 s; Chromium loads MLflow's app while the sweep runs). The same file opened on its own
+is checked too: its links then go to ``poisonsweep ui``'s default address.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sweeps.analysis._report import DEFAULT_UI
 from sweeps.cli import main
 from tests.e2e.test_browser import (
     CHROMIUM,
@@ -89,19 +91,7 @@ def test_the_report_in_mlflows_artifact_viewer(report_server, ray_local, tmp_pat
         page.locator("iframe").first.wait_for()
         _close_assistant(page)
         frame = next(f for f in page.frames if f.url.startswith("blob:"))  # the viewer's sandboxed frame
-        frame.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length > 0 && Array.from("
-                                "document.querySelectorAll('.js-plotly-plot')).every(el => el._fullData)")
-        plots = {p["id"]: {t["name"]: t for t in p["traces"]} for p in frame.evaluate(PLOTS)}
-        assert set(plots) == {f"figure-pareto-{p}" for p in PAIRS}  # no defense, not a budget launch
-        for pair in PAIRS:
-            points = plots[f"figure-pareto-{pair}"]["trials"]
-            assert points["points"] == points["drawn"] == len(trials), (pair, points)
-            assert sorted(points["runs"]) == trials
-
-        hrefs = frame.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
-        base = f"{server.url}/#/experiments/{experiment}/runs/"  # pointed at the server showing the page
-        assert hrefs and all(h.startswith(base) for h in hrefs), hrefs
-        linked = {re.fullmatch(r"[0-9a-f]{32}", h.removeprefix(base)).group(0) for h in hrefs}
+        linked = _check_report(frame, trials, f"{server.url}/#/experiments/{experiment}/runs/")  # the showing server
         assert linked == {*trials, parent.info.run_id}
         assert all(client.get_run(run).info.experiment_id == experiment for run in linked)
         assert frame.locator("#viewer-note").is_visible()  # the viewer blocks new windows: the page says so
@@ -115,6 +105,32 @@ def test_the_report_in_mlflows_artifact_viewer(report_server, ray_local, tmp_pat
         screenshot = tmp_path / "report.png"
         page.screenshot(path=str(screenshot), full_page=True)
         clock.step("report checked")
+
+        # the same file opened on its own: its links go to where `poisonsweep ui` listens by default
+        local = Path(client.download_artifacts(parent.info.run_id, "analysis/report.html", str(tmp_path)))
+        errors = []
+        opened = browser.new_page()
+        opened.on("pageerror", lambda error: errors.append(str(error)))
+        opened.goto(local.as_uri())
+        assert _check_report(opened, trials, f"{DEFAULT_UI}#/experiments/{experiment}/runs/") == linked
+        assert not opened.locator("#viewer-note").is_visible() and not errors, errors
+        clock.step("file checked")
         browser.close()
     print(f"\nscreenshot: {screenshot}")
     print(clock.breakdown())
+
+
+def _check_report(page, trials: list[str], base: str) -> set[str]:
+    """One point per trial in every pair of objectives (plotly's parsed data and the SVG it drew),
+    each with its trial's run id; every link pointing at ``base`` + a run id. Returns the linked ids."""
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length > 0 && Array.from("
+                           "document.querySelectorAll('.js-plotly-plot')).every(el => el._fullData)")
+    plots = {p["id"]: {t["name"]: t for t in p["traces"]} for p in page.evaluate(PLOTS)}
+    assert set(plots) == {f"figure-pareto-{p}" for p in PAIRS}  # no defense, not a budget launch
+    for pair in PAIRS:
+        points = plots[f"figure-pareto-{pair}"]["trials"]
+        assert points["points"] == points["drawn"] == len(trials), (pair, points)
+        assert sorted(points["runs"]) == trials
+    hrefs = page.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
+    assert hrefs and all(h.startswith(base) for h in hrefs), hrefs
+    return {re.fullmatch(r"[0-9a-f]{32}", h.removeprefix(base)).group(0) for h in hrefs}
