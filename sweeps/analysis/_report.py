@@ -45,6 +45,7 @@ DEFAULT_UI = "http://127.0.0.1:5000/"  # where `poisonsweep ui` listens unless t
 LAUNCH_ROLES = ("sweep", "budget")
 REFERENCES = {"utility": "clean_utility", "attack_success": "clean_attack_success"}  # objective → clean metric
 REPORT = "report.html"
+TAGS = ("attack", "defense")  # the trial tags the table shows where they vary
 
 
 @dataclass
@@ -272,14 +273,17 @@ def budget_figure(runs: pd.DataFrame, parent: Any) -> Any:
 
 
 def trial_table(runs: pd.DataFrame, objectives: dict[str, str]) -> str:
-    """The trials as an HTML table: name, run link, drawn values, objectives, clean-model metrics
+    """The trials as an HTML table: name, run link, the attack and defense where they vary, the
+    drawn values, objectives, clean-model metrics
     and whether the trial's configuration is on the front of all the objectives."""
-    drawn = [c for c in runs.columns if c.startswith("params.search.") and runs[c].nunique() > 1]
+    shown = [f"tags.{t}" for t in TAGS] + sorted(c for c in runs.columns if c.startswith("params.search."))
+    drawn = [c for c in shown if c in runs.columns and runs[c].nunique() > 1]
     extra = [m for m in ("clean_utility", "clean_attack_success", "utility_drop")
              if f"metrics.{m}" in runs.columns and m not in objectives]
     metrics = [m for m in [*objectives, *extra] if f"metrics.{m}" in runs.columns]
     flags = _front_flags(runs, objectives)
-    head = ["trial", "run", *(c.removeprefix("params.search.") for c in drawn), *metrics, "front"]
+    head = ["trial", "run", *(c.removeprefix("params.search.").removeprefix("tags.") for c in drawn), *metrics,
+            "front"]
     body = []
     for _, r in runs.iterrows():
         link = (f'<a class="run" href="{html.escape(r["url"])}" target="_blank" rel="noopener" '
@@ -304,7 +308,7 @@ def _number(value: Any) -> str:
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.4em}h2{font-size:1.15em;
 margin-top:1.6em}table.trials{border-collapse:collapse;font-size:.85em}table.trials td,table.trials th{border:1px
-solid #ccc;padding:2px 6px;text-align:right}table.trials td:first-child{text-align:left}.note{color:#555;
+solid #ccc;padding:2px 6px;text-align:right}table.trials td:first-child,table.trials th:first-child{text-align:left}.note{color:#555;
 font-size:.9em}"""
 
 # Links point at the UI that shows the page: in MLflow's artifact viewer the page is a blob: URL

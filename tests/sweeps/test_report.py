@@ -225,3 +225,15 @@ def test_the_report_imports_neither_torch_nor_ray(store, tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300).stdout
     assert "CODE 0 HEAVY []" in out, out[-2000:]
     assert (tmp_path / "report-budget.png").is_file()
+
+
+def test_the_trial_table_has_a_row_per_trial_with_its_defense(store, reports):
+    _, _, ids = store
+    text = reports["second"].read_text()
+    head = re.findall(r"<th>([^<]*)</th>", text[text.index('<table class="trials">'):])
+    assert head == ["trial", "run", "defense", "attack_success", "utility", "poison_count", "clean_utility",
+                    "clean_attack_success", "front"]
+    rows = re.findall(r"<tr><td>(r\d+-[a-z-]+-\d)</td>.*?data-run-id=\"(\w+)\".*?<td>([a-z-]+)</td>", text)
+    assert sorted(run for _, run, _ in rows) == sorted(ids["second"])
+    assert all(name.split("-", 1)[1].rsplit("-", 1)[0] == defense for name, _, defense in rows)
+    assert "<th>defense</th>" not in reports["first"].read_text()  # one defense: no column
