@@ -53,6 +53,7 @@ class Report:
     """The page's parts: its figures (title, slug, plotly figure) and notes in order."""
 
     title: str
+    trials: int
     figures: list[tuple[str, str, Any]] = field(default_factory=list)
     sections: list[str] = field(default_factory=list)
 
@@ -79,7 +80,7 @@ def write_report(client: MlflowClient, experiment: str, parent: str | None = Non
     name = parent_run.info.run_name if parent_run else experiment
     chosen = objectives or parse_objectives(parent_run.data.params.get("search.objectives") if parent_run else None)
     present = {k: v for k, v in chosen.items() if f"metrics.{k}" in runs.columns and runs[f"metrics.{k}"].notna().any()}
-    report = Report(f"{name}: {len(runs)} trials")
+    report = Report(f"{name}: {len(runs)} trials", len(runs))
     for x, y in combinations(present, 2):
         third = next((o for o in present if o not in (x, y)), None)
         report.figures.append((f"Pareto front: {x} against {y}", f"pareto-{x}-vs-{y}",
@@ -91,7 +92,7 @@ def write_report(client: MlflowClient, experiment: str, parent: str | None = Non
         report.figures.append(("Budget curve", "budget", budget_figure(runs, parent_run)))
     table = trial_table(runs, present)
     launch_link = (f'<a class="run" href="{base}#/experiments/{experiment_id}/runs/{parent_id}" target="_blank" '
-                   f'rel="noopener" data-run-id="{parent_id}">{html.escape(name)}</a>' if parent_id else "")
+                   f'rel="noopener" data-run-id="{parent_id}">{html.escape(name)}</a>' if parent_id else "(every run)")
     page = render(report, experiment, launch_link, table, base)
     path = folder / REPORT
     path.write_text(page, encoding="utf-8")
@@ -337,9 +338,8 @@ def render(report: Report, experiment: str, launch_link: str, table: str, base: 
              "copy a run link from the context menu, or download report.html and open it.</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(report.title)}</title><style>{STYLE}</style></head><body>\n"
-            f"<h1>Sweep report: {html.escape(experiment)}</h1>\n<p>Launch {launch_link} — "
-            f"{html.escape(report.title)}</p>\n{links}\n" + "\n".join(parts)
-            + f"\n<h2>Trials</h2>\n{table}\n{LINKS if report.figures or table else ''}\n</body></html>\n")
+            f"<h1>Sweep report: {html.escape(experiment)}</h1>\n<p>Launch {launch_link}: {report.trials} finished "
+            f"trials</p>\n{links}\n" + "\n".join(parts) + f"\n<h2>Trials</h2>\n{table}\n{LINKS}\n</body></html>\n")
 
 
 def draw_png(fig: Any, path: Path) -> Path:
