@@ -237,3 +237,14 @@ def test_the_trial_table_has_a_row_per_trial_with_its_defense(store, reports):
     assert sorted(run for _, run, _ in rows) == sorted(ids["second"])
     assert all(name.split("-", 1)[1].rsplit("-", 1)[0] == defense for name, _, defense in rows)
     assert "<th>defense</th>" not in reports["first"].read_text()  # one defense: no column
+
+
+def test_an_experiment_without_launch_runs_gets_a_report_of_all_its_trials(store, tmp_path):
+    client, _, _ = store
+    exp = client.create_experiment("loose", artifact_location=(tmp_path / "art").as_uri())
+    runs = [add_trial(client, exp, "", f"t{i}", {"seed": i}, trial_metrics(10 * (i + 1), 0.3 * i, 0.7))
+            for i in range(3)]
+    path = write_report(client, "loose", None, tmp_path)
+    trials = trace(figures(path)["figure-pareto-attack_success-vs-utility"], "trials")
+    assert sorted(row[0] for row in trials["customdata"]) == sorted(runs)
+    assert "Launch (every run): 3 finished trials" in path.read_text()
