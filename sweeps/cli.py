@@ -1,4 +1,4 @@
-"""The ``poisonsweep`` command line: run, demo, train, pareto, defenses, budget, sync, ui."""
+"""The ``poisonsweep`` command line: run, demo, train, pareto, defenses, report, budget, sync, ui."""
 from __future__ import annotations
 
 import argparse
@@ -128,6 +128,18 @@ def _parser() -> argparse.ArgumentParser:
     defenses.add_argument("--tracking-uri", help="tracking store (default: as for run)")
     defenses.set_defaults(func=_defenses)
 
+    report = sub.add_parser("report", help="one HTML page of a finished launch: Pareto fronts, defenses, budget "
+                                           "curve, trial table (logged to its run as analysis/report.html)")
+    report.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
+    report.add_argument("--parent", metavar="RUN_ID", help="the launch's parent run (default: the latest launch)")
+    report.add_argument("--objectives", help="NAME:max|min,... (default: the launch's own search.objectives)")
+    report.add_argument("--output", default=".", metavar="DIR",
+                        help="folder for report.html and its PNGs (default: the current folder)")
+    report.add_argument("--ui-url", help="the MLflow UI the run links open when the file is opened outside it "
+                                         "(default: an http(s) tracking URI, else http://127.0.0.1:5000)")
+    report.add_argument("--tracking-uri", help="tracking store (default: as for run)")
+    report.set_defaults(func=_report)
+
     budget = sub.add_parser("budget", help="minimal poison_count reaching an attack_success threshold, "
                                            "with a confidence interval (a sequential search of real trials)")
     budget.add_argument("config", help="sweep config YAML: its default point's attack, data and recipe")
@@ -183,6 +195,7 @@ def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
     print(summary_table(outcome.rows, sweep))
     if outcome.synced and any(r.status == "FINISHED" for r in outcome.rows):
         _print_front(uri, sweep.tracking.experiment or sweep.name, sweep.search.objectives, outcome.parent_run_id)
+        _log_report(uri, sweep.tracking.experiment or sweep.name, outcome.parent_run_id)
     failed = sum(r.status != "FINISHED" for r in outcome.rows)
     print(f"\n{len(outcome.rows) - failed} trials finished, {failed} failed. "
           f"Open the results with:\n  poisonsweep ui --tracking-uri {redact(uri)}")
@@ -304,6 +317,33 @@ def _defenses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.analysis import parse_objectives, write_report
+    from sweeps.tracking import tracking_uri
+
+    objectives = parse_objectives(args.objectives) if args.objectives else None
+    client = MlflowClient(tracking_uri(args.tracking_uri, None))
+    path = write_report(client, args.experiment, args.parent, Path(args.output), objectives=objectives,
+                        ui_url=args.ui_url)
+    print(path.resolve())
+    return 0
+
+
+def _log_report(uri: str, experiment: str, parent: str) -> None:
+    """The launch's report, logged to its parent run as analysis/report.html (with its PNGs)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.analysis import write_report
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_report(MlflowClient(uri), experiment, parent, folder)
+    print(f"Report logged to run {parent}: analysis/report.html")
+
+
 def _budget(args: argparse.Namespace) -> int:
     from sweeps import api
     from sweeps.budget import summary
@@ -316,6 +356,11 @@ def _budget(args: argparse.Namespace) -> int:
                                  printer=lambda line: print(line, flush=True))
     print()
     print(summary(outcome))
+    if outcome.search.observations:
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(outcome.tracking_uri).get_experiment(outcome.experiment_id).name
+        _log_report(outcome.tracking_uri, experiment, outcome.parent_run_id)
     print(f"\nOpen the results with:\n  poisonsweep ui --tracking-uri {redact(outcome.tracking_uri)}")
     return 0 if outcome.search.observations else 1  # every trial failed: a failure
 

@@ -291,6 +291,8 @@ def test_budget_search_runs_real_trials_into_mlflow(tmp_path, ray_local, capsys)
     assert {"config.yaml", "trials.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "budget")}
     assert artifacts == {"budget/budget_points.csv", "budget/budget.json", "budget/budget_curve.png"}
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")}  # the launch's report
+    assert {"analysis/report.html", "analysis/report-budget.png"} <= report, report
     png = client.download_artifacts(parent.info.run_id, "budget/budget_curve.png", str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     csv = open(client.download_artifacts(parent.info.run_id, "budget/budget_points.csv", str(tmp_path))).read()
