@@ -140,3 +140,45 @@ def test_every_filter_in_the_docs_finds_what_it_says(store):
 def test_a_launch_without_a_launch_tag_is_shown_by_its_parent_run():
     query = urlsplit(runs_path("3", parent_id="abc")).fragment.split("?")[1]
     assert parse_qs(query) == {"searchFilter": ["tags.mlflow.parentRunId = 'abc'"]}
+
+
+def test_poisonsweep_ui_prints_the_address_of_the_latest_launch(store, monkeypatch, capsys):
+    import sweeps.cli
+
+    client, tracker, _, _ = store
+    started = []
+    monkeypatch.setattr(sweeps.cli.subprocess, "call", lambda cmd, env: started.append(cmd) or 0)
+    uri = tracker.uri
+    assert sweeps.cli.main(["ui", "--tracking-uri", uri, "--experiment", "views", "--port", "5123"]) == 0
+    out = capsys.readouterr().out
+    assert f"the latest launch of views: http://127.0.0.1:5123/{latest_launch_path(client, 'views')}\n" in out
+    assert started and started[0][started[0].index("--port") + 1] == "5123"
+    assert sweeps.cli.main(["ui", "--tracking-uri", uri, "--experiment", "nope"]) == 2  # one line, no server
+    assert capsys.readouterr().err == f"poisonsweep: error: --experiment: no experiment 'nope' in {uri}\n"
+    assert len(started) == 1
+
+
+def test_the_status_line_is_redrawn_on_a_terminal_and_a_plain_line_elsewhere():
+    import io
+
+    from sweeps.tracking import Console
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream in (Terminal(), io.StringIO()):
+        console = Console(stream)
+        console.status("0/2 trials done, 1 running, 0 failed")
+        console.status("0/2 trials done, 1 running, 0 failed")
+        console("[00:05] trial 1/2 epoch 1/1")
+        console.status("1/2 trials done, 0 running, 0 failed, about 0:05 left")
+        console.close()
+        if isinstance(stream, Terminal):
+            assert stream.getvalue() == (
+                "\r\x1b[K0/2 trials done, 1 running, 0 failed" * 2
+                + "\r\x1b[K[00:05] trial 1/2 epoch 1/1\n0/2 trials done, 1 running, 0 failed"
+                + "\r\x1b[K1/2 trials done, 0 running, 0 failed, about 0:05 left\n")
+        else:  # each status once, when it changes
+            assert stream.getvalue() == ("0/2 trials done, 1 running, 0 failed\n[00:05] trial 1/2 epoch 1/1\n"
+                                         "1/2 trials done, 0 running, 0 failed, about 0:05 left\n")
