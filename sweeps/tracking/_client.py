@@ -121,13 +121,17 @@ def trial_name(number: int, config: TrialConfig) -> str:
 def runs_path(experiment_id: str, *, launch: str | None = None, parent_id: str | None = None) -> str:
     """The MLflow UI's page (the part after the server's address) of an experiment's runs, filtered
     to one launch: its parent and trials by their ``launch`` tag, else the trials under ``parent_id``.
+    ``workflowType=machine_learning`` picks the UI's "Model training" side, which MLflow 3.17 takes
+    from the address (else from the browser's last choice, at first "GenAI"), not from the
+    experiment's kind.
 
     >>> runs_path("3", launch="demo-20261206-101500")
-    '#/experiments/3/runs?searchFilter=tags.launch%20%3D%20%27demo-20261206-101500%27'
+    '#/experiments/3/runs?workflowType=machine_learning&searchFilter=tags.launch%20%3D%20%27demo-20261206-101500%27'
     """
     query = (f"tags.{LAUNCH_TAG} = '{launch}'" if launch
              else f"tags.mlflow.parentRunId = '{parent_id}'" if parent_id else "")
-    return f"#/experiments/{experiment_id}/runs" + (f"?searchFilter={quote(query, safe='')}" if query else "")
+    return (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            + (f"&searchFilter={quote(query, safe='')}" if query else ""))
 
 
 def latest_launch_path(client: MlflowClient, experiment: str | None) -> str | None:

@@ -109,6 +109,7 @@ def test_the_ui_address_shows_the_latest_launch_of_the_experiment_asked_for(stor
     assert path == latest_launch_path(client, "views")
     page, query = path.split("?")
     assert page == f"#/experiments/{tracker.experiment_id}/runs"
+    assert parse_qs(query)["workflowType"] == ["machine_learning"]  # the UI's "Model training" side
     found = client.search_runs([tracker.experiment_id], filter_string=parse_qs(query)["searchFilter"][0])
     assert {r.info.run_id for r in found} == {parent, *runs.values()}
     assert latest_launch_path(client, "no-such-sweep") is None
@@ -139,7 +140,7 @@ def test_every_filter_in_the_docs_finds_what_it_says(store):
 
 def test_a_launch_without_a_launch_tag_is_shown_by_its_parent_run():
     query = urlsplit(runs_path("3", parent_id="abc")).fragment.split("?")[1]
-    assert parse_qs(query) == {"searchFilter": ["tags.mlflow.parentRunId = 'abc'"]}
+    assert parse_qs(query)["searchFilter"] == ["tags.mlflow.parentRunId = 'abc'"]
 
 
 def test_poisonsweep_ui_prints_the_address_of_the_latest_launch(store, monkeypatch, capsys):
