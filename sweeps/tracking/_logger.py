@@ -122,6 +122,7 @@ class TrialLogger(tune.Callback):
         self.start = time.monotonic()
         self.first_start: float | None = None  # the first trial's start, this process's clock
         self.running: set[str] = set()
+        self.ended = 0  # trials this process saw end (a resumed launch's earlier ones set no pace)
         self.status_at = 0.0
 
     def __reduce__(self) -> tuple:
@@ -144,14 +145,14 @@ class TrialLogger(tune.Callback):
 
     def progress(self) -> str:
         """The status line: trials done, running and failed, and the time left at the pace of
-        those finished so far."""
+        those that ended since this process started its first trial."""
         failed = sum(r.status != "FINISHED" for r in self.finished.values())
         done = len(self.finished) - failed
         left = self.total - len(self.finished)
         line = f"{done}/{self.total} trials done, {len(self.running)} running, {failed} failed"
-        if self.first_start is None or not self.finished or not left:
+        if self.first_start is None or not self.ended or not left:
             return line
-        per_trial = (time.monotonic() - self.first_start) / len(self.finished)
+        per_trial = (time.monotonic() - self.first_start) / self.ended
         seconds = int(per_trial * left)
         return f"{line}, about {seconds // 60}:{seconds % 60:02d} left"
 
@@ -291,6 +292,7 @@ class TrialLogger(tune.Callback):
         self.say(f"{self._label(trial)} done: attack_success {metrics.get('attack_success', float('nan')):.3f} "
                  f"utility {metrics['utility']:.3f} poison_count {metrics['poison_count']}")
         self.running.discard(trial.trial_id)
+        self.ended += 1
         self._show_progress()
         self._catch_up_behind()
 
@@ -300,6 +302,7 @@ class TrialLogger(tune.Callback):
         self._record(trial)
         self.say(f"{self._label(trial)} FAILED: {self.finished[trial.trial_id].error}")
         self.running.discard(trial.trial_id)
+        self.ended += 1
         self._show_progress()
         self._catch_up_behind()
 
@@ -361,14 +364,14 @@ def sweep_note(sweep: SweepConfig, rows: list[TrialRow], launch: str) -> str:
 
 
 def summary_table(rows: list[TrialRow], sweep: SweepConfig) -> str:
-    """The final table of trials: their drawn values ("-": a dimension the trial's kinds
-    do not use) and headline metrics."""
+    """The final table of trials, by their run names: their drawn values ("-": a dimension the
+    trial's kinds do not use) and headline metrics."""
     dims = list(sweep.dimensions)
     head = ["trial", "status", *dims, "poison_count", "trigger", "attack_success", "utility"]
     body = []
     for r in rows:
         trigger = sweep.resolve(r.values).attack.trigger_name
-        body.append([r.trial_id, r.status, *(_fmt(r.values[d]) if d in r.values else "-" for d in dims),
+        body.append([r.name or r.trial_id, r.status, *(_fmt(r.values[d]) if d in r.values else "-" for d in dims),
                      _fmt(r.metrics.get("poison_count", "")), trigger,
                      _fmt(r.metrics.get("attack_success", "")), _fmt(r.metrics.get("utility", ""))])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]

@@ -183,3 +183,14 @@ def test_the_status_line_is_redrawn_on_a_terminal_and_a_plain_line_elsewhere():
         else:  # each status once, when it changes
             assert stream.getvalue() == ("0/2 trials done, 1 running, 0 failed\n[00:05] trial 1/2 epoch 1/1\n"
                                          "1/2 trials done, 0 running, 0 failed, about 0:05 left\n")
+
+
+def test_the_status_line_counts_trials_and_estimates_the_time_left_at_the_pace_so_far(monkeypatch):
+    from sweeps.tracking import TrialLogger, _logger
+
+    logger = TrialLogger(_sweep(search={"num_samples": 4}), tracker=None, printer=print)
+    assert logger.progress() == "0/4 trials done, 0 running, 0 failed"
+    logger.first_start, logger.running, logger.ended = 1000.0, {"c"}, 2
+    logger.finished = {"a": TrialRow("a", "FINISHED", {}, {}, None), "b": TrialRow("b", "FAILED", {}, {}, None)}
+    monkeypatch.setattr(_logger.time, "monotonic", lambda: 1100.0)  # two ended in 100 s: 50 s each
+    assert logger.progress() == "1/4 trials done, 1 running, 1 failed, about 1:40 left"
