@@ -53,6 +53,11 @@ class SweepResult:
     FOLDER`` writes them there later."""
     folder: str = field(default="", repr=False)
     """The launch's folder in Ray Tune's storage (``storage.path``)."""
+    experiment_id: str = field(default="", repr=False)
+    """The MLflow experiment's id."""
+    launch: str = field(default="", repr=False)
+    """The launch's name (``NAME-YYYYmmdd-HHMMSS``): its folder's name, its Optuna study, and the
+    ``launch`` tag of its parent and trial runs."""
 
     @property
     def finished(self) -> int:
@@ -145,7 +150,8 @@ def run(config: str | Path | Mapping[str, Any] | SweepConfig, *, overrides: Iter
     outcome = run_sweep(sweep, tracking_uri=uri, address=address, resume=resume,
                         printer=printer or (lambda line: print(line, flush=True)))
     return SweepResult(experiment=sweep.tracking.experiment or sweep.name, parent_run_id=outcome.parent_run_id,
-                       tracking_uri=uri, config=sweep, rows=outcome.rows, synced=outcome.synced, folder=outcome.folder)
+                       tracking_uri=uri, config=sweep, rows=outcome.rows, synced=outcome.synced, folder=outcome.folder,
+                       experiment_id=outcome.experiment_id, launch=outcome.study_name)
 
 
 def minimal_budget(config: str | Path | Mapping[str, Any] | SweepConfig, *, threshold: float,

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from pathlib import Path
 from poison import ConfigError, DataError
 
 PRESETS = "sweeps.presets"
+#: Where ``poisonsweep ui`` serves by default.
+UI_URL = "http://127.0.0.1:5000"
 
 
 #: The longest error line printed (a longer message is cut; --debug shows it whole).
@@ -60,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bug of ours: its traceback (redacted) and a line asking for a report, exit 1."""
     args = _parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("POISONSWEEP_DEBUG") == "1"
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # our progress lines say what matters
+    # our progress lines say what matters: MLflow sets its loggers' level from this variable when
+    # imported ("Creating initial MLflow database tables...", alembic's migrations)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (ConfigError, DataError) as err:
@@ -163,7 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     sync.set_defaults(func=_sync)
 
     ui = sub.add_parser("ui", help="open the MLflow UI over a sweep's tracking store")
-    ui.add_argument("--config", help="sweep config, to find its store")
+    ui.add_argument("--config", help="sweep config, to find its store and experiment")
+    ui.add_argument("--experiment", help="the sweep whose latest launch to show (default: the config's, else "
+                                         "the experiment of the latest launch in the store)")
     ui.add_argument("--tracking-uri", help="tracking store (default: as for run)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
@@ -182,23 +190,29 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
     from sweeps import api
-    from sweeps.tracking import redact, summary_table, tracking_uri
+    from sweeps.tracking import Console, redact, runs_path, summary_table, tracking_uri
 
     sweep = api.load(config_path or args.config, overrides=args.overrides)  # all checks before Ray starts
     uri = tracking_uri(args.tracking_uri, sweep)
     replicas = f" x {sweep.search.replicates} seeds" if sweep.search.replicates > 1 else ""
     print(f"sweep {sweep.name}: {sweep.search.num_samples} trials{replicas}, {len(sweep.dimensions)} dimensions, "
           f"tracking {redact(uri)}", flush=True)
-    outcome = api.run(sweep, tracking_uri=uri, address=args.address,
-                      printer=lambda line: print(line, flush=True), resume=getattr(args, "resume", False))
+    console = Console()
+    try:
+        outcome = api.run(sweep, tracking_uri=uri, address=args.address, printer=console,
+                          resume=getattr(args, "resume", False))
+    finally:
+        console.close()
     print()
     print(summary_table(outcome.rows, sweep))
     if outcome.synced and any(r.status == "FINISHED" for r in outcome.rows):
         _print_front(uri, sweep.tracking.experiment or sweep.name, sweep.search.objectives, outcome.parent_run_id)
         _log_report(uri, sweep.tracking.experiment or sweep.name, outcome.parent_run_id)
     failed = sum(r.status != "FINISHED" for r in outcome.rows)
-    print(f"\n{len(outcome.rows) - failed} trials finished, {failed} failed. "
-          f"Open the results with:\n  poisonsweep ui --tracking-uri {redact(uri)}")
+    experiment = sweep.tracking.experiment or sweep.name
+    print(f"\n{len(outcome.rows) - failed} trials finished, {failed} failed. Open the results with:\n"
+          f"  poisonsweep ui --tracking-uri {redact(uri)} --experiment {shlex.quote(experiment)}\n"
+          f"and this launch's runs at {UI_URL}/{runs_path(outcome.experiment_id, launch=outcome.launch)}")
     if not outcome.synced:
         return 3  # the trials ran, but MLflow does not have them yet: `poisonsweep sync`
     return 0 if len(outcome.rows) > failed else 1  # a sweep where every trial failed is a failure
@@ -223,7 +237,7 @@ def sync_launch(folder, cli_uri: str | None, *, printer: Callable[[str], None] =
     from sweeps import _local_ray as local_ray
     from sweeps._files import LAUNCH_FILE
     from sweeps.config import read_yaml, validate_config
-    from sweeps.tracking import Launch, Tracker, TrialLogger, redact, summary_csv, tracking_uri
+    from sweeps.tracking import Launch, Tracker, TrialLogger, redact, summary_csv, sweep_note, tracking_uri
 
     launch = Launch.read(folder)
     sweep = validate_config(read_yaml(launch.config_yaml, str(Path(folder) / LAUNCH_FILE)), check_data=False)
@@ -241,7 +255,7 @@ def sync_launch(folder, cli_uri: str | None, *, printer: Callable[[str], None] =
     if not logger.catch_up(folder):
         printer(f"MLflow at {redact(uri)} still fails; nothing lost: run this again when it answers")
         return 3
-    tracker.finish_parent(summary_csv(logger.rows(), sweep))
+    tracker.finish_parent(summary_csv(logger.rows(), sweep), note=sweep_note(sweep, logger.rows(), launch.run_name))
     launch.finished = True
     launch.write(folder)
     changed = sum(before.get(t) != r.status for t, r in logger.mirror.runs.items())
@@ -347,30 +361,43 @@ def _log_report(uri: str, experiment: str, parent: str) -> None:
 def _budget(args: argparse.Namespace) -> int:
     from sweeps import api
     from sweeps.budget import summary
-    from sweeps.tracking import redact
+    from sweeps.tracking import Console, redact
 
-    outcome = api.minimal_budget(args.config, overrides=args.overrides, threshold=args.threshold,
-                                 confidence=args.confidence, max_trials=args.max_trials, replicates=args.replicates,
-                                 rel_width=args.rel_width, low=args.low, high=args.high,
-                                 tracking_uri=args.tracking_uri, address=args.address,
-                                 printer=lambda line: print(line, flush=True))
+    console = Console()
+    try:
+        outcome = api.minimal_budget(args.config, overrides=args.overrides, threshold=args.threshold,
+                                     confidence=args.confidence, max_trials=args.max_trials,
+                                     replicates=args.replicates, rel_width=args.rel_width, low=args.low,
+                                     high=args.high, tracking_uri=args.tracking_uri, address=args.address,
+                                     printer=console)
+    finally:
+        console.close()
     print()
     print(summary(outcome))
-    if outcome.search.observations:
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        experiment = MlflowClient(outcome.tracking_uri).get_experiment(outcome.experiment_id).name
+    experiment = MlflowClient(outcome.tracking_uri).get_experiment(outcome.experiment_id).name
+    if outcome.search.observations:
         _log_report(outcome.tracking_uri, experiment, outcome.parent_run_id)
-    print(f"\nOpen the results with:\n  poisonsweep ui --tracking-uri {redact(outcome.tracking_uri)}")
+    print(f"\nOpen the results with:\n  poisonsweep ui --tracking-uri {redact(outcome.tracking_uri)} "
+          f"--experiment {shlex.quote(experiment)}")
     return 0 if outcome.search.observations else 1  # every trial failed: a failure
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
     from sweeps.config import load_config
-    from sweeps.tracking import redact, tracking_uri
+    from sweeps.tracking import latest_launch_path, redact, tracking_uri
 
     sweep = load_config(args.config) if args.config else None
     uri = tracking_uri(args.tracking_uri, sweep)
+    experiment = args.experiment or (sweep and (sweep.tracking.experiment or sweep.name))
+    path = latest_launch_path(MlflowClient(uri), experiment)
+    if args.experiment and path is None:
+        raise ConfigError(f"--experiment: no experiment {args.experiment!r} in {redact(uri)}")
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{args.port}/"
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
            "--workers", str(args.workers)]
@@ -379,6 +406,8 @@ def _ui(args: argparse.Namespace) -> int:
     # it starts eight more processes beside the server, seconds of CPU on a laptop
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(" ".join(redact(c) if "://" in c else c for c in cmd), flush=True)
+    print(f"{'the latest launch' + (f' of {experiment}' if experiment else '') if path else 'MLflow'}: "
+          f"{url}{path or ''}", flush=True)
     return subprocess.call(cmd, env=env)
 
 

@@ -111,9 +111,9 @@ def run_budget(budget: SweepConfig, search: BudgetSearch, *, tracking_uri: str, 
     """Runs ``search`` to the end, each round through Ray Tune, everything into MLflow."""
     start_driver(budget, address, printer)
     tracker = Tracker(tracking_uri, budget)
-    parent = tracker.start_parent(role=ROLE, params=_params(budget, search))
-    logger = TrialLogger(budget, tracker, printer, total=search.max_trials)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent = tracker.start_parent(role=ROLE, params=_params(budget, search), launch=f"{budget.name}-budget-{stamp}")
+    logger = TrialLogger(budget, tracker, printer, total=search.max_trials)
     try:
         clean = clean_first(budget, seeds=clean_seeds(search))
         logger.say(f"clean models ({len(clean)} seeds): utility "

@@ -28,7 +28,7 @@ from sweeps.config import SweepConfig, define_by_run, make_sampler, read_yaml
 from sweeps.launch._trainable import finite, train_clean, train_reference, trial_parameters, trial_resources
 from sweeps.launch._trainable import trainable as trial_trainable
 from sweeps.tracking import TRACKING_ERRORS, Launch, Tracker, without_credentials
-from sweeps.tracking._logger import Printer, TrialLogger, TrialRow, restoring, summary_csv, trial_count
+from sweeps.tracking._logger import Printer, TrialLogger, TrialRow, restoring, summary_csv, sweep_note, trial_count
 from trainers import TrialConfig
 from trainers.cache import model_key
 from trainers.trial import reference_config
@@ -86,8 +86,8 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
     else:
         run_name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         folder = Path(sweep.storage.path).resolve() / run_name
-        launch = Launch(run_name, tracker.experiment_name, tracker.start_parent(), optuna_storage(sweep), sweep.to_yaml(),
-                        tracking_uri=without_credentials(tracking_uri))
+        launch = Launch(run_name, tracker.experiment_name, tracker.start_parent(launch=run_name), optuna_storage(sweep),
+                        sweep.to_yaml(), tracking_uri=without_credentials(tracking_uri))
     try:  # from here a failure finishes the parent run FAILED: none is left RUNNING by a failed start
         logger = TrialLogger(sweep, tracker, printer)
         if found is None:
@@ -119,7 +119,7 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
     rows = logger.rows()  # the logger recorded every trial's outcome as it happened
     if synced:
         try:
-            tracker.finish_parent(summary_csv(rows, sweep))
+            tracker.finish_parent(summary_csv(rows, sweep), note=sweep_note(sweep, rows, launch.run_name))
         except TRACKING_ERRORS:
             synced = False
     if not synced:

@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -27,6 +27,15 @@ MAX_PARAMS_PER_BATCH = 100
 FINAL_TAG = "poisonsweep.final_metrics"
 #: Marks a trial run left by a killed driver whose trial Tune never recorded (see Tracker.abandon_trial).
 LOST_TAG = "poisonsweep.lost"
+#: The experiment tag by which MLflow 3's UI chooses an experiment's page, and the value (its
+#: ``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT``) that opens on the runs table, not the GenAI overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+#: Tags every run of one launch (parent and trials) with the launch's name: one search filter finds them all.
+LAUNCH_TAG = "launch"
+#: The tag MLflow's UI shows as a run's description (Markdown).
+NOTE_TAG = "mlflow.note.content"
+#: A trial run's number within its launch (its run name starts with it, zero-padded).
+NUMBER_TAG = "trial_number"
 #: The tracking URI schemes MLflow 3 keeps runs in: a database (SQLAlchemy's dialects, with or
 #: without ``+driver``), a tracking server, Databricks.
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -94,6 +103,56 @@ def trial_tags(config: TrialConfig) -> dict[str, str]:
     }
 
 
+def trial_name(number: int, config: TrialConfig) -> str:
+    """A trial run's name: its number (unique within the launch), attack·trigger, poison count,
+    defense and seed; no quote, so a search filter can name it.
+
+    >>> from sweeps.config import validate_config
+    >>> sweep = validate_config({"attack": {"kind": "backdoor", "target": "blue circle", "poison_count": 12,
+    ...                          "trigger": {"kind": "patch"}}}, check_data=False)
+    >>> trial_name(7, sweep.default_trial)
+    '007 backdoor·patch n=12 none s0'
+    """
+    attack = config.attack
+    trigger = "" if attack.trigger_name == "none" else f"·{attack.trigger_name}"
+    return f"{number:03d} {attack.kind}{trigger} n={attack.poison_count} {config.defense.kind} s{config.seed}"
+
+
+def runs_path(experiment_id: str, *, launch: str | None = None, parent_id: str | None = None) -> str:
+    """The MLflow UI's page (the part after the server's address) of an experiment's runs, filtered
+    to one launch: its parent and trials by their ``launch`` tag, else the trials under ``parent_id``.
+    ``workflowType=machine_learning`` picks the UI's "Model training" side, which MLflow 3.17 takes
+    from the address (else from the browser's last choice, at first "GenAI"), not from the
+    experiment's kind.
+
+    >>> runs_path("3", launch="demo-20261206-101500")
+    '#/experiments/3/runs?workflowType=machine_learning&searchFilter=tags.launch%20%3D%20%27demo-20261206-101500%27'
+    """
+    query = (f"tags.{LAUNCH_TAG} = '{launch}'" if launch
+             else f"tags.mlflow.parentRunId = '{parent_id}'" if parent_id else "")
+    return (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            + (f"&searchFilter={quote(query, safe='')}" if query else ""))
+
+
+def latest_launch_path(client: MlflowClient, experiment: str | None) -> str | None:
+    """:func:`runs_path` of the latest launch in ``experiment`` (default: of any experiment);
+    the experiment's runs page when it has no launch; None when the store has no such experiment
+    or (no ``experiment`` given) no launch."""
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        ids = [found.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(ids, filter_string=f"tags.`{ROLE_TAG}` != 'trial'",
+                                 order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+    if not parents:
+        return runs_path(ids[0]) if experiment else None
+    parent = parents[0]
+    return runs_path(parent.info.experiment_id, launch=parent.data.tags.get(LAUNCH_TAG), parent_id=parent.info.run_id)
+
+
 class Tracker:
     """Writes a sweep into MLflow; every call is a single batched request."""
 
@@ -103,21 +162,28 @@ class Tracker:
         self.experiment_name = sweep.tracking.experiment or sweep.name
         self.experiment_id = self._experiment(self.experiment_name)
         self.parent_id: str | None = None
+        self.launch: str | None = None
 
     def _experiment(self, name: str) -> str:
+        """The sweep's experiment (created on the first launch), tagged to open on its runs."""
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):  # keep artifacts beside the local database
             location = (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / name).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
-    def start_parent(self, *, role: str = "sweep", params: dict[str, Any] | None = None) -> str:
+    def start_parent(self, *, role: str = "sweep", params: dict[str, Any] | None = None,
+                     launch: str | None = None) -> str:
         """The launch's parent run, named ``<name>-<role>``: its config YAML and ``params``
-        (default: the search settings)."""
+        (default: the search settings); ``launch`` (the launch's name) tags it and its trials."""
+        self.launch = launch
         run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep.name}-{role}",
-                                     tags={ROLE_TAG: role})
+                                     tags={ROLE_TAG: role, **({LAUNCH_TAG: launch} if launch else {})})
         self.parent_id = run.info.run_id
         self._batch(self.parent_id, params=self._search_params() if params is None else params)
         self.client.log_text(self.parent_id, self.sweep.to_yaml(), "config.yaml")
@@ -126,7 +192,9 @@ class Tracker:
     def reopen_parent(self, run_id: str) -> None:
         """Continues a launch's parent run (``run --resume``, ``sync``)."""
         self.parent_id = run_id
-        if self.client.get_run(run_id).info.status != "RUNNING":
+        run = self.client.get_run(run_id)
+        self.launch = run.data.tags.get(LAUNCH_TAG)
+        if run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
 
     def _search_params(self) -> dict[str, Any]:
@@ -138,11 +206,17 @@ class Tracker:
                 "resources.cpu": self.sweep.resources.cpu, "resources.gpu": self.sweep.resources.gpu}
 
     def start_trial(self, trial_id: str, config: TrialConfig, values: dict[str, Any], *,
-                    name: str | None = None) -> str:
+                    number: int | None = None) -> str:
+        """A trial's run under the parent, named by :func:`trial_name` when it has a ``number``."""
         tags = {ROLE_TAG: "trial", "trial_id": trial_id, **trial_tags(config)}
         if self.parent_id:
             tags["mlflow.parentRunId"] = self.parent_id
-        run = self.client.create_run(self.experiment_id, run_name=name or trial_id, tags=tags)
+        if self.launch:
+            tags[LAUNCH_TAG] = self.launch
+        if number is not None:
+            tags[NUMBER_TAG] = str(number)
+        name = trial_name(number, config) if number is not None else trial_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         params = flatten(config.to_dict())
         # a drawn value as the config holds it, in its field's type (an integer drawn for a float
         # field is logged 4.0 in both places)
@@ -182,11 +256,14 @@ class Tracker:
                                               "the resumed launch drew its point again as another trial")
         self.client.set_terminated(run_id, "KILLED")
 
-    def finish_parent(self, summary_csv: str | None, status: str = "FINISHED") -> None:
+    def finish_parent(self, summary_csv: str | None, status: str = "FINISHED", note: str | None = None) -> None:
+        """Ends the parent run: its ``trials.csv`` and ``note`` (Markdown, the run's description)."""
         if self.parent_id is None:
             return
         if summary_csv:
             self.client.log_text(self.parent_id, summary_csv, "trials.csv")
+        if note:
+            self.client.set_tag(self.parent_id, NOTE_TAG, note)
         self.client.set_terminated(self.parent_id, status)
 
     def _batch(self, run_id: str, *, params: dict[str, Any]) -> None:
@@ -215,4 +292,4 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["Tracker", "redact", "tracking_uri", "trial_tags"]
+__all__ = ["Tracker", "latest_launch_path", "redact", "runs_path", "tracking_uri", "trial_name", "trial_tags"]

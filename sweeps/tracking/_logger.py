@@ -1,24 +1,63 @@
-"""The trial logger: every Tune event of a launch mirrored into MLflow as it comes, with a
-progress line; and the launch's summary (one row per trial)."""
+"""The trial logger: every Tune event of a launch mirrored into MLflow as it comes, with
+progress lines and a status line (trials done, running, failed, time left); and the launch's
+summary (one row per trial, and the parent run's description)."""
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+import numpy as np
 from ray import tune
 
 from sweeps._files import METRICS_FILE
 from sweeps.config import REPLICATE, SweepConfig
-from sweeps.tracking._client import Tracker
+from sweeps.tracking._client import LAUNCH_TAG, Tracker, trial_name
 from sweeps.tracking._mirror import TRACKING_ERRORS, Backoff, Mirror, trial_folder
 from trainers.config import TrialConfig
 
 Printer = Callable[[str], None]
+#: How often a terminal's status line is redrawn between Tune's events (the clock in it moves).
+STATUS_EVERY_S = 1.0
+
+
+class Console:
+    """A printer for a person at a terminal: lines scroll above a status line that stays last and
+    is redrawn in place. Where ``stream`` is not a terminal (CI, ``ray job logs``, a file) the
+    status is printed as a plain line, only when it changes."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty()
+        self.shown = ""  # the status line on the terminal now, or the last one printed
+
+    def __call__(self, line: str) -> None:
+        if self.live and self.shown:
+            self.stream.write(f"\r\x1b[K{line}\n{self.shown}")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def status(self, line: str) -> None:
+        if self.live:
+            self.stream.write(f"\r\x1b[K{line}")
+            self.stream.flush()
+        elif line != self.shown:
+            self(line)
+        self.shown = line
+
+    def close(self) -> None:
+        """Leaves the status line where it is, the cursor on the next line."""
+        if self.live and self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.shown = ""
 
 
 @dataclass
@@ -31,6 +70,7 @@ class TrialRow:
     metrics: dict[str, float]
     run_id: str | None
     error: str = ""
+    name: str = ""  # its run's name
 
 
 def trial_count(sweep: SweepConfig) -> int:
@@ -66,11 +106,13 @@ class TrialLogger(tune.Callback):
     trials they missed are brought up to date from Tune's storage once it answers again,
     and at the end (:meth:`catch_up`). One logger may serve several Tuners in turn (the
     budget search's rounds): trials are numbered on across them, out of ``total``
-    (default ``search.num_samples``).
+    (default ``search.num_samples``). A printer with a ``status`` method (:class:`Console`)
+    gets the status line there, else as a line of its own when it changes.
     """
 
     def __init__(self, sweep: SweepConfig, tracker: Tracker, printer: Printer, *, total: int | None = None) -> None:
         self.sweep, self.tracker, self.printer = sweep, tracker, printer
+        self.status: Printer = getattr(printer, "status", printer)
         self.total = total or trial_count(sweep)
         self.mirror = Mirror(sweep, tracker)
         self.backoff = Backoff()
@@ -78,6 +120,10 @@ class TrialLogger(tune.Callback):
         self.order: dict[str, int] = {}
         self.finished: dict[str, TrialRow] = {}
         self.start = time.monotonic()
+        self.first_start: float | None = None  # the first trial's start, this process's clock
+        self.running: set[str] = set()
+        self.ended = 0  # trials this process saw end (a resumed launch's earlier ones set no pace)
+        self.status_at = 0.0
 
     def __reduce__(self) -> tuple:
         return (_live_logger, ())
@@ -96,6 +142,27 @@ class TrialLogger(tune.Callback):
         """Prints a progress line stamped with the time since the sweep started."""
         elapsed = int(time.monotonic() - self.start)
         self.printer(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}")
+
+    def progress(self) -> str:
+        """The status line: trials done, running and failed, and the time left at the pace of
+        those that ended since this process started its first trial."""
+        failed = sum(r.status != "FINISHED" for r in self.finished.values())
+        done = len(self.finished) - failed
+        left = self.total - len(self.finished)
+        line = f"{done}/{self.total} trials done, {len(self.running)} running, {failed} failed"
+        if self.first_start is None or not self.ended or not left:
+            return line
+        per_trial = (time.monotonic() - self.first_start) / self.ended
+        seconds = int(per_trial * left)
+        return f"{line}, about {seconds // 60}:{seconds % 60:02d} left"
+
+    def _show_progress(self) -> None:
+        self.status_at = time.monotonic()
+        self.status(self.progress())
+
+    def on_step(self, iteration: int, trials: list, **info: Any) -> None:
+        if getattr(self.printer, "live", False) and time.monotonic() - self.status_at >= STATUS_EVERY_S:
+            self._show_progress()
 
     def _label(self, trial: Any) -> str:
         """"trial N/total"; a trial this process has not seen start (a resumed launch's trial
@@ -176,23 +243,28 @@ class TrialLogger(tune.Callback):
         """The trial's summary row, from its final checkpoint (or its error); ``done``: Tune
         completed it (its status changes only after the callbacks)."""
         run = self.mirror.runs.get(trial.trial_id)
+        name = trial_name(self.number(trial.trial_id), self.sweep.resolve(trial.config))
         if (done or trial.status == "TERMINATED") and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 if (Path(folder) / METRICS_FILE).is_file():
                     metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
                     self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FINISHED", dict(trial.config),
-                                                             metrics, run.run_id if run else None)
+                                                             metrics, run.run_id if run else None, name=name)
                     return
         last = _error_text(trial).strip().splitlines()
         self.finished[trial.trial_id] = TrialRow(trial.trial_id, "FAILED", dict(trial.config), {},
-                                                 run.run_id if run else None, last[-1] if last else "error")
+                                                 run.run_id if run else None, last[-1] if last else "error", name)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         restarted = trial.trial_id in self.order
         number = self.number(trial.trial_id)
+        if self.first_start is None:
+            self.first_start = time.monotonic()
+        self.running.add(trial.trial_id)
         self._write(trial, lambda: self.mirror.start(trial.trial_id, dict(trial.config), number))
         values = " ".join(f"{'replicate' if k == REPLICATE else k}={_fmt(v)}" for k, v in trial.config.items())
         self.say(f"{self._label(trial)} {'restarted' if restarted else 'started'}: {values or 'defaults'}")
+        self._show_progress()
         self._catch_up_behind()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -219,6 +291,9 @@ class TrialLogger(tune.Callback):
         metrics = self.finished[trial.trial_id].metrics
         self.say(f"{self._label(trial)} done: attack_success {metrics.get('attack_success', float('nan')):.3f} "
                  f"utility {metrics['utility']:.3f} poison_count {metrics['poison_count']}")
+        self.running.discard(trial.trial_id)
+        self.ended += 1
+        self._show_progress()
         self._catch_up_behind()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -226,6 +301,9 @@ class TrialLogger(tune.Callback):
         self._write(trial, lambda: self.mirror.fail(trial.trial_id, error))
         self._record(trial)
         self.say(f"{self._label(trial)} FAILED: {self.finished[trial.trial_id].error}")
+        self.running.discard(trial.trial_id)
+        self.ended += 1
+        self._show_progress()
         self._catch_up_behind()
 
     def rows(self) -> list[TrialRow]:
@@ -261,15 +339,39 @@ def summary_csv(rows: list[TrialRow], sweep: SweepConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_note(sweep: SweepConfig, rows: list[TrialRow], launch: str) -> str:
+    """The parent run's description (Markdown, MLflow's ``mlflow.note.content``): the sweep, its
+    trials, and its answer: the trials of this launch no other of them dominates under the
+    sweep's objectives (trial by trial; ``poisonsweep pareto`` averages replicate seeds)."""
+    from sweeps.analysis._pareto import nondominated
+
+    objectives = sweep.search.objectives
+    finished = [r for r in rows if r.status == "FINISHED"]
+    attacks = sorted({sweep.resolve(r.values).attack.kind for r in rows}) or [sweep.default_trial.attack.kind]
+    lines = [f"**{sweep.name}**, launch `{launch}`: attack {', '.join(attacks)}; "
+             f"dimensions {', '.join(f'`{d}`' for d in sweep.dimensions) or 'none'}.", "",
+             f"{len(finished)} trials finished, {len(rows) - len(finished)} failed; objectives "
+             + ", ".join(f"{k} ({v})" for k, v in objectives.items()) + "."]
+    scored = [r for r in finished if all(math.isfinite(r.metrics.get(k, math.nan)) for k in objectives)]
+    if scored:
+        mask = nondominated(np.array([[r.metrics[k] for k in objectives] for r in scored]), list(objectives.values()))
+        front = sorted((r for r, keep in zip(scored, mask) if keep), key=lambda r: r.name)
+        lines += ["", f"Non-dominated trials ({len(front)} of {len(scored)}):", "",
+                  "| run | " + " | ".join(objectives) + " |", "|---" * (len(objectives) + 1) + "|",
+                  *(f"| {r.name} | " + " | ".join(_fmt(r.metrics[k]) for k in objectives) + " |" for r in front)]
+    lines += ["", f"This launch's runs: `tags.{LAUNCH_TAG} = '{launch}'`."]
+    return "\n".join(lines) + "\n"
+
+
 def summary_table(rows: list[TrialRow], sweep: SweepConfig) -> str:
-    """The final table of trials: their drawn values ("-": a dimension the trial's kinds
-    do not use) and headline metrics."""
+    """The final table of trials, by their run names: their drawn values ("-": a dimension the
+    trial's kinds do not use) and headline metrics."""
     dims = list(sweep.dimensions)
     head = ["trial", "status", *dims, "poison_count", "trigger", "attack_success", "utility"]
     body = []
     for r in rows:
         trigger = sweep.resolve(r.values).attack.trigger_name
-        body.append([r.trial_id, r.status, *(_fmt(r.values[d]) if d in r.values else "-" for d in dims),
+        body.append([r.name or r.trial_id, r.status, *(_fmt(r.values[d]) if d in r.values else "-" for d in dims),
                      _fmt(r.metrics.get("poison_count", "")), trigger,
                      _fmt(r.metrics.get("attack_success", "")), _fmt(r.metrics.get("utility", ""))])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]

@@ -28,7 +28,7 @@ from poison.config import ConfigError
 from poison.manifest import atomic_write
 from sweeps._files import CONFIG_FILE, LAUNCH_FILE, METRICS_FILE, PLAN_FILE
 from sweeps.config import SweepConfig
-from sweeps.tracking._client import FINAL_TAG, Tracker
+from sweeps.tracking._client import FINAL_TAG, NUMBER_TAG, Tracker
 
 #: what an unreachable or failing tracking store raises through MlflowClient
 TRACKING_ERRORS = (MlflowException, OSError)
@@ -97,8 +97,7 @@ class Mirror:
             for run in page:
                 trial_id = run.data.tags.get("trial_id")
                 if trial_id:
-                    name = run.info.run_name or ""
-                    number = int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else len(self.runs) + 1
+                    number = _run_number(run.data.tags.get(NUMBER_TAG), run.info.run_name or "", len(self.runs) + 1)
                     steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
                     self.runs[trial_id] = _Run(run.info.run_id, number, run.info.status, steps,
                                                final=FINAL_TAG in run.data.tags)
@@ -111,7 +110,7 @@ class Mirror:
     def start(self, trial_id: str, values: dict[str, Any], number: int) -> _Run:
         if trial_id in self.runs:
             return self.runs[trial_id]
-        run_id = self.tracker.start_trial(trial_id, self.sweep.resolve(values), values, name=f"trial-{number:03d}")
+        run_id = self.tracker.start_trial(trial_id, self.sweep.resolve(values), values, number=number)
         self.runs[trial_id] = _Run(run_id, number)
         return self.runs[trial_id]
 
@@ -184,6 +183,15 @@ class Mirror:
             return run.logged[last_step]
         reports = [m for m in epoch_reports(trial_dir) if int(m["epoch"]) == last_step]
         return reports[-1] if reports else {}
+
+
+def _run_number(tag: str | None, name: str, fallback: int) -> int:
+    """A trial run's number: its tag, else from its name (``007 backdoor...``, or ``trial-007`` as
+    older launches named it), else ``fallback``."""
+    for text in (tag or "", name.split(" ", 1)[0], name.rsplit("-", 1)[-1]):
+        if text.isdigit():
+            return int(text)
+    return fallback
 
 
 def trial_folder(trial: Any) -> Path:

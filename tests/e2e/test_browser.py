@@ -1,5 +1,6 @@
-"""The MLflow UI seen in headless Chromium over a finished small sweep: the parent run, its trial
-runs with their attack/defense tags, and the analysis artifacts on the parent run.
+"""The MLflow UI seen in headless Chromium over a finished small sweep: the address `poisonsweep ui`
+prints opens the launch's runs, the parent run and its trial runs (named after what they are) with
+their attack/defense tags, the parent run's description, and the analysis artifacts on it.
 
 The MLflow UI is a React app: everything asserted here is what the browser rendered (run names,
 tag values in the runs table, the artifact tree of a run page). The tracking store is read only to
@@ -64,6 +65,7 @@ class Clock:
 class Server:
     """`poisonsweep ui` in its own process group, launched in the background (``launch``)."""
     uri: str
+    port: int
     url: str
     log: Path
     launch: Future
@@ -113,7 +115,7 @@ def ui_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser")
     uri, port, log = f"sqlite:///{folder / 'mlflow.db'}", free_port(), folder / "ui.log"
     with ThreadPoolExecutor(1) as pool:
-        server = Server(uri=uri, url=f"http://127.0.0.1:{port}", log=log, clock=Clock(),
+        server = Server(uri=uri, port=port, url=f"http://127.0.0.1:{port}", log=log, clock=Clock(),
                         launch=pool.submit(_launch_ui, uri, port, log))
         yield server
     _stop(server.launch.result())
@@ -129,7 +131,8 @@ def _launch_ui(uri: str, port: int, log: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_the_mlflow_ui_shows_the_sweep_its_trials_tags_and_analysis(ui_server, ray_local, tmp_path):
+def test_the_mlflow_ui_shows_the_sweep_its_trials_tags_and_analysis(ui_server, ray_local, tmp_path, capsys,
+                                                                    monkeypatch):
     from playwright.sync_api import sync_playwright  # the test extra
 
     server, clock = ui_server, ui_server.clock
@@ -151,6 +154,7 @@ def test_the_mlflow_ui_shows_the_sweep_its_trials_tags_and_analysis(ui_server, r
         page.get_by_role("link", name="Experiments").first.wait_for()
         clock.mark("app loaded")
         assert sweep.result() == 0
+        run_out = capsys.readouterr().out
         clock.step("sweep")
         assert main(["pareto", "--experiment", EXPERIMENT, "--tracking-uri", server.uri]) == 0
         clock.step("pareto")
@@ -159,12 +163,28 @@ def test_the_mlflow_ui_shows_the_sweep_its_trials_tags_and_analysis(ui_server, r
         analysis = sorted(Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "analysis"))
         assert "pareto.csv" in analysis and any(name.endswith(".png") for name in analysis)
 
-        experiment = f"{server.url}/#/experiments/{parent.info.experiment_id}"
-        page.goto(f"{experiment}/runs")
-        _check_runs_table(page, parent.info.run_name, [c.info.run_name for c in children])
+        assert (client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"]
+                == "custom_model_development")
+        names = sorted(c.info.run_name for c in children)
+        assert [n.split(" ", 1)[0] for n in names] == ["001", "002"]
+        assert all(re.fullmatch(r"00[12] backdoor·patch n=\d+ none s0", n) for n in names), names
+        address = _ui_address(server, monkeypatch, capsys)
+        assert address.removeprefix(server.url) in run_out  # run printed the same page (on the default port)
+        page.goto(address)
+        page.get_by_role("link", name=parent.info.run_name, exact=True).wait_for()
+        assert "workflowType=machine_learning" in page.url and "/runs" in page.url  # the runs table, not GenAI
+        search = page.locator("input[data-testid=search-box], [data-testid=search-box] input").first  # runs search
+        assert search.input_value() == f"tags.launch = '{parent.data.tags['launch']}'"
+        page.get_by_text("3 matching runs").wait_for()  # the parent and its two trials
+        _check_runs_table(page, parent.info.run_name, names)
         runs_png = tmp_path / "mlflow-runs.png"
         page.screenshot(path=str(runs_png))
         clock.step("runs table")
+        experiment = f"{server.url}/#/experiments/{parent.info.experiment_id}"
+        page.goto(f"{experiment}/runs/{parent.info.run_id}")
+        page.get_by_text("Non-dominated trials", exact=False).first.wait_for()  # the description, rendered
+        for name in names:  # listed as child runs
+            page.get_by_role("link", name=name, exact=True).first.wait_for()
         page.goto(f"{experiment}/runs/{parent.info.run_id}/artifacts")
         _check_artifacts(page, analysis)
         artifacts_png = tmp_path / "mlflow-artifacts.png"
@@ -173,6 +193,18 @@ def test_the_mlflow_ui_shows_the_sweep_its_trials_tags_and_analysis(ui_server, r
         browser.close()
     print(f"\nscreenshots: {runs_png} {artifacts_png}")
     print(clock.breakdown())
+
+
+def _ui_address(server: Server, monkeypatch, capsys) -> str:
+    """The address `poisonsweep ui` prints for the experiment, on the test server's port (the
+    server itself already runs: the command's `mlflow ui` is not started again)."""
+    import sweeps.cli
+
+    monkeypatch.setattr(sweeps.cli.subprocess, "call", lambda cmd, env: 0)
+    assert main(["ui", "--tracking-uri", server.uri, "--experiment", EXPERIMENT, "--port", str(server.port)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(f"the latest launch of {EXPERIMENT}: {server.url}/#/experiments/"), line
+    return line.split(": ", 1)[1]
 
 
 def _check_runs_table(page, parent: str, children: list[str]) -> None:

@@ -47,16 +47,17 @@ def test_a_killed_worker_and_a_killed_driver_lose_nothing(tmp_path, ray_local, c
 
     client, parent, children = launch_runs(uri, "faults", "sweep")
     assert parent.info.status == "FINISHED" and len(children) == 2
-    by_name = {c.info.run_name: c for c in children}
-    assert set(by_name) == {"trial-001", "trial-002"}
+    by_number = {c.data.tags["trial_number"]: c for c in children}  # each run named after its number
+    assert set(by_number) == {"1", "2"}
+    assert {c.info.run_name.split(" ", 1)[0] for c in children} == {"001", "002"}
     for child in children:
         assert child.info.status == "FINISHED"
         # each epoch in MLflow exactly once, though both trials trained some epochs in two processes
         assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3, 4, 5]
         assert child.data.metrics["poison_count"] == int(child.data.params["attack.poison_count"])
     # both went on from a checkpoint, not from scratch
-    assert by_name["trial-001"].data.metrics["resumed_from_epoch"] >= 1
-    assert by_name["trial-002"].data.metrics["resumed_from_epoch"] >= 1
+    assert by_number["1"].data.metrics["resumed_from_epoch"] >= 1
+    assert by_number["2"].data.metrics["resumed_from_epoch"] >= 1
     study_name, _, study_url = parent.data.params["optuna.study"].partition(" in ")
     study = optuna.load_study(study_name=study_name, storage=study_url)
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]

@@ -16,7 +16,7 @@ class Recorder:
     def __init__(self) -> None:
         self.logged: list[tuple[str, int, dict]] = []
 
-    def start_trial(self, trial_id, config, values, name):
+    def start_trial(self, trial_id, config, values, number):
         return f"run-{trial_id}"
 
     def log_metrics(self, run_id, metrics, step, tags=None):
