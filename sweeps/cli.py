@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -396,7 +397,7 @@ def _ui(args: argparse.Namespace) -> int:
     path = latest_launch_path(MlflowClient(uri), experiment)
     if args.experiment and path is None:
         raise ConfigError(f"--experiment: no experiment {args.experiment!r} in {redact(uri)}")
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    host = "127.0.0.1" if _any_address(args.host) else args.host  # where a browser on this machine finds it
     url = f"http://{f'[{host}]' if ':' in host else host}:{args.port}/"
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
@@ -409,6 +410,14 @@ def _ui(args: argparse.Namespace) -> int:
     print(f"{'the latest launch' + (f' of {experiment}' if experiment else '') if path else 'MLflow'}: "
           f"{url}{path or ''}", flush=True)
     return subprocess.call(cmd, env=env)
+
+
+def _any_address(host: str) -> bool:
+    """Whether ``host`` is the address that binds every interface (IPv4's or IPv6's)."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        return False
 
 
 if __name__ == "__main__":
