@@ -4,7 +4,7 @@ that feeds it from Tune's events."""
 from sweeps._lazy import exports
 
 __all__, __getattr__, __dir__ = exports(__name__, {
-    "_client": ["FINAL_TAG", "LOST_TAG", "ROLE_TAG", "Tracker", "check_tracking_uri", "redact", "tracking_uri",
+    "_client": ["FINAL_TAG", "LOST_TAG", "ROLE_TAG", "RUNGS_TAG", "STOPPED_TAG", "Tracker", "check_tracking_uri", "redact", "tracking_uri",
                 "without_credentials"],
     "_mirror": ["TRACKING_ERRORS", "Backoff", "Launch", "Mirror"],
     "_logger": ["Printer", "TrialLogger", "TrialRow", "summary_csv", "summary_table"],

@@ -5,6 +5,7 @@ writes, so a SQLite store sees a single writer and trials pay no logging cost.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,10 @@ MAX_PARAMS_PER_BATCH = 100
 FINAL_TAG = "poisonsweep.final_metrics"
 #: Marks a trial run left by a killed driver whose trial Tune never recorded (see Tracker.abandon_trial).
 LOST_TAG = "poisonsweep.lost"
+#: A trial the early-stopping scheduler stopped: the rung's epoch (its metrics are that epoch's, not final).
+STOPPED_TAG = "stopped_at_epoch"
+#: Every rung decision of a trial, as JSON: [{"epoch", "decision", "place", "of", "kept", "front", "feasible"}].
+RUNGS_TAG = "rung_decisions"
 #: The tracking URI schemes MLflow 3 keeps runs in: a database (SQLAlchemy's dialects, with or
 #: without ``+driver``), a tracking server, Databricks.
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -180,6 +185,15 @@ class Tracker:
         KILLED, with :data:`LOST_TAG` saying why; Tune drew that point again as another trial."""
         self.client.set_tag(run_id, LOST_TAG, "the driver was killed before Tune recorded this trial; "
                                               "the resumed launch drew its point again as another trial")
+        self.client.set_terminated(run_id, "KILLED")
+
+    def rung_decisions(self, run_id: str, decisions: list[dict[str, Any]]) -> None:
+        self.client.set_tag(run_id, RUNGS_TAG, json.dumps(decisions))
+
+    def stop_trial(self, run_id: str, epoch: int, decisions: list[dict[str, Any]]) -> None:
+        """A trial the scheduler stopped at rung ``epoch``: KILLED (it did not finish; its metrics
+        are its epochs'), with :data:`STOPPED_TAG` and its decisions."""
+        self.client.log_batch(run_id, tags=[RunTag(STOPPED_TAG, str(epoch)), RunTag(RUNGS_TAG, json.dumps(decisions))])
         self.client.set_terminated(run_id, "KILLED")
 
     def finish_parent(self, summary_csv: str | None, status: str = "FINISHED") -> None:

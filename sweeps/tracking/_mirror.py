@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from poison import plan_hash
 from poison.config import ConfigError
 from poison.manifest import atomic_write
-from sweeps._files import CONFIG_FILE, LAUNCH_FILE, METRICS_FILE, PLAN_FILE
+from sweeps._files import CONFIG_FILE, DECISION_KEY, LAUNCH_FILE, METRICS_FILE, PLAN_FILE
 from sweeps.config import SweepConfig
 from sweeps.tracking._client import FINAL_TAG, Tracker
 
@@ -78,6 +78,7 @@ class _Run:
     steps: set[int] = field(default_factory=set)  # epochs already in MLflow
     logged: dict[int, dict[str, Any]] = field(default_factory=dict)  # the last epoch this process logged
     final: bool = False  # its final metrics are in MLflow (the run has FINAL_TAG)
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # the scheduler's, as tagged
 
 
 class Mirror:
@@ -140,6 +141,21 @@ class Mirror:
         run.status = "FINISHED"
         return metrics
 
+    def rungs(self, trial_id: str, decisions: list[dict[str, Any]]) -> None:
+        """The scheduler's decisions on the trial so far, as a tag of its run."""
+        run = self.runs[trial_id]
+        if run.status == "RUNNING" and decisions and decisions != run.decisions:
+            self.tracker.rung_decisions(run.run_id, decisions)
+            run.decisions = list(decisions)
+
+    def stop(self, trial_id: str, decisions: list[dict[str, Any]]) -> None:
+        """A trial the scheduler stopped (its last decision): KILLED, tagged with the rung's epoch."""
+        run = self.runs[trial_id]
+        if run.status != "RUNNING":
+            return
+        self.tracker.stop_trial(run.run_id, int(decisions[-1]["epoch"]), decisions)
+        run.status, run.decisions = "KILLED", list(decisions)
+
     def fail(self, trial_id: str, error: str) -> None:
         run = self.runs.get(trial_id)
         if run is None or run.status == "FAILED":
@@ -165,6 +181,11 @@ class Mirror:
         run = self.start(trial.trial_id, dict(trial.config), number)
         for metrics in epoch_reports(trial_folder(trial)):
             self.epoch(trial.trial_id, metrics)
+        decisions = rung_decisions(trial)
+        if trial.status == "TERMINATED" and stopped(decisions):  # the scheduler stopped it: no final metrics
+            self.stop(trial.trial_id, decisions)
+            return None
+        self.rungs(trial.trial_id, decisions)
         if trial.status == "TERMINATED" and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 if (Path(folder) / METRICS_FILE).is_file():
@@ -206,6 +227,32 @@ def epoch_reports(trial_dir: Path) -> list[dict[str, Any]]:
     return reports
 
 
+def rung_decisions(trial: Any, live: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The scheduler's decisions on ``trial``, by epoch: from Tune's ``result.json``, its last
+    result (which Tune may not have flushed to the file yet) and ``live`` (those seen as they came)."""
+    found: dict[int, dict[str, Any]] = {}
+    path = trial_folder(trial) / "result.json"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line still being written
+                continue
+    rows.append(getattr(trial, "last_result", None) or {})
+    for row in rows:
+        decision = row.get(DECISION_KEY) if isinstance(row, dict) else None
+        if isinstance(decision, dict) and "epoch" in decision:
+            found.setdefault(int(decision["epoch"]), decision)
+    for decision in live or []:
+        found.setdefault(int(decision["epoch"]), decision)
+    return [found[e] for e in sorted(found)]
+
+
+def stopped(decisions: list[dict[str, Any]]) -> bool:
+    return bool(decisions) and decisions[-1].get("decision") == "stopped"
+
+
 class Backoff:
     """After a tracking error, live writes pause for ``seconds`` (Tune's event loop must not
     wait on a dead server); the trials' records stay in Tune's storage meanwhile."""
@@ -221,4 +268,4 @@ class Backoff:
         self.until = time.monotonic() + self.seconds
 
 
-__all__ = ["Backoff", "Launch", "Mirror", "TRACKING_ERRORS", "epoch_reports"]
+__all__ = ["Backoff", "Launch", "Mirror", "TRACKING_ERRORS", "epoch_reports", "rung_decisions", "stopped"]

@@ -156,3 +156,57 @@ def test_constraint_text_must_be_metric_op_bound(bad):
 def test_constraint_values_are_optunas_sign():
     assert Constraint.parse("utility_drop <= 0.02", "k").value(0.05) == pytest.approx(0.03)
     assert Constraint.parse("utility >= 0.5", "k").value(0.6) == pytest.approx(-0.1)
+
+
+def study_search(constraints=(), sampler="tpe"):
+    from sweeps.config import Dimension, define_by_run, make_sampler
+    from sweeps.launch._driver import StudySearch
+
+    searcher = StudySearch(space=define_by_run({"attack.poison_count": Dimension(low=10, high=40)}),
+                           metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), sampler=make_sampler(sampler, 0))
+    searcher.constraints = list(constraints)
+    return searcher
+
+
+def test_optuna_learns_a_stopped_trial_as_pruned_with_no_values():
+    # a stopped trial's last result is an epoch's report (flattened), without the objectives at the
+    # top level: Ray's OptunaSearch would tell [None, None] as COMPLETE, which Optuna refuses
+    limit = Constraint("utility_drop", "<=", 0.02)
+    searcher = study_search([limit])
+    for trial_id in ("done", "stopped"):
+        searcher.suggest(trial_id)
+    searcher.on_trial_complete("done", {"attack_success": 0.9, "poison_count": 12, "utility_drop": 0.05,
+                                        "epoch_metrics/attack_success": 0.1})
+    searcher.on_trial_complete("stopped", {"epoch_metrics/attack_success": 0.4, "epoch_metrics/poison_count": 30,
+                                           "epoch_metrics/utility_drop": 0.01, "rung_decision/decision": "stopped"})
+    done, stop = searcher._ot_study.get_trials()
+    assert done.state.name == "COMPLETE" and done.values == [0.9, 12]
+    assert stop.state.name == "PRUNED" and stop.values is None
+    # the constraints' values (Optuna's sign: > 0 violated) are the trials' constraints, as every
+    # constrained sampler reads them: the finished trial's final utility_drop, the stopped one's last epoch's
+    assert done.constraints == pytest.approx({"utility_drop <= 0.02": 0.03})
+    assert stop.constraints == pytest.approx({"utility_drop <= 0.02": -0.01})
+    assert done.system_attrs["constraints:utility_drop <= 0.02"] == pytest.approx(0.03)
+    # a trial without the metric (failed before it) violates it without end
+    searcher.suggest("blind")
+    searcher.on_trial_complete("blind", {"epoch_metrics/attack_success": 0.4, "rung_decision/decision": "stopped"})
+    assert searcher._ot_study.get_trials()[2].constraints == {"utility_drop <= 0.02": float("inf")}
+
+
+def test_a_failed_trial_is_still_a_failure():
+    searcher = study_search()
+    searcher.suggest("t")
+    searcher.on_trial_complete("t", None, error=True)
+    assert searcher._ot_study.get_trials()[0].state.name == "FAIL"
+
+
+def test_replicates_of_a_configuration_one_of_them_stopped_are_told_as_stopped():
+    from sweeps.launch._driver import Replicates
+
+    inner = study_search()
+    searcher = Replicates(inner, repeat=2)
+    searcher.suggest("r0"), searcher.suggest("r1")
+    searcher.on_trial_complete("r0", {"attack_success": 0.9, "poison_count": 12})
+    searcher.on_trial_complete("r1", {"epoch_metrics/attack_success": 0.2, "rung_decision/decision": "stopped"})
+    (told,) = inner._ot_study.get_trials()
+    assert told.state.name == "PRUNED" and told.values is None  # not the finished replicate's values alone
