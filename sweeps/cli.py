@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                                              "poison_count:min)")
     pareto.add_argument("--group-by", help="a tag or param to compute one front per value of (e.g. defense)")
     pareto.add_argument("--all", action="store_true", help="print every configuration, not only the front")
+    pareto.add_argument("--constraint", dest="constraints", action="append", metavar="'METRIC <= BOUND'",
+                        help="the front is of the trials meeting every one (repeatable; default: the "
+                             "latest launch's search.constraints)")
     pareto.add_argument("--tracking-uri", help="tracking store (default: as for run)")
     pareto.set_defaults(func=_pareto)
 
@@ -279,19 +282,24 @@ def _pareto(args: argparse.Namespace) -> int:
 
     objectives = parse_objectives(args.objectives)
     uri = tracking_uri(args.tracking_uri, None)
-    return _print_front(uri, args.experiment, objectives, None, group_by=args.group_by, show_all=args.all)
+    return _print_front(uri, args.experiment, objectives, None, group_by=args.group_by, show_all=args.all,
+                        constraints=args.constraints)
 
 
 def _print_front(uri: str, experiment: str, objectives: dict[str, str], parent: str | None, *,
-                 group_by: str | None = None, show_all: bool = False) -> int:
+                 group_by: str | None = None, show_all: bool = False, constraints: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
-    from sweeps.analysis import format_front, latest_sweep_run, load_trials, pareto_front, record
+    from sweeps.analysis import format_front, latest_sweep_run, load_trials, pareto_front, record, sweep_constraints
+    from sweeps.config import Constraint
 
     client = MlflowClient(uri)
     experiment_id, runs = load_trials(client, experiment, parent)
-    front = pareto_front(runs, objectives, group_by)
-    record(client, parent or latest_sweep_run(client, experiment_id), front)
+    parent = parent or latest_sweep_run(client, experiment_id)
+    texts = constraints if constraints is not None else sweep_constraints(client, parent)
+    limits = [Constraint.parse(text, f"--constraint {text!r}") for text in texts]
+    front = pareto_front(runs, objectives, group_by, limits)
+    record(client, parent, front)
     n_front = int(front.table["pareto"].sum())
     print(f"\nPareto front ({n_front} of {len(front.table)} configurations, "
           f"{', '.join(f'{k} {v}' for k, v in objectives.items())}):")

@@ -140,6 +140,7 @@ class Tracker:
                 "search.max_concurrent": search.max_concurrent,
                 "search.objectives": ",".join(f"{k}:{v}" for k, v in search.objectives.items()),
                 "search.dimensions": ",".join(self.sweep.dimensions) or "none",
+                "search.scheduler": search.scheduler, "search.constraints": "; ".join(search.constraints) or "none",
                 "resources.cpu": self.sweep.resources.cpu, "resources.gpu": self.sweep.resources.gpu}
 
     def start_trial(self, trial_id: str, config: TrialConfig, values: dict[str, Any], *,
