@@ -147,7 +147,7 @@ class SearchConfig(Section):
     # reduction_factor, ... below train.epochs) unless it is among the best 1/reduction_factor
     # of the trials that reached that rung (non-dominated sorting over the objectives)
     scheduler: Literal["none", "moasha"] = "none"
-    grace_period: int = Field(1, ge=1)          # epochs before a trial's first rung
+    grace_period: int = Field(1, ge=1)        # the first rung's epoch
     reduction_factor: float = Field(3, gt=1)  # a rung keeps 1 in reduction_factor of its trials
     # Limits on metrics, "METRIC <= BOUND" or "METRIC >= BOUND" (e.g. "utility_drop <= 0.02"):
     # Optuna's sampler learns them, promotion puts infeasible trials last, pareto's front is
