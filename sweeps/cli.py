@@ -187,8 +187,10 @@ def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
     print(summary_table(outcome.rows, sweep))
     if outcome.synced and any(r.status == "FINISHED" for r in outcome.rows):
         _print_front(uri, sweep.tracking.experiment or sweep.name, sweep.search.objectives, outcome.parent_run_id)
-    failed = sum(r.status != "FINISHED" for r in outcome.rows)
-    print(f"\n{len(outcome.rows) - failed} trials finished, {failed} failed. "
+    failed = sum(r.status not in ("FINISHED", "STOPPED") for r in outcome.rows)
+    stopped = sum(r.status == "STOPPED" for r in outcome.rows)  # by search.scheduler
+    print(f"\n{len(outcome.rows) - failed - stopped} trials finished, {failed} failed"
+          f"{f', {stopped} stopped early' if stopped else ''}. "
           f"Open the results with:\n  poisonsweep ui --tracking-uri {redact(uri)}")
     if not outcome.synced:
         return 3  # the trials ran, but MLflow does not have them yet: `poisonsweep sync`

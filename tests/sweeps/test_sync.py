@@ -93,3 +93,36 @@ def test_a_final_write_replayed_after_a_crash_logs_no_metric_twice(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags[FINAL_TAG] == "1"
     for name in ("poison_count", "utility_drop", "utility"):
         assert len(client.get_metric_history(run.info.run_id, name)) == 1, name
+
+
+def test_catching_up_a_stopped_trial_marks_it_stopped_not_finished(tmp_path):
+    """``poisonsweep sync`` (or the end-of-launch catch-up) over a trial the scheduler stopped at
+    epoch 1 of 3, whose MLflow run missed everything: its epoch goes in, the run ends KILLED with
+    ``stopped_at_epoch`` and the decisions from Tune's result.json, and no final metrics."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking._client import FINAL_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = validate_config({"name": "stopped", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
+                            check_data=False)
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    decision = {"epoch": 1, "decision": "stopped", "place": 2, "of": 2, "kept": 1, "front": 1, "feasible": True}
+    (trial_dir / "result.json").write_text(json.dumps(
+        {"epoch_metrics": {"epoch": 1, "loss": 4.7, "utility": 0.25}, "rung_decision": decision}) + "\n")
+    trial = SimpleNamespace(trial_id="t1", config={}, status="TERMINATED", checkpoint=None, last_result={},
+                            storage=SimpleNamespace(trial_fs_path=str(trial_dir)))
+    tracker = Tracker(uri, sweep)
+    tracker.start_parent()
+    mirror = Mirror(sweep, tracker)
+    assert mirror.catch_up(trial, 1, 3, lambda t: "") is None  # no final metrics
+    run = MlflowClient(uri).get_run(mirror.runs["t1"].run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stopped_at_epoch"] == "1"
+    assert json.loads(run.data.tags["rung_decisions"]) == [decision] and FINAL_TAG not in run.data.tags
+    assert run.data.metrics == {"epoch": 1, "loss": 4.7, "utility": 0.25}
+    # caught up again (a second sync): nothing changes
+    mirror.catch_up(trial, 1, 3, lambda t: "")
+    assert MlflowClient(uri).get_run(run.info.run_id).info.status == "KILLED"
