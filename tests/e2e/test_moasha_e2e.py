@@ -1,6 +1,7 @@
 """A real sweep under ``search.scheduler: moasha``: stopped trials are tagged in MLflow, left out
 of the Pareto front, and Optuna holds no partial values of theirs."""
 import json
+import pickle
 
 import numpy as np
 import optuna
@@ -17,7 +18,7 @@ OBJECTIVES = {"attack_success": "max", "utility": "max", "poison_count": "min"}
 @pytest.mark.slow
 def test_moasha_stops_trials_at_the_rung_and_nothing_takes_their_partial_values(tmp_path, ray_local, capsys):
     """6 trials of 3 epochs, one at a time (so they reach the rung at epoch 1 in the order they
-    started), keeping 1 in 3 there. 50 to 62 s measured on 2 shared cores (plus 6 to 11 s starting Ray)."""
+    started), keeping 1 in 3 there. 50 to 62 s measured on 2 shared cores (plus 6 to 13 s starting Ray)."""
     sweep = {**TINY, "name": "moasha", "train": {**TINY["train"], "epochs": 3},
              "search": {**TINY["search"], "num_samples": 6, "objectives": OBJECTIVES, "scheduler": "moasha",
                         "grace_period": 1, "reduction_factor": 3, "seed": 3},
@@ -73,3 +74,17 @@ def test_moasha_stops_trials_at_the_rung_and_nothing_takes_their_partial_values(
     tagged = {c.info.run_id: client.get_run(c.info.run_id).data.tags.get("pareto") for c in children}
     assert all(tagged[c.info.run_id] is None for c in stopped)
     assert all(tagged[c.info.run_id] in ("true", "false") for c in promoted)
+
+    # --resume keeps the rungs: Tune restores the Tuner from tuner.pkl (the scheduler, empty, and its
+    # RungState callback in one pickle), then its callbacks' state from the experiment state
+    from ray.tune.callback import CallbackList
+
+    folder = next((tmp_path / "results").glob("moasha-*"))
+    tuner = pickle.loads((folder / "tuner.pkl").read_bytes())
+    scheduler, callbacks = tuner["_tune_config"].scheduler, tuner["_run_config"].callbacks
+    assert callbacks[0].scheduler is scheduler and scheduler.recorded == {1: {}}
+    (saved,) = folder.glob("callback-states-*.pkl")
+    CallbackList(callbacks).set_state(pickle.loads(saved.read_bytes()))
+    assert len(scheduler.recorded[1]) == 6
+    assert sorted(json.dumps(d, sort_keys=True) for ds in scheduler.decisions.values() for d in ds) == \
+        sorted(json.dumps(d, sort_keys=True) for ds in decisions for d in ds)
