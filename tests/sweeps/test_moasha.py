@@ -210,3 +210,39 @@ def test_replicates_of_a_configuration_one_of_them_stopped_are_told_as_stopped()
     searcher.on_trial_complete("r1", {"epoch_metrics/attack_success": 0.2, "rung_decision/decision": "stopped"})
     (told,) = inner._ot_study.get_trials()
     assert told.state.name == "PRUNED" and told.values is None  # not the finished replicate's values alone
+
+
+@pytest.mark.parametrize("search, train, message", [
+    ({"scheduler": "moasha", "grace_period": 5}, {"epochs": 5},
+     "search.grace_period: 5 leaves no rung below train.epochs (5); give fewer epochs than train.epochs"),
+    ({"scheduler": "moasha"}, {"epochs": {"low": 2, "high": 6}},
+     "search.scheduler: moasha needs a fixed train.epochs (its rungs are epochs below it), not a search dimension"),
+    ({"constraints": ["utility_drop <= 0.02", "utility_dorp <= 0.1"]}, {},
+     "search.constraints[1]: unknown metric 'utility_dorp'; valid: "),
+    ({"constraints": ["utility_drop < 0.02"]}, {},
+     "search.constraints[0]: 'utility_drop < 0.02' is not 'METRIC <= BOUND' or 'METRIC >= BOUND'"),
+    ({"constraints": ["utility >= nan"]}, {}, "search.constraints[0]: bound 'nan' is not a finite number"),
+])
+def test_bad_scheduler_and_constraint_settings_are_one_line_naming_the_key(search, train, message):
+    from poison import ConfigError
+    from sweeps.config import validate_config
+    from tests.support import TINY
+
+    raw = {**TINY, "train": {**TINY["train"], **train}, "search": {**TINY["search"], **search}}
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw, check_data=False)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_valid_scheduler_config():
+    from sweeps.config import validate_config
+    from tests.support import TINY
+
+    sweep = validate_config({**TINY, "search": {**TINY["search"], "scheduler": "moasha", "grace_period": 2,
+                                                "reduction_factor": 2, "constraints": ["utility >= 0.5"]}},
+                            check_data=False)
+    assert sweep.search.parsed_constraints == [Constraint("utility", ">=", 0.5)]
+    from sweeps.launch._driver import moasha
+
+    scheduler = moasha(sweep, list(sweep.search.objectives))
+    assert scheduler.rungs == [2, 4] and scheduler.constraints == sweep.search.parsed_constraints  # TINY: 5 epochs
