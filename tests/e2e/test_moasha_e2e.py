@@ -98,3 +98,48 @@ def test_moasha_stops_trials_at_the_rung_and_nothing_takes_their_partial_values(
     assert len(scheduler.recorded[1]) == 6
     assert sorted(json.dumps(d, sort_keys=True) for ds in scheduler.decisions.values() for d in ds) == \
         sorted(json.dumps(d, sort_keys=True) for ds in decisions for d in ds)
+
+
+@pytest.mark.slow
+def test_moasha_with_replicates_and_a_kind_switch(tmp_path, ray_local, capsys):
+    """3 configurations × 2 replicates, attack.kind backdoor or text-backdoor, one rung at epoch 1
+    keeping 1 in 3: replicates and kinds meet at the same rung, and a configuration with a stopped
+    replicate reaches Optuna as PRUNED, never as the mean of its finished replicates. 69 s
+    measured on 2 shared cores (plus 10 to 20 s starting Ray)."""
+    # 96 test images: with 48, seed 1's synthetic test split has no 'blue circle' for text-backdoor
+    sweep = {**TINY, "name": "mixed", "data": {"size": 256, "test_size": 96}, "train": {**TINY["train"], "epochs": 3},
+             "attack": {"kind": {"choices": ["backdoor", "text-backdoor"], "default": "backdoor"},
+                        "target": "blue circle", "poison_count": {"low": 10, "high": 40, "default": 20},
+                        "trigger": {"kind": "patch", "size": 4}, "text_trigger": {"kind": "phrase", "text": "cf"}},
+             "search": {**TINY["search"], "num_samples": 3, "replicates": 2, "scheduler": "moasha", "grace_period": 1,
+                        "reduction_factor": 3, "points": [{"attack.kind": "text-backdoor"}]},
+             "storage": {"path": str(tmp_path / "results")}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", str(path), "--tracking-uri", uri]) == 0
+
+    client, parent, children = launch_runs(uri, "mixed", "sweep")
+    assert len(children) == 6 and {c.data.tags["attack"] for c in children} == {"backdoor", "text-backdoor"}
+    decisions = {c.info.run_id: json.loads(c.data.tags["rung_decisions"])[0] for c in children}
+    assert sorted(d["of"] for d in decisions.values()) == [1, 2, 3, 4, 5, 6]  # every trial at the one rung
+    # replicates of a configuration: same drawn values, seeds 0 and 1
+    groups: dict[tuple, list] = {}
+    for c in children:
+        groups.setdefault((c.data.params["attack.kind"], c.data.params["attack.poison_count"]), []).append(c)
+    assert sorted(len(g) for g in groups.values()) == [2, 2, 2]
+    study_name, _, study_url = parent.data.params["optuna.study"].partition(" in ")
+    study = optuna.load_study(study_name=study_name, storage=study_url)
+    told_as = [item.partition(":")[0] for item in parent.data.params["search.objectives"].split(",")]
+    expected = []
+    for group in groups.values():
+        if any(decisions[c.info.run_id]["decision"] == "stopped" for c in group):
+            assert any(c.info.status == "KILLED" for c in group)
+            expected.append(("PRUNED", None))
+        else:
+            means = [float(np.mean([c.data.metrics[k] for c in group])) for k in told_as]
+            expected.append(("COMPLETE", means))
+    told = [(t.state.name, t.values) for t in study.trials]
+    assert sorted(s for s, _ in told) == sorted(s for s, _ in expected)
+    assert all(v is None for s, v in told if s == "PRUNED")
+    assert np.allclose(sorted(v for s, v in told if s == "COMPLETE"), sorted(v for s, v in expected if s == "COMPLETE"))
