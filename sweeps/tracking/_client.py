@@ -197,6 +197,12 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(STOPPED_TAG, str(epoch)), RunTag(RUNGS_TAG, json.dumps(decisions))])
         self.client.set_terminated(run_id, "KILLED")
 
+    def unstop_trial(self, run_id: str) -> None:
+        """A run marked stopped whose trial then went on (the decision was lost with a killed
+        driver; the resumed trial finished): no longer tagged stopped."""
+        if STOPPED_TAG in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, STOPPED_TAG)
+
     def finish_parent(self, summary_csv: str | None, status: str = "FINISHED") -> None:
         if self.parent_id is None:
             return

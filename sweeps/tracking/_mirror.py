@@ -131,6 +131,8 @@ class Mirror:
         metrics = json.loads((folder / METRICS_FILE).read_text())
         if run.status == "FINISHED":
             return metrics
+        if run.status == "KILLED":  # shown stopped by a decision a killed driver lost: the trial went on
+            self.tracker.unstop_trial(run.run_id)
         seen = self._last_epoch(trial_id, trial_dir, last_step)
         new = {k: v for k, v in metrics.items() if seen.get(k) != v}
         plan = pq.read_table(folder / PLAN_FILE)

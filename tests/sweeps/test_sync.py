@@ -126,3 +126,35 @@ def test_catching_up_a_stopped_trial_marks_it_stopped_not_finished(tmp_path):
     # caught up again (a second sync): nothing changes
     mirror.catch_up(trial, 1, 3, lambda t: "")
     assert MlflowClient(uri).get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_a_run_shown_stopped_whose_trial_went_on_ends_finished_and_untagged(tmp_path):
+    """A driver killed in the second after a trial's stop decision (before Tune saved it): MLflow
+    shows the run stopped, the resumed launch restores the trial as running and it finishes."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking._client import STOPPED_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = validate_config({"name": "lost", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
+                            check_data=False)
+    tracker = Tracker(uri, sweep)
+    parent = tracker.start_parent()
+    mirror = Mirror(sweep, tracker)
+    mirror.start("t1", {}, 1)
+    mirror.epoch("t1", {"epoch": 1, "loss": 4.7, "utility": 0.25})
+    mirror.stop("t1", [{"epoch": 1, "decision": "stopped", "place": 2, "of": 2, "kept": 1}])
+    resumed = Tracker(uri, sweep)
+    resumed.reopen_parent(parent)
+    again = Mirror(sweep, resumed)
+    again.load_existing()
+    assert again.runs["t1"].status == "KILLED"
+    final = tmp_path / "checkpoint"
+    final.mkdir()
+    (final / METRICS_FILE).write_text(json.dumps({"utility": 0.3, "poison_count": 40}))
+    pq.write_table(pa.table({"index": [1, 2]}), final / PLAN_FILE)
+    (final / CONFIG_FILE).write_text("seed: 0\n")
+    (tmp_path / "trial").mkdir()
+    again.complete("t1", final, 3, tmp_path / "trial")
+    run = MlflowClient(uri).get_run(again.runs["t1"].run_id)
+    assert run.info.status == "FINISHED" and STOPPED_TAG not in run.data.tags and run.data.metrics["utility"] == 0.3
