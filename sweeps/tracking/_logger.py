@@ -15,7 +15,7 @@ from ray import tune
 from sweeps._files import DECISION_KEY, METRICS_FILE
 from sweeps.config import REPLICATE, SweepConfig
 from sweeps.tracking._client import Tracker
-from sweeps.tracking._mirror import TRACKING_ERRORS, Backoff, Mirror, rung_decisions, stopped, trial_folder
+from sweeps.tracking._mirror import TRACKING_ERRORS, Backoff, Mirror, has_final, rung_decisions, stopped, trial_folder
 from trainers.config import TrialConfig
 
 Printer = Callable[[str], None]
@@ -177,7 +177,7 @@ class TrialLogger(tune.Callback):
         completed it (its status changes only after the callbacks)."""
         run = self.mirror.runs.get(trial.trial_id)
         decisions = rung_decisions(trial)
-        if (done or trial.status == "TERMINATED") and stopped(decisions):
+        if (done or trial.status == "TERMINATED") and stopped(decisions) and not has_final(trial):
             self.finished[trial.trial_id] = TrialRow(trial.trial_id, "STOPPED", dict(trial.config), {},
                                                      run.run_id if run else None,
                                                      f"stopped at epoch {decisions[-1]['epoch']}")
@@ -222,7 +222,7 @@ class TrialLogger(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         decisions = rung_decisions(trial)
-        if stopped(decisions):  # by the scheduler, after the epoch it reported last: no final metrics
+        if stopped(decisions) and not has_final(trial):  # by the scheduler, after its last epoch: no final metrics
             self._write(trial, lambda: self.mirror.stop(trial.trial_id, decisions))
             self._record(trial, done=True)
             last = decisions[-1]

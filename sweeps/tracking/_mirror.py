@@ -184,14 +184,14 @@ class Mirror:
         for metrics in epoch_reports(trial_folder(trial)):
             self.epoch(trial.trial_id, metrics)
         decisions = rung_decisions(trial)
-        if trial.status == "TERMINATED" and stopped(decisions):  # the scheduler stopped it: no final metrics
-            self.stop(trial.trial_id, decisions)
-            return None
         self.rungs(trial.trial_id, decisions)
         if trial.status == "TERMINATED" and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 if (Path(folder) / METRICS_FILE).is_file():
                     return self.complete(trial.trial_id, Path(folder), last_step, trial_folder(trial))
+        if trial.status == "TERMINATED" and stopped(decisions):  # the scheduler stopped it: no final metrics
+            self.stop(trial.trial_id, decisions)
+            return None
         if trial.status == "ERROR":
             self.fail(trial.trial_id, error(trial))
         return None if run.status != "FINISHED" else {}
@@ -255,6 +255,14 @@ def stopped(decisions: list[dict[str, Any]]) -> bool:
     return bool(decisions) and decisions[-1].get("decision") == "stopped"
 
 
+def has_final(trial: Any) -> bool:
+    """Whether the trial's checkpoint is its final one (it finished, whatever a lost decision said)."""
+    if trial.checkpoint is None:
+        return False
+    with trial.checkpoint.as_directory() as folder:
+        return (Path(folder) / METRICS_FILE).is_file()
+
+
 class Backoff:
     """After a tracking error, live writes pause for ``seconds`` (Tune's event loop must not
     wait on a dead server); the trials' records stay in Tune's storage meanwhile."""
@@ -270,4 +278,4 @@ class Backoff:
         self.until = time.monotonic() + self.seconds
 
 
-__all__ = ["Backoff", "Launch", "Mirror", "TRACKING_ERRORS", "epoch_reports", "rung_decisions", "stopped"]
+__all__ = ["Backoff", "Launch", "Mirror", "TRACKING_ERRORS", "epoch_reports", "has_final", "rung_decisions", "stopped"]

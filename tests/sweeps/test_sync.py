@@ -158,3 +158,42 @@ def test_a_run_shown_stopped_whose_trial_went_on_ends_finished_and_untagged(tmp_
     again.complete("t1", final, 3, tmp_path / "trial")
     run = MlflowClient(uri).get_run(again.runs["t1"].run_id)
     assert run.info.status == "FINISHED" and STOPPED_TAG not in run.data.tags and run.data.metrics["utility"] == 0.3
+
+
+def test_a_trial_with_a_final_checkpoint_is_finished_whatever_a_lost_decision_said(tmp_path):
+    """result.json holds a stop decision that a killed driver lost (Tune's state still had the trial
+    running, and the resumed trial finished): the final checkpoint decides, the run ends FINISHED."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking._client import STOPPED_TAG, Tracker
+    from sweeps.tracking._mirror import has_final
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = validate_config({"name": "late", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
+                            check_data=False)
+    trial_dir, final = tmp_path / "trial", tmp_path / "checkpoint"
+    trial_dir.mkdir(), final.mkdir()
+    stop = {"epoch": 1, "decision": "stopped", "place": 2, "of": 2, "kept": 1}
+    (trial_dir / "result.json").write_text(json.dumps(
+        {"epoch_metrics": {"epoch": 1, "loss": 4.7, "utility": 0.25}, "rung_decision": stop}) + "\n")
+    (final / METRICS_FILE).write_text(json.dumps({"utility": 0.3, "poison_count": 40}))
+    pq.write_table(pa.table({"index": [1, 2]}), final / PLAN_FILE)
+    (final / CONFIG_FILE).write_text("seed: 0\n")
+
+    @contextmanager
+    def as_directory():
+        yield str(final)
+
+    trial = SimpleNamespace(trial_id="t1", config={}, status="TERMINATED", last_result={},
+                            checkpoint=SimpleNamespace(as_directory=as_directory),
+                            storage=SimpleNamespace(trial_fs_path=str(trial_dir)))
+    assert has_final(trial)
+    tracker = Tracker(uri, sweep)
+    tracker.start_parent()
+    mirror = Mirror(sweep, tracker)
+    assert mirror.catch_up(trial, 1, 3, lambda t: "") == {"utility": 0.3, "poison_count": 40}
+    run = MlflowClient(uri).get_run(mirror.runs["t1"].run_id)
+    assert run.info.status == "FINISHED" and STOPPED_TAG not in run.data.tags
