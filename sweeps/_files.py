@@ -8,3 +8,6 @@ The trainable writes them, the mirror (``poisonsweep sync``) and the driver read
 LAUNCH_FILE = "poisonsweep.json"
 #: A trial's final checkpoint: its poison plan, final metrics and resolved config.
 PLAN_FILE, METRICS_FILE, CONFIG_FILE = "poison_plan.parquet", "metrics.json", "trial_config.yaml"
+#: The key, in a trial's result at a rung's epoch (and so in its ``result.json``), of the early-stopping
+#: scheduler's decision there: ``{"epoch", "decision" (promoted|stopped), "place", "of", "kept", ...}``.
+DECISION_KEY = "rung_decision"

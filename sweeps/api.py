@@ -208,7 +208,8 @@ def trials(experiment: str, *, tracking_uri: str | None = None, parent: str | No
 
 
 def pareto(experiment: str, *, objectives: str | Mapping[str, str] | None = None, group_by: str | None = None,
-           tracking_uri: str | None = None, parent: str | None = None, log: bool = False) -> pd.DataFrame:
+           tracking_uri: str | None = None, parent: str | None = None, constraints: Iterable[str] | None = None,
+           log: bool = False) -> pd.DataFrame:
     """The Pareto front of the experiment's finished trials, as ``poisonsweep pareto`` computes it.
 
     One row per configuration (trials with equal params but their ``seed``: replicates, averaged),
@@ -225,17 +226,23 @@ def pareto(experiment: str, *, objectives: str | Mapping[str, str] | None = None
         group_by: a tag or param (``defense``): one front per value of it.
         tracking_uri: the MLflow store (default as for :func:`run`, without a config).
         parent: only the trials of this launch (its parent run's id).
+        constraints: ``search.constraints`` entries (``"utility_drop <= 0.02"``): the front is then
+            that of the configurations meeting them all (``feasible`` column); default: the
+            launch's own (``parent``'s, else the latest launch's), ``[]`` for none.
         log: also tag every trial run ``pareto=true/false`` and log the front's CSV, plots and
             hypervolume to ``parent`` (default: the latest launch's run), as the command does.
     """
-    from sweeps.analysis import latest_sweep_run, load_trials, pareto_front, record
+    from sweeps.analysis import latest_sweep_run, load_trials, pareto_front, record, sweep_constraints
+    from sweeps.config import Constraint
 
     wanted = _objectives(objectives)
     client = _client(tracking_uri)
     experiment_id, runs = load_trials(client, experiment, parent)
-    front = pareto_front(runs, wanted, group_by)
+    launch = parent or latest_sweep_run(client, experiment_id)
+    texts = list(constraints) if constraints is not None else sweep_constraints(client, launch)
+    front = pareto_front(runs, wanted, group_by, [Constraint.parse(text, f"--constraint {text!r}") for text in texts])
     if log:
-        record(client, parent or latest_sweep_run(client, experiment_id), front)
+        record(client, launch, front)
     front.table.attrs.update(hypervolume=front.hypervolume, objectives=front.objectives)
     return front.table
 

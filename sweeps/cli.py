@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                                              "poison_count:min)")
     pareto.add_argument("--group-by", help="a tag or param to compute one front per value of (e.g. defense)")
     pareto.add_argument("--all", action="store_true", help="print every configuration, not only the front")
+    pareto.add_argument("--constraint", dest="constraints", action="append", metavar="'METRIC <= BOUND'",
+                        help="the front is of the trials meeting every one (repeatable; default: the "
+                             "latest launch's search.constraints)")
     pareto.add_argument("--tracking-uri", help="tracking store (default: as for run)")
     pareto.set_defaults(func=_pareto)
 
@@ -209,9 +212,11 @@ def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
     if outcome.synced and any(r.status == "FINISHED" for r in outcome.rows):
         _print_front(uri, sweep.tracking.experiment or sweep.name, sweep.search.objectives, outcome.parent_run_id)
         _log_report(uri, sweep.tracking.experiment or sweep.name, outcome.parent_run_id)
-    failed = sum(r.status != "FINISHED" for r in outcome.rows)
+    failed = sum(r.status not in ("FINISHED", "STOPPED") for r in outcome.rows)
+    stopped = sum(r.status == "STOPPED" for r in outcome.rows)  # by search.scheduler
     experiment = sweep.tracking.experiment or sweep.name
-    print(f"\n{len(outcome.rows) - failed} trials finished, {failed} failed. Open the results with:\n"
+    print(f"\n{len(outcome.rows) - failed - stopped} trials finished, {failed} failed"
+          f"{f', {stopped} stopped early' if stopped else ''}. Open the results with:\n"
           f"  poisonsweep ui --tracking-uri {redact(uri)} --experiment {shlex.quote(experiment)}\n"
           f"and this launch's runs at {UI_URL}/{runs_path(outcome.experiment_id, launch=outcome.launch)}")
     if not outcome.synced:
@@ -306,15 +311,17 @@ def _pareto(args: argparse.Namespace) -> int:
 
     objectives = parse_objectives(args.objectives)
     uri = tracking_uri(args.tracking_uri, None)
-    return _print_front(uri, args.experiment, objectives, None, group_by=args.group_by, show_all=args.all)
+    return _print_front(uri, args.experiment, objectives, None, group_by=args.group_by, show_all=args.all,
+                        constraints=args.constraints)
 
 
 def _print_front(uri: str, experiment: str, objectives: dict[str, str], parent: str | None, *,
-                 group_by: str | None = None, show_all: bool = False) -> int:
+                 group_by: str | None = None, show_all: bool = False, constraints: list[str] | None = None) -> int:
     from sweeps import api
     from sweeps.analysis import Front, format_front
 
-    table = api.pareto(experiment, objectives=objectives, group_by=group_by, tracking_uri=uri, parent=parent, log=True)
+    table = api.pareto(experiment, objectives=objectives, group_by=group_by, tracking_uri=uri, parent=parent,
+                       constraints=constraints, log=True)
     front = Front(table, table.attrs["hypervolume"], objectives)
     n_front = int(front.table["pareto"].sum())
     print(f"\nPareto front ({n_front} of {len(front.table)} configurations, "

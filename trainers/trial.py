@@ -62,6 +62,8 @@ def run_trial(config: TrialConfig, *, cache_dir: str | None = None, on_epoch: Ep
     plan = config.attack.plan(dataset, config.seed)
     clean = (clean_model(config, cache_dir=cache_dir)
              if baseline and config.attack.kind != "none" else None)
+    if on_epoch is not None:  # each epoch's report says what the final metrics will say of it
+        on_epoch = _with_trial_metrics(on_epoch, _plan_metrics(dataset, plan), clean)
     model, metrics = trained_model(config, dataset, plan, cache_dir=cache_dir, on_epoch=on_epoch,
                                    checkpointer=checkpointer)
     metrics.update(model.metrics, train_seconds=model.seconds, data_seconds=model.data_seconds,
@@ -210,9 +212,7 @@ def _after_training(config: TrialConfig, dataset: Dataset, model: TrainedModel, 
 def _final_metrics(config: TrialConfig, dataset: Dataset, plan: pa.Table, metrics: dict[str, float],
                    clean: TrainedModel | None) -> dict[str, float]:
     metrics = dict(metrics)
-    n_replace = int(np.sum(plan["op"].to_numpy(zero_copy_only=False) == "replace")) if plan.num_rows else 0
-    total = dataset.num_train + plan.num_rows - n_replace
-    metrics.update(poison_count=plan.num_rows, poison_rate=plan.num_rows / total,
+    metrics.update(_plan_metrics(dataset, plan),
                    data_skipped=float(dataset.skipped))  # unusable pairs the loader left out
     if clean is not None:
         metrics.update(clean_utility=clean.metrics["utility"],
@@ -223,6 +223,27 @@ def _final_metrics(config: TrialConfig, dataset: Dataset, plan: pa.Table, metric
             metrics["clean_attack_success"] = attack_on_clean["attack_success"]
         metrics["clean_cache_hit"] = float(clean.cached)
     return metrics
+
+
+def _plan_metrics(dataset: Dataset, plan: pa.Table) -> dict[str, float]:
+    n_replace = int(np.sum(plan["op"].to_numpy(zero_copy_only=False) == "replace")) if plan.num_rows else 0
+    total = dataset.num_train + plan.num_rows - n_replace
+    return {"poison_count": plan.num_rows, "poison_rate": plan.num_rows / total}
+
+
+def _with_trial_metrics(on_epoch: EpochCallback, fixed: dict[str, float],
+                        clean: TrainedModel | None) -> EpochCallback:
+    """``on_epoch`` given, with each epoch's report, the trial's poison counts and (against the clean
+    model) its ``utility_drop`` so far: an early-stopping scheduler compares trials at an epoch on
+    the objectives and constraints they are judged on at the end."""
+
+    def report(epoch: dict[str, float]) -> None:
+        extra = dict(fixed)
+        if clean is not None and "utility" in epoch:
+            extra["utility_drop"] = clean.metrics["utility"] - epoch["utility"]
+        on_epoch({**epoch, **extra})
+
+    return report
 
 
 # --- the sweep's clean model: trained once, cached by what determines it ---

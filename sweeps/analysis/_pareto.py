@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from poison import ConfigError
+from sweeps.config import Constraint
 from sweeps.tracking import ROLE_TAG
 
 DEFAULT_OBJECTIVES = {"attack_success": "max", "utility": "max", "poison_count": "min"}
@@ -94,8 +95,13 @@ def _time(milliseconds: int | None) -> pd.Timestamp:
     return pd.to_datetime(milliseconds, unit="ms", utc=True) if milliseconds else pd.NaT
 
 
-def pareto_front(runs: pd.DataFrame, objectives: dict[str, str], group_by: str | None = None) -> Front:
+def pareto_front(runs: pd.DataFrame, objectives: dict[str, str], group_by: str | None = None,
+                 constraints: Sequence[Constraint] = ()) -> Front:
     """Averages replicates, then finds each group's non-dominated configurations.
+
+    With ``constraints`` (``search.constraints``), a configuration is ``feasible`` when its mean
+    metrics satisfy all of them, and a group's front is that of its feasible configurations
+    (of all of them when none is feasible, each then shown infeasible).
 
     Example:
         >>> runs = pd.DataFrame({"run_id": ["a", "b"], "params.x": ["1", "2"],
@@ -106,7 +112,13 @@ def pareto_front(runs: pd.DataFrame, objectives: dict[str, str], group_by: str |
     missing = [o for o in objectives if f"metrics.{o}" not in runs.columns]
     if missing or runs.empty:
         raise ConfigError(f"--objectives: no finished trial reports {', '.join(missing) or 'anything'}")
-    configs = _average_replicates(runs, objectives, group_by)
+    limits = [c.metric for c in constraints if c.metric not in objectives]
+    missing = [m for m in limits if f"metrics.{m}" not in runs.columns]
+    if missing:
+        raise ConfigError(f"--constraint: no finished trial reports {', '.join(missing)}")
+    configs = _average_replicates(runs, objectives, group_by, limits)
+    configs["feasible"] = [all(c.value(float(row[c.metric])) <= 0 for c in constraints)
+                           for _, row in configs.iterrows()]
     values = configs[list(objectives)].to_numpy(dtype=float)
     maximise = [d == "max" for d in objectives.values()]
     span = values.max(axis=0) - values.min(axis=0)
@@ -115,6 +127,9 @@ def pareto_front(runs: pd.DataFrame, objectives: dict[str, str], group_by: str |
     configs["pareto"] = False
     volumes = {}
     for group, rows in configs.groupby("group", sort=True).groups.items():
+        feasible = configs.loc[rows, "feasible"].to_numpy(dtype=bool)
+        if feasible.any():  # the feasible configurations' front; the infeasible are on none
+            rows = rows[feasible]
         pts = values[configs.index.get_indexer(rows)]
         mask = nondominated(pts, list(objectives.values()))
         configs.loc[rows[mask], "pareto"] = True
@@ -175,16 +190,18 @@ def replicate_stats(frame: pd.DataFrame, keys: list[str], metrics: list[str], *,
     return out
 
 
-def _average_replicates(runs: pd.DataFrame, objectives: dict[str, str], group_by: str | None) -> pd.DataFrame:
+def _average_replicates(runs: pd.DataFrame, objectives: dict[str, str], group_by: str | None,
+                        extra: Sequence[str] = ()) -> pd.DataFrame:
     params = sorted(c for c in runs.columns if c.startswith("params.")
                     and c.removeprefix("params.") not in REPLICATE_PARAMS)
     frame = runs[["run_id"]].copy()
     frame["config"] = config_key(runs, params)
     frame["group"] = _group_column(runs, group_by)
-    for name in objectives:
+    metrics = [*objectives, *extra]
+    for name in metrics:
         frame[name] = runs[f"metrics.{name}"].astype(float)
-    frame = frame.dropna(subset=list(objectives))
-    return replicate_stats(frame, ["group", "config"], list(objectives), per_run=_per_run_outcomes(runs))
+    frame = frame.dropna(subset=metrics)
+    return replicate_stats(frame, ["group", "config"], metrics, per_run=_per_run_outcomes(runs))
 
 
 def _per_run_outcomes(runs: pd.DataFrame) -> set[str]:
@@ -208,12 +225,15 @@ def _group_column(runs: pd.DataFrame, group_by: str | None) -> pd.Series:
 def format_front(front: Front, *, only_front: bool = True) -> str:
     """A plain-text table of the front (mean ± 95% interval), with each group's hypervolume."""
     rows = front.table[front.table["pareto"]] if only_front else front.table
-    head = ["group", *front.objectives, "replicates", "runs"] + ([] if only_front else ["pareto"])
+    constrained = "feasible" in rows and not rows["feasible"].all()
+    head = (["group", *front.objectives, "replicates", "runs"] + ([] if only_front else ["pareto"])
+            + (["feasible"] if constrained else []))
     body = []
     for _, r in rows.sort_values(["group", *front.objectives]).iterrows():
         cells = [rate_ci(r, o) if r[f"{o}_interval"] == "wilson" and r["replicates"] > 1
                  else mean_ci(r[o], r[f"{o}_ci95"]) for o in front.objectives]
-        extra = [] if only_front else ["yes" if r["pareto"] else ""]
+        extra = ([] if only_front else ["yes" if r["pareto"] else ""]) + (
+            ["yes" if r["feasible"] else "no"] if constrained else [])
         body.append([str(r["group"]), *cells, str(int(r["replicates"])), _short(r["run_id"]), *extra])
     volumes = "  ".join(f"{g}: {v:.4g}" for g, v in front.hypervolume.items())
     return "\n".join([format_rows(head, body), f"hypervolume  {volumes}"])
@@ -247,6 +267,14 @@ def latest_sweep_run(client: MlflowClient, experiment_id: str) -> str | None:
     parents = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
     return parents[0].info.run_id if parents else None
+
+
+def sweep_constraints(client: MlflowClient, parent: str | None) -> list[str]:
+    """The ``search.constraints`` a launch (its parent run) was run with."""
+    if parent is None:
+        return []
+    text = client.get_run(parent).data.params.get("search.constraints", "none")
+    return [] if text == "none" else [t.strip() for t in text.split(";") if t.strip()]
 
 
 def record(client: MlflowClient, parent: str | None, front: Front) -> None:

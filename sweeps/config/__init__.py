@@ -4,7 +4,7 @@ config, and the search space Optuna draws from."""
 from sweeps._lazy import exports
 
 __all__, __getattr__, __dir__ = exports(__name__, {
-    "_schema": ["REPLICATE", "Dimension", "ResourcesConfig", "StrictLoader", "SweepConfig", "apply_override",
+    "_schema": ["REPLICATE", "Constraint", "Dimension", "ResourcesConfig", "StrictLoader", "SweepConfig", "apply_override",
                 "flatten", "load_config", "objective_names", "read_yaml", "resolve", "validate_config"],
     "_space": ["define_by_run", "make_sampler"],
 })

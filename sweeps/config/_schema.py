@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -142,6 +143,16 @@ class SearchConfig(Section):
     # Configurations to evaluate first (Optuna's enqueue_trial), each a mapping of
     # dimension key paths to values; the all-defaults point is always first.
     points: list[dict[str, Any]] = Field(default_factory=list)
+    # Early stopping: moasha stops a trial at a rung of epochs (grace_period, grace_period *
+    # reduction_factor, ... below train.epochs) unless it is among the best 1/reduction_factor
+    # of the trials that reached that rung (non-dominated sorting over the objectives)
+    scheduler: Literal["none", "moasha"] = "none"
+    grace_period: int = Field(1, ge=1)        # the first rung's epoch
+    reduction_factor: float = Field(3, gt=1)  # a rung keeps 1 in reduction_factor of its trials
+    # Limits on metrics, "METRIC <= BOUND" or "METRIC >= BOUND" (e.g. "utility_drop <= 0.02"):
+    # Optuna's sampler learns them, promotion puts infeasible trials last, pareto's front is
+    # of the feasible trials first
+    constraints: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _objectives(self) -> SearchConfig:
@@ -152,6 +163,46 @@ class SearchConfig(Section):
             if name not in valid:
                 raise ValueError(f"objectives: unknown metric {name!r}; valid: {', '.join(valid)}")
         return self
+
+    @property
+    def parsed_constraints(self) -> list[Constraint]:
+        return [Constraint.parse(text, f"search.constraints[{i}]") for i, text in enumerate(self.constraints)]
+
+
+_CONSTRAINT = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*(\S+)\s*")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``metric <= bound`` or ``metric >= bound``; its value, as Optuna takes constraints, is
+    ``metric - bound`` (or ``bound - metric``): at most 0 when the trial satisfies it."""
+
+    metric: str
+    op: Literal["<=", ">="]
+    bound: float
+
+    @classmethod
+    def parse(cls, text: Any, key: str) -> Constraint:
+        found = _CONSTRAINT.fullmatch(text) if isinstance(text, str) else None
+        if found is None:
+            raise ConfigError(f"{key}: {text!r} is not 'METRIC <= BOUND' or 'METRIC >= BOUND'")
+        metric, op, bound = found.groups()
+        valid = objective_names()
+        if metric not in valid:
+            raise ConfigError(f"{key}: unknown metric {metric!r}; valid: {', '.join(valid)}")
+        try:
+            value = float(bound)
+        except ValueError:
+            raise ConfigError(f"{key}: bound {bound!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: bound {bound!r} is not a finite number")
+        return cls(metric, op, value)  # type: ignore[arg-type]
+
+    def value(self, metric: float) -> float:
+        return metric - self.bound if self.op == "<=" else self.bound - metric
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.bound:g}"
 
 
 class ResourcesConfig(Section):
@@ -370,6 +421,8 @@ def validate_config(raw: dict[str, Any], *, check_data: bool = True) -> SweepCon
     default = resolve(trial_raw, dims, {})
     _check_workers(sections["resources"].workers, default, dims)
     _check_objectives(sections["search"], default, dims)
+    _check_scheduler(sections["search"], default, dims)
+    sections["search"].parsed_constraints  # noqa: B018  (raises naming search.constraints[i])
     points = sections["search"].points
     # with the sweep's image cache: files a real-data loader decodes now are not decoded again by the trials
     _check_extremes(trial_raw, dims, default, check_data=check_data, points=points,
@@ -549,6 +602,19 @@ def _check_objectives(search: SearchConfig, trial: TrialConfig, dims: dict[str, 
         produced = sorted(attacks[attack] | defenses[defense])
         raise ConfigError(f"search.objectives.{name}: {what[blamed[0]]} {blamed[1]!r} does not report "
                           f"{name}; objectives it can use: {', '.join(produced)}")
+
+
+def _check_scheduler(search: SearchConfig, trial: TrialConfig, dims: dict[str, Dimension]) -> None:
+    """moasha's rungs are epochs below ``train.epochs``: a fixed number of them, more than
+    ``grace_period``."""
+    if search.scheduler == "none":
+        return
+    if "train.epochs" in dims:
+        raise ConfigError("search.scheduler: moasha needs a fixed train.epochs (its rungs are epochs "
+                          "below it), not a search dimension")
+    if search.grace_period >= trial.train.epochs:
+        raise ConfigError(f"search.grace_period: {search.grace_period} leaves no rung below train.epochs "
+                          f"({trial.train.epochs}); give fewer epochs than train.epochs")
 
 
 def _kind_metrics(section: str, registry: Registry, default: Any, dims: dict[str, Dimension]

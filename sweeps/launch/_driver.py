@@ -24,7 +24,8 @@ from ray.tune.search.optuna import OptunaSearch
 from poison import ConfigError
 from sweeps import _local_ray as local_ray
 from sweeps._files import LAUNCH_FILE
-from sweeps.config import SweepConfig, define_by_run, make_sampler, read_yaml
+from sweeps.config import Constraint, SweepConfig, define_by_run, make_sampler, read_yaml
+from sweeps.launch._moasha import DECISION, MOASHA, RungState
 from sweeps.launch._trainable import finite, train_clean, train_reference, trial_parameters, trial_resources
 from sweeps.launch._trainable import trainable as trial_trainable
 from sweeps.tracking import TRACKING_ERRORS, Launch, Tracker, without_credentials
@@ -33,6 +34,8 @@ from trainers import TrialConfig
 from trainers.cache import model_key
 from trainers.trial import reference_config
 
+#: a stopped trial's last result (as Tune flattens it) holds its rung's decision (RungState)
+STOPPED_KEY = f"{DECISION}/decision"
 Trainable = Callable[..., None]  # a trial function with sweeps.launch.trainable's signature
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
              "RAY_TRAIN_V2_ENABLED": "0",
@@ -208,15 +211,45 @@ def _check_resources(sweep: SweepConfig, *, local: bool, printer: Printer) -> No
 def _searcher(sweep: SweepConfig, run_name: str, study_url: str) -> ConcurrencyLimiter:
     objectives = sweep.search.objectives
     seed = sweep.search.seed if sweep.search.seed is not None else sweep.default_trial.seed
-    searcher: Searcher = OptunaSearch(
+    constraints = sweep.search.parsed_constraints
+    searcher: Searcher = StudySearch(
         storage=optuna.storages.RDBStorage(study_url), study_name=run_name,
         space=define_by_run(sweep.dimensions), metric=list(objectives), mode=list(objectives.values()),
         sampler=make_sampler(sweep.search.sampler, seed),
         points_to_evaluate=sweep.initial_points() or None,
     )
+    searcher.constraints = constraints
     if sweep.search.replicates > 1:
-        searcher = Replicates(searcher, repeat=sweep.search.replicates)
+        searcher = Replicates(searcher, repeat=sweep.search.replicates, extra=[c.metric for c in constraints])
     return ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent)
+
+
+class StudySearch(OptunaSearch):
+    """Ray Tune's :class:`OptunaSearch`, which tells Optuna a trial whose last result lacks the
+    objectives (one the scheduler stopped: its epoch reports do not hold them at the top level)
+    as PRUNED, with no values, and a failed one as FAIL; and which gives Optuna each trial's
+    ``search.constraints`` before telling it (``Trial.set_constraint``, named like the constraint,
+    e.g. ``utility_drop <= 0.02``, stored in the trial's system attrs, where every constrained
+    sampler reads them): from a finished trial's final metrics, a stopped one's last epoch; a metric
+    the trial did not report counts as an infinite violation."""
+
+    constraints: list[Constraint] = []
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self.constraints and trial_id in self._ot_trials and trial_id not in self._completed_trials and not error:
+            for c in self.constraints:
+                value = _metric(result or {}, c.metric)
+                self._ot_trials[trial_id].set_constraint(str(c), c.value(float(value)) if finite(value) else math.inf)
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if result and not error and any(result.get(m) is None for m in metrics):
+            # Ray's would tell [None, ...] as COMPLETE, which Optuna refuses (the trial stays RUNNING)
+            result = None
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def _metric(result: dict, name: str) -> Any:
+    """``name`` from a final result, else from an epoch's (flattened) report."""
+    return result.get(name, result.get(f"epoch_metrics/{name}"))
 
 
 class Replicates(Repeater):
@@ -224,19 +257,29 @@ class Replicates(Repeater):
     ``__trial_index__`` telling the replicate, which ``resolve`` adds to the seed) for several
     objectives: Ray's averages one metric (a list of them fails its ``metric in result``).
 
-    The searcher is told the mean of each objective over the replicates that finished, and a
-    failure when none did.
+    The searcher is told the mean of each objective (and of each ``extra`` metric: the
+    constraints') over the replicates that finished; the configuration as stopped (a result
+    without the objectives: PRUNED) when the scheduler stopped a replicate, since the others'
+    mean alone would stand for it; and a failure when none finished.
     """
+
+    def __init__(self, searcher: Searcher, repeat: int = 1, extra: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(searcher, repeat=repeat, **kwargs)
+        self.extra = list(extra or [])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False, **kwargs: Any) -> None:
         group = self._trial_id_to_group[trial_id]
-        metrics = self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
+        objectives = self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
+        metrics = objectives + [m for m in getattr(self, "extra", []) if m not in objectives]
         ok = not error and result is not None and all(finite(result.get(m)) for m in metrics)
-        group.report(trial_id, [float(result[m]) for m in metrics] if ok else math.nan)
+        stopped = not error and result is not None and result.get(STOPPED_KEY) == "stopped"
+        group.report(trial_id, [float(result[m]) for m in metrics] if ok else "stopped" if stopped else math.nan)
         if not group.finished_reporting():
             return
         done = [s for s in group.scores() if isinstance(s, list)]
-        if done:
+        if "stopped" in group.scores():
+            self.searcher.on_trial_complete(group.primary_trial_id, result=None)  # PRUNED
+        elif done:
             means = [float(sum(col) / len(col)) for col in zip(*done)]
             self.searcher.on_trial_complete(group.primary_trial_id, result=dict(zip(metrics, means)))
         else:
@@ -253,18 +296,21 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
     A trial that fails (an error, a lost worker or node) is retried ``search.max_failures``
     times, from its last per-epoch checkpoint."""
     storage = Path(sweep.storage.path).resolve()
+    scheduler = moasha(sweep, objectives)
     return tune.Tuner(
         _resourced_trainable(sweep, objectives, trainable, clean_seeds),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
+            scheduler=scheduler,
             num_samples=num_samples,
             reuse_actors=True,  # a new actor re-imports torch and open_clip: seconds per trial
         ),
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=str(storage),
-            callbacks=[logger],
+            # RungState first: it adds the scheduler's decision to the result the logger then sees
+            callbacks=[RungState(scheduler), logger] if scheduler is not None else [logger],
             failure_config=tune.FailureConfig(max_failures=sweep.search.max_failures),
             # Tune deletes a trial's oldest checkpoint when it registers a newer one, before the
             # experiment state naming the newer one reaches storage: with one kept, a driver
@@ -275,6 +321,15 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
             verbose=0,
         ),
     )
+
+
+def moasha(sweep: SweepConfig, objectives: list[str]) -> MOASHA | None:
+    """The sweep's early-stopping scheduler (``search.scheduler``), or None (Tune's FIFO)."""
+    if sweep.search.scheduler != "moasha":
+        return None
+    return MOASHA({k: sweep.search.objectives[k] for k in objectives}, grace_period=sweep.search.grace_period,
+                  reduction_factor=sweep.search.reduction_factor, max_t=sweep.default_trial.train.epochs,
+                  constraints=sweep.search.parsed_constraints)
 
 
 def restore(sweep: SweepConfig, folder: Path, logger: TrialLogger, objectives: list[str], *,

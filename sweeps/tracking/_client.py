@@ -5,6 +5,7 @@ writes, so a SQLite store sees a single writer and trials pay no logging cost.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ LAUNCH_TAG = "launch"
 NOTE_TAG = "mlflow.note.content"
 #: A trial run's number within its launch (its run name starts with it, zero-padded).
 NUMBER_TAG = "trial_number"
+#: A trial the early-stopping scheduler stopped: the rung's epoch (its metrics are that epoch's, not final).
+STOPPED_TAG = "stopped_at_epoch"
+#: Every rung decision of a trial, as JSON: [{"epoch", "decision", "place", "of", "kept", "front", "feasible"}].
+RUNGS_TAG = "rung_decisions"
 #: The tracking URI schemes MLflow 3 keeps runs in: a database (SQLAlchemy's dialects, with or
 #: without ``+driver``), a tracking server, Databricks.
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -203,6 +208,7 @@ class Tracker:
                 "search.max_concurrent": search.max_concurrent,
                 "search.objectives": ",".join(f"{k}:{v}" for k, v in search.objectives.items()),
                 "search.dimensions": ",".join(self.sweep.dimensions) or "none",
+                "search.scheduler": search.scheduler, "search.constraints": "; ".join(search.constraints) or "none",
                 "resources.cpu": self.sweep.resources.cpu, "resources.gpu": self.sweep.resources.gpu}
 
     def start_trial(self, trial_id: str, config: TrialConfig, values: dict[str, Any], *,
@@ -255,6 +261,21 @@ class Tracker:
         self.client.set_tag(run_id, LOST_TAG, "the driver was killed before Tune recorded this trial; "
                                               "the resumed launch drew its point again as another trial")
         self.client.set_terminated(run_id, "KILLED")
+
+    def rung_decisions(self, run_id: str, decisions: list[dict[str, Any]]) -> None:
+        self.client.set_tag(run_id, RUNGS_TAG, json.dumps(decisions))
+
+    def stop_trial(self, run_id: str, epoch: int, decisions: list[dict[str, Any]]) -> None:
+        """A trial the scheduler stopped at rung ``epoch``: KILLED (it did not finish; its metrics
+        are its epochs'), with :data:`STOPPED_TAG` and its decisions."""
+        self.client.log_batch(run_id, tags=[RunTag(STOPPED_TAG, str(epoch)), RunTag(RUNGS_TAG, json.dumps(decisions))])
+        self.client.set_terminated(run_id, "KILLED")
+
+    def unstop_trial(self, run_id: str) -> None:
+        """A run marked stopped whose trial then went on (the decision was lost with a killed
+        driver; the resumed trial finished): no longer tagged stopped."""
+        if STOPPED_TAG in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, STOPPED_TAG)
 
     def finish_parent(self, summary_csv: str | None, status: str = "FINISHED", note: str | None = None) -> None:
         """Ends the parent run: its ``trials.csv`` and ``note`` (Markdown, the run's description)."""

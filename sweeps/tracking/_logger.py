@@ -16,10 +16,10 @@ from typing import Any, TextIO
 import numpy as np
 from ray import tune
 
-from sweeps._files import METRICS_FILE
+from sweeps._files import DECISION_KEY, METRICS_FILE
 from sweeps.config import REPLICATE, SweepConfig
 from sweeps.tracking._client import LAUNCH_TAG, Tracker, trial_name
-from sweeps.tracking._mirror import TRACKING_ERRORS, Backoff, Mirror, trial_folder
+from sweeps.tracking._mirror import TRACKING_ERRORS, Backoff, Mirror, has_final, rung_decisions, stopped, trial_folder
 from trainers.config import TrialConfig
 
 Printer = Callable[[str], None]
@@ -244,6 +244,12 @@ class TrialLogger(tune.Callback):
         completed it (its status changes only after the callbacks)."""
         run = self.mirror.runs.get(trial.trial_id)
         name = trial_name(self.number(trial.trial_id), self.sweep.resolve(trial.config))
+        decisions = rung_decisions(trial)
+        if (done or trial.status == "TERMINATED") and stopped(decisions) and not has_final(trial):
+            self.finished[trial.trial_id] = TrialRow(trial.trial_id, "STOPPED", dict(trial.config), {},
+                                                     run.run_id if run else None,
+                                                     f"stopped at epoch {decisions[-1]['epoch']}", name)
+            return
         if (done or trial.status == "TERMINATED") and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 if (Path(folder) / METRICS_FILE).is_file():
@@ -272,6 +278,9 @@ class TrialLogger(tune.Callback):
         if not epoch:
             return
         self._write(trial, lambda: self.mirror.epoch(trial.trial_id, epoch))
+        decision = result.get(DECISION_KEY)  # the scheduler's at a rung (added by its RungState callback)
+        if decision and decision["decision"] == "promoted":
+            self._write(trial, lambda: self.mirror.rungs(trial.trial_id, rung_decisions(trial, [decision])))
         total = _epochs(self.sweep.resolve(trial.config))
         self.say(f"{self._label(trial)} epoch {int(epoch['epoch'])}/{total}: loss {epoch['loss']:.3f} "
                  f"utility {epoch.get('utility', float('nan')):.3f} "
@@ -284,6 +293,15 @@ class TrialLogger(tune.Callback):
                  f"last checkpoint (failure {trial.num_failures} of {self.sweep.search.max_failures} allowed)")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        decisions = rung_decisions(trial)
+        if stopped(decisions) and not has_final(trial):  # by the scheduler, after its last epoch: no final metrics
+            self._write(trial, lambda: self.mirror.stop(trial.trial_id, decisions))
+            self._record(trial, done=True)
+            last = decisions[-1]
+            self.say(f"{self._label(trial)} stopped at epoch {last['epoch']}: place {last['place']} of {last['of']} "
+                     f"at that rung, which keeps {last['kept']}")
+            self._catch_up_behind()
+            return
         step = _epochs(self.sweep.resolve(trial.config))  # the last epoch's step
         with trial.checkpoint.as_directory() as folder:
             self._write(trial, lambda: self.mirror.complete(trial.trial_id, Path(folder), step, trial_folder(trial)))

@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from poison import plan_hash
 from poison.config import ConfigError
 from poison.manifest import atomic_write
-from sweeps._files import CONFIG_FILE, LAUNCH_FILE, METRICS_FILE, PLAN_FILE
+from sweeps._files import CONFIG_FILE, DECISION_KEY, LAUNCH_FILE, METRICS_FILE, PLAN_FILE
 from sweeps.config import SweepConfig
 from sweeps.tracking._client import FINAL_TAG, NUMBER_TAG, Tracker
 
@@ -78,6 +78,7 @@ class _Run:
     steps: set[int] = field(default_factory=set)  # epochs already in MLflow
     logged: dict[int, dict[str, Any]] = field(default_factory=dict)  # the last epoch this process logged
     final: bool = False  # its final metrics are in MLflow (the run has FINAL_TAG)
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # the scheduler's, as tagged
 
 
 class Mirror:
@@ -129,6 +130,8 @@ class Mirror:
         metrics = json.loads((folder / METRICS_FILE).read_text())
         if run.status == "FINISHED":
             return metrics
+        if run.status == "KILLED":  # shown stopped by a decision a killed driver lost: the trial went on
+            self.tracker.unstop_trial(run.run_id)
         seen = self._last_epoch(trial_id, trial_dir, last_step)
         new = {k: v for k, v in metrics.items() if seen.get(k) != v}
         plan = pq.read_table(folder / PLAN_FILE)
@@ -138,6 +141,21 @@ class Mirror:
         self.tracker.finish_trial(run.run_id, [folder / PLAN_FILE, folder / CONFIG_FILE])
         run.status = "FINISHED"
         return metrics
+
+    def rungs(self, trial_id: str, decisions: list[dict[str, Any]]) -> None:
+        """The scheduler's decisions on the trial so far, as a tag of its run."""
+        run = self.runs[trial_id]
+        if run.status == "RUNNING" and decisions and decisions != run.decisions:
+            self.tracker.rung_decisions(run.run_id, decisions)
+            run.decisions = list(decisions)
+
+    def stop(self, trial_id: str, decisions: list[dict[str, Any]]) -> None:
+        """A trial the scheduler stopped (its last decision): KILLED, tagged with the rung's epoch."""
+        run = self.runs[trial_id]
+        if run.status != "RUNNING":
+            return
+        self.tracker.stop_trial(run.run_id, int(decisions[-1]["epoch"]), decisions)
+        run.status, run.decisions = "KILLED", list(decisions)
 
     def fail(self, trial_id: str, error: str) -> None:
         run = self.runs.get(trial_id)
@@ -164,10 +182,15 @@ class Mirror:
         run = self.start(trial.trial_id, dict(trial.config), number)
         for metrics in epoch_reports(trial_folder(trial)):
             self.epoch(trial.trial_id, metrics)
+        decisions = rung_decisions(trial)
+        self.rungs(trial.trial_id, decisions)
         if trial.status == "TERMINATED" and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 if (Path(folder) / METRICS_FILE).is_file():
                     return self.complete(trial.trial_id, Path(folder), last_step, trial_folder(trial))
+        if trial.status == "TERMINATED" and stopped(decisions):  # the scheduler stopped it: no final metrics
+            self.stop(trial.trial_id, decisions)
+            return None
         if trial.status == "ERROR":
             self.fail(trial.trial_id, error(trial))
         return None if run.status != "FINISHED" else {}
@@ -214,6 +237,40 @@ def epoch_reports(trial_dir: Path) -> list[dict[str, Any]]:
     return reports
 
 
+def rung_decisions(trial: Any, live: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The scheduler's decisions on ``trial``, by epoch: from Tune's ``result.json``, its last
+    result (which Tune may not have flushed to the file yet) and ``live`` (those seen as they came)."""
+    found: dict[int, dict[str, Any]] = {}
+    path = trial_folder(trial) / "result.json"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line still being written
+                continue
+    rows.append(getattr(trial, "last_result", None) or {})
+    for row in rows:
+        decision = row.get(DECISION_KEY) if isinstance(row, dict) else None
+        if isinstance(decision, dict) and "epoch" in decision:
+            found.setdefault(int(decision["epoch"]), decision)
+    for decision in live or []:
+        found.setdefault(int(decision["epoch"]), decision)
+    return [found[e] for e in sorted(found)]
+
+
+def stopped(decisions: list[dict[str, Any]]) -> bool:
+    return bool(decisions) and decisions[-1].get("decision") == "stopped"
+
+
+def has_final(trial: Any) -> bool:
+    """Whether the trial's checkpoint is its final one (it finished, whatever a lost decision said)."""
+    if trial.checkpoint is None:
+        return False
+    with trial.checkpoint.as_directory() as folder:
+        return (Path(folder) / METRICS_FILE).is_file()
+
+
 class Backoff:
     """After a tracking error, live writes pause for ``seconds`` (Tune's event loop must not
     wait on a dead server); the trials' records stay in Tune's storage meanwhile."""
@@ -229,4 +286,4 @@ class Backoff:
         self.until = time.monotonic() + self.seconds
 
 
-__all__ = ["Backoff", "Launch", "Mirror", "TRACKING_ERRORS", "epoch_reports"]
+__all__ = ["Backoff", "Launch", "Mirror", "TRACKING_ERRORS", "epoch_reports", "has_final", "rung_decisions", "stopped"]

@@ -119,3 +119,30 @@ def test_cli_tags_runs_and_logs_the_front(tmp_path, capsys):
     assert "plotly" in open(html).read()[:5000].lower()
     assert "hypervolume" in client.get_run(parent).data.metrics
     assert main(["pareto", "--experiment", "nope", "--tracking-uri", uri]) == 2
+
+
+def test_the_front_is_of_the_feasible_configurations_first():
+    """Three configurations, none dominating another: a (0.9, 0.5), b (0.7, 0.7), c (0.5, 0.9), with
+    utility_drop 0.05, 0.01 and 0.03 (a's two replicates: 0.04 and 0.06). Under utility_drop <= 0.02
+    only b is feasible: the front is b alone, though a and c are not dominated by it. Under
+    utility_drop <= 0.1 every one is feasible and on the front; when none is, the front is of all."""
+    from sweeps.config import Constraint
+
+    frame = runs([("a1", 0, 1, "none", 0.9, 0.5), ("a2", 1, 1, "none", 0.9, 0.5),
+                  ("b1", 0, 2, "none", 0.7, 0.7), ("c1", 0, 3, "none", 0.5, 0.9)])
+    frame["metrics.utility_drop"] = [0.04, 0.06, 0.01, 0.03]
+
+    def front(text):
+        table = pareto_front(frame, OBJ, constraints=[Constraint.parse(text, "k")]).table.set_index("run_id")
+        return table["pareto"].to_dict(), table["feasible"].to_dict()
+
+    assert front("utility_drop <= 0.02") == ({"a1,a2": False, "b1": True, "c1": False},
+                                             {"a1,a2": False, "b1": True, "c1": False})
+    assert front("utility_drop <= 0.1")[0] == {"a1,a2": True, "b1": True, "c1": True}
+    assert front("utility_drop <= 0.0") == ({"a1,a2": True, "b1": True, "c1": True},
+                                            {"a1,a2": False, "b1": False, "c1": False})
+    # a dominated feasible configuration is still behind the front: c with b's success
+    frame.loc[3, "metrics.attack_success"], frame.loc[3, "metrics.utility"] = 0.7, 0.6
+    assert front("utility_drop <= 0.04")[0] == {"a1,a2": False, "b1": True, "c1": False}
+    with pytest.raises(ConfigError, match="^--constraint: no finished trial reports poison_rate"):
+        pareto_front(frame, OBJ, constraints=[Constraint.parse("poison_rate <= 0.1", "k")])

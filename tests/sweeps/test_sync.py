@@ -93,3 +93,107 @@ def test_a_final_write_replayed_after_a_crash_logs_no_metric_twice(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags[FINAL_TAG] == "1"
     for name in ("poison_count", "utility_drop", "utility"):
         assert len(client.get_metric_history(run.info.run_id, name)) == 1, name
+
+
+def test_catching_up_a_stopped_trial_marks_it_stopped_not_finished(tmp_path):
+    """``poisonsweep sync`` (or the end-of-launch catch-up) over a trial the scheduler stopped at
+    epoch 1 of 3, whose MLflow run missed everything: its epoch goes in, the run ends KILLED with
+    ``stopped_at_epoch`` and the decisions from Tune's result.json, and no final metrics."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking._client import FINAL_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = validate_config({"name": "stopped", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
+                            check_data=False)
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    decision = {"epoch": 1, "decision": "stopped", "place": 2, "of": 2, "kept": 1, "front": 1, "feasible": True}
+    (trial_dir / "result.json").write_text(json.dumps(
+        {"epoch_metrics": {"epoch": 1, "loss": 4.7, "utility": 0.25}, "rung_decision": decision}) + "\n")
+    trial = SimpleNamespace(trial_id="t1", config={}, status="TERMINATED", checkpoint=None, last_result={},
+                            storage=SimpleNamespace(trial_fs_path=str(trial_dir)))
+    tracker = Tracker(uri, sweep)
+    tracker.start_parent()
+    mirror = Mirror(sweep, tracker)
+    assert mirror.catch_up(trial, 1, 3, lambda t: "") is None  # no final metrics
+    run = MlflowClient(uri).get_run(mirror.runs["t1"].run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stopped_at_epoch"] == "1"
+    assert json.loads(run.data.tags["rung_decisions"]) == [decision] and FINAL_TAG not in run.data.tags
+    assert run.data.metrics == {"epoch": 1, "loss": 4.7, "utility": 0.25}
+    # caught up again (a second sync): nothing changes
+    mirror.catch_up(trial, 1, 3, lambda t: "")
+    assert MlflowClient(uri).get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_a_run_shown_stopped_whose_trial_went_on_ends_finished_and_untagged(tmp_path):
+    """A driver killed in the second after a trial's stop decision (before Tune saved it): MLflow
+    shows the run stopped, the resumed launch restores the trial as running and it finishes."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking._client import STOPPED_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = validate_config({"name": "lost", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
+                            check_data=False)
+    tracker = Tracker(uri, sweep)
+    parent = tracker.start_parent()
+    mirror = Mirror(sweep, tracker)
+    mirror.start("t1", {}, 1)
+    mirror.epoch("t1", {"epoch": 1, "loss": 4.7, "utility": 0.25})
+    mirror.stop("t1", [{"epoch": 1, "decision": "stopped", "place": 2, "of": 2, "kept": 1}])
+    resumed = Tracker(uri, sweep)
+    resumed.reopen_parent(parent)
+    again = Mirror(sweep, resumed)
+    again.load_existing()
+    assert again.runs["t1"].status == "KILLED"
+    final = tmp_path / "checkpoint"
+    final.mkdir()
+    (final / METRICS_FILE).write_text(json.dumps({"utility": 0.3, "poison_count": 40}))
+    pq.write_table(pa.table({"index": [1, 2]}), final / PLAN_FILE)
+    (final / CONFIG_FILE).write_text("seed: 0\n")
+    (tmp_path / "trial").mkdir()
+    again.complete("t1", final, 3, tmp_path / "trial")
+    run = MlflowClient(uri).get_run(again.runs["t1"].run_id)
+    assert run.info.status == "FINISHED" and STOPPED_TAG not in run.data.tags and run.data.metrics["utility"] == 0.3
+
+
+def test_a_trial_with_a_final_checkpoint_is_finished_whatever_a_lost_decision_said(tmp_path):
+    """result.json holds a stop decision that a killed driver lost (Tune's state still had the trial
+    running, and the resumed trial finished): the final checkpoint decides, the run ends FINISHED."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking._client import STOPPED_TAG, Tracker
+    from sweeps.tracking._mirror import has_final
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = validate_config({"name": "late", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
+                            check_data=False)
+    trial_dir, final = tmp_path / "trial", tmp_path / "checkpoint"
+    trial_dir.mkdir(), final.mkdir()
+    stop = {"epoch": 1, "decision": "stopped", "place": 2, "of": 2, "kept": 1}
+    (trial_dir / "result.json").write_text(json.dumps(
+        {"epoch_metrics": {"epoch": 1, "loss": 4.7, "utility": 0.25}, "rung_decision": stop}) + "\n")
+    (final / METRICS_FILE).write_text(json.dumps({"utility": 0.3, "poison_count": 40}))
+    pq.write_table(pa.table({"index": [1, 2]}), final / PLAN_FILE)
+    (final / CONFIG_FILE).write_text("seed: 0\n")
+
+    @contextmanager
+    def as_directory():
+        yield str(final)
+
+    trial = SimpleNamespace(trial_id="t1", config={}, status="TERMINATED", last_result={},
+                            checkpoint=SimpleNamespace(as_directory=as_directory),
+                            storage=SimpleNamespace(trial_fs_path=str(trial_dir)))
+    assert has_final(trial)
+    tracker = Tracker(uri, sweep)
+    tracker.start_parent()
+    mirror = Mirror(sweep, tracker)
+    assert mirror.catch_up(trial, 1, 3, lambda t: "") == {"utility": 0.3, "poison_count": 40}
+    run = MlflowClient(uri).get_run(mirror.runs["t1"].run_id)
+    assert run.info.status == "FINISHED" and STOPPED_TAG not in run.data.tags

@@ -31,6 +31,9 @@ def test_one_trial_trains_evaluates_and_reuses_the_clean_model(tmp_path):
     assert m["poison_count"] == 60 and m["poison_rate"] == pytest.approx(60 / 660)
     assert m["utility"] == m["zeroshot_top1"] and m["attack_success"] == m["backdoor_asr"]
     assert m["utility_drop"] == pytest.approx(m["clean_utility"] - m["utility"])
+    # every epoch's report has the trial's poison and its utility drop so far (a scheduler compares on them)
+    assert [(e["poison_count"], e["poison_rate"]) for e in epochs] == [(60, m["poison_rate"])] * 2
+    assert epochs[-1]["utility_drop"] == pytest.approx(m["clean_utility"] - epochs[-1]["utility"])
     assert result.plan.num_rows == 60
     # the clean model was cached on disk; asking again loads it instead of training
     again = clean_model(config, cache_dir=str(tmp_path))
