@@ -54,7 +54,7 @@ def report_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report-browser")
     uri, port, log = f"sqlite:///{folder / 'mlflow.db'}", free_port(), folder / "ui.log"
     with ThreadPoolExecutor(1) as pool:
-        server = Server(uri=uri, url=f"http://127.0.0.1:{port}", log=log, clock=Clock(),
+        server = Server(uri=uri, port=port, url=f"http://127.0.0.1:{port}", log=log, clock=Clock(),
                         launch=pool.submit(_launch_ui, uri, port, log))
         yield server
     _stop(server.launch.result())
