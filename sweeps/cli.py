@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace, config_path: str | None = None) -> int:
     print(f"\n{len(outcome.rows) - failed - stopped} trials finished, {failed} failed"
           f"{f', {stopped} stopped early' if stopped else ''}. Open the results with:\n"
           f"  poisonsweep ui --tracking-uri {redact(uri)} --experiment {shlex.quote(experiment)}\n"
-          f"and this launch's runs at {UI_URL}/{runs_path(outcome.experiment_id, launch=outcome.launch)}")
+          f"and this launch's runs at {UI_URL}/{runs_path(outcome.experiment_id, launch=outcome.launch, objective=next(iter(sweep.search.objectives.items())))}")
     if not outcome.synced:
         return 3  # the trials ran, but MLflow does not have them yet: `poisonsweep sync`
     return 0 if len(outcome.rows) > failed else 1  # a sweep where every trial failed is a failure

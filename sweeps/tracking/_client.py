@@ -123,20 +123,27 @@ def trial_name(number: int, config: TrialConfig) -> str:
     return f"{number:03d} {attack.kind}{trigger} n={attack.poison_count} {config.defense.kind} s{config.seed}"
 
 
-def runs_path(experiment_id: str, *, launch: str | None = None, parent_id: str | None = None) -> str:
+def runs_path(experiment_id: str, *, launch: str | None = None, parent_id: str | None = None,
+              objective: tuple[str, str] | None = None) -> str:
     """The MLflow UI's page (the part after the server's address) of an experiment's runs, filtered
-    to one launch: its parent and trials by their ``launch`` tag, else the trials under ``parent_id``.
+    to one launch: its parent and trials by their ``launch`` tag, else the trials under ``parent_id``;
+    sorted by ``objective`` (a metric and ``max`` or ``min``: best first), which also lists the
+    trials in the table itself rather than folded under their parent.
     ``workflowType=machine_learning`` picks the UI's "Model training" side, which MLflow 3.17 takes
     from the address (else from the browser's last choice, at first "GenAI"), not from the
     experiment's kind.
 
     >>> runs_path("3", launch="demo-20261206-101500")
     '#/experiments/3/runs?workflowType=machine_learning&searchFilter=tags.launch%20%3D%20%27demo-20261206-101500%27'
+    >>> runs_path("3", parent_id="ab12", objective=("attack_success", "max")).split("&", 2)[2]
+    'orderByKey=metrics.%60attack_success%60&orderByAsc=false'
     """
     query = (f"tags.{LAUNCH_TAG} = '{launch}'" if launch
              else f"tags.mlflow.parentRunId = '{parent_id}'" if parent_id else "")
+    order = (f"&orderByKey={quote(f'metrics.`{objective[0]}`', safe='')}&orderByAsc={str(objective[1] == 'min').lower()}"
+             if objective else "")
     return (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            + (f"&searchFilter={quote(query, safe='')}" if query else ""))
+            + (f"&searchFilter={quote(query, safe='')}" if query else "") + order)
 
 
 def latest_launch_path(client: MlflowClient, experiment: str | None) -> str | None:
@@ -155,7 +162,9 @@ def latest_launch_path(client: MlflowClient, experiment: str | None) -> str | No
     if not parents:
         return runs_path(ids[0]) if experiment else None
     parent = parents[0]
-    return runs_path(parent.info.experiment_id, launch=parent.data.tags.get(LAUNCH_TAG), parent_id=parent.info.run_id)
+    first = parent.data.params.get("search.objectives", "").split(",")[0].split(":")  # the sweep's first objective
+    return runs_path(parent.info.experiment_id, launch=parent.data.tags.get(LAUNCH_TAG), parent_id=parent.info.run_id,
+                     objective=(first[0], first[1]) if len(first) == 2 else None)
 
 
 class Tracker:

@@ -176,6 +176,9 @@ def test_the_mlflow_ui_shows_the_sweep_its_trials_tags_and_analysis(ui_server, r
         search = page.locator("input[data-testid=search-box], [data-testid=search-box] input").first  # runs search
         assert search.input_value() == f"tags.launch = '{parent.data.tags['launch']}'"
         page.get_by_text("3 matching runs").wait_for()  # the parent and its two trials
+        assert "orderByKey=metrics.%60attack_success%60" in page.url  # sorted by the first objective, best first:
+        for name in names:  # so the trials are listed, not folded under the parent
+            page.get_by_role("link", name=name, exact=True).wait_for()
         _check_runs_table(page, parent.info.run_name, names)
         runs_png = tmp_path / "mlflow-runs.png"
         page.screenshot(path=str(runs_png))
