@@ -65,9 +65,12 @@ def write_report(client: MlflowClient, experiment: str, parent: str | None = Non
     and returns the HTML's path. ``objectives`` defaults to the launch's own (its
     ``search.objectives`` param), else attack_success:max, utility:max, poison_count:min."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--output: {folder} is not a folder")
+    if not folder.parent.is_dir():
+        raise ConfigError(f"--output: {folder}: the folder {folder.parent} does not exist")
     experiment_id, parent_run = _launch(client, experiment, parent)
+    folder.mkdir(exist_ok=True)  # once the launch is found: a bad experiment leaves no folder behind
     parent_id = parent_run.info.run_id if parent_run else None
     _, runs = load_trials(client, experiment, parent_id)
     if runs.empty:

@@ -199,7 +199,9 @@ def test_cli_writes_the_report_and_prints_its_path(store, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--experiment", "nope"], "--experiment: no MLflow experiment 'nope'; experiments: "),
     (["--experiment", "swp", "--parent", "0123abcd"], "--parent: experiment 'swp' has no run 0123abcd"),
-    (["--experiment", "swp", "--output", "/nonexistent/folder"], "--output: /nonexistent/folder is not a folder"),
+    (["--experiment", "swp", "--output", "/nonexistent/folder"],
+     "--output: /nonexistent/folder: the folder /nonexistent does not exist"),
+    (["--experiment", "swp", "--output", __file__], f"--output: {__file__} is not a folder"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(store, capsys, args, message):
     client, _, _ = store
@@ -208,6 +210,16 @@ def test_bad_input_is_one_clear_line_and_exit_2(store, capsys, args, message):
     assert len(err.splitlines()) == 1 and message in err, err
     with pytest.raises(ConfigError, match="no MLflow experiment 'nope'"):
         write_report(client, "nope", None, ".")
+
+
+def test_output_names_a_new_folder_in_an_existing_one(store, tmp_path, capsys):
+    client, _, _ = store
+    assert main(["report", "--experiment", "swp", "--output", str(tmp_path / "new"), "--tracking-uri",
+                 client.tracking_uri]) == 0
+    assert (tmp_path / "new" / "report.html").is_file()
+    assert main(["report", "--experiment", "nope", "--output", str(tmp_path / "none"), "--tracking-uri",
+                 client.tracking_uri]) == 2
+    assert not (tmp_path / "none").exists()  # refused before anything is written
 
 
 def test_the_report_imports_neither_torch_nor_ray(store, tmp_path):
