@@ -1,14 +1,67 @@
 """The Optuna search space of a sweep, as a define-by-run function."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.config._schema import Dimension, dropped_by, kind_switches, search_order
 
+#: ``search.sampler: auto`` draws trials below this number with TPE, the rest with NSGA-II: TPE's
+#: cost per trial grows with the study (about 0.02 s at 100 trials, 0.1 s at 1,000), NSGA-II's
+#: stays near a millisecond (docs/search.md, benchmarks/sweep_scale.py).
+AUTO_TPE_TRIALS = 250
+
+
+class Staged(optuna.samplers.BaseSampler):
+    """Optuna's TPE for a study's first ``switch`` trials, then its NSGA-II: what
+    ``search.sampler: auto`` is. Each trial is drawn wholly by one of them, chosen by the
+    trial's number (so a resumed study chooses as before).
+
+    Example:
+        >>> sampler = Staged(seed=0, switch=2)
+        >>> study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        >>> study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=4)
+        >>> [t.system_attrs.get("NSGAIISampler:generation") for t in study.trials]
+        [None, None, 0, 0]
+    """
+
+    def __init__(self, seed: int | None = None, switch: int = AUTO_TPE_TRIALS) -> None:
+        self.switch = switch
+        self.first = optuna.samplers.TPESampler(seed=seed)
+        self.then = optuna.samplers.NSGAIISampler(seed=seed)
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        return self.first if trial.number < self.switch else self.then
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.first.reseed_rng()
+        self.then.reseed_rng()
+
+
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "auto": lambda seed: Staged(seed=seed),
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),

@@ -482,3 +482,26 @@ def test_printed_tracking_uris_hide_their_password():
     assert redact("postgresql://mlflow:s3cret@db/mlflow") == "postgresql://mlflow:***@db/mlflow"
     assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
     assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_the_auto_sampler_is_the_default_tpe_first_then_nsga2_in_a_conditional_space():
+    import optuna
+
+    from sweeps.config._space import AUTO_TPE_TRIALS, Staged, make_sampler
+
+    cfg = validate_config(mixed())
+    assert cfg.search.sampler == "auto"
+    assert isinstance(make_sampler("auto", 0), Staged) and make_sampler("auto", 0).switch == AUTO_TPE_TRIALS
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = Staged(seed=0, switch=15)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    space = define_by_run(cfg.dimensions)
+    for _ in range(30):
+        trial = study.ask()
+        space(trial)
+        params = trial.params
+        assert set(params) == set(cfg.active(params)), params  # only the drawn kinds' dimensions
+        study.tell(trial, [float(params["attack.poison_count"]), float(params["attack.kind"] == "targeted")])
+    generation = [t.system_attrs.get("NSGAIISampler:generation") for t in study.trials]
+    assert generation == [None] * 15 + [0] * 15  # NSGA-II drew exactly the trials from number 15 on
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
