@@ -76,6 +76,7 @@ class TrialLogger(tune.Callback):
         self.backoff = Backoff()
         self.behind: dict[str, Any] = {}  # trials whose MLflow run lags Tune's record
         self.order: dict[str, int] = {}
+        self.highest = 0  # max(order.values()): numbering is O(1) per trial
         self.finished: dict[str, TrialRow] = {}
         self.start = time.monotonic()
 
@@ -91,6 +92,7 @@ class TrialLogger(tune.Callback):
         self.mirror.load_existing()
         for trial_id, run in self.mirror.runs.items():
             self.order[trial_id] = run.number
+            self.highest = max(self.highest, run.number)
 
     def say(self, line: str) -> None:
         """Prints a progress line stamped with the time since the sweep started."""
@@ -106,7 +108,8 @@ class TrialLogger(tune.Callback):
         """The trial's number (its run is ``trial-NNN``): the next after the highest given, so a
         resumed launch whose MLflow lacks some trials (the server was down) never reuses one."""
         if trial_id not in self.order:
-            self.order[trial_id] = max(self.order.values(), default=0) + 1
+            self.highest += 1
+            self.order[trial_id] = self.highest
         return self.order[trial_id]
 
     def _write(self, trial: Any, write: Callable[[], Any]) -> bool:

@@ -93,3 +93,25 @@ def test_a_final_write_replayed_after_a_crash_logs_no_metric_twice(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags[FINAL_TAG] == "1"
     for name in ("poison_count", "utility_drop", "utility"):
         assert len(client.get_metric_history(run.info.run_id, name)) == 1, name
+
+
+def test_a_resumed_logger_numbers_new_trials_after_the_highest_in_mlflow(tmp_path):
+    """Trial numbers (run names ``trial-NNN``) go on after the highest an interrupted launch left
+    in MLflow, even where MLflow lacks some (the server was down): none is reused."""
+    from sweeps.tracking._client import Tracker
+    from sweeps.tracking._logger import TrialLogger
+
+    sweep = validate_config({"data": {"size": 64}, "search": {"objectives": {"utility": "max"}}}, check_data=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, sweep)
+    parent = first.start_parent()
+    mirror = Mirror(sweep, first)
+    mirror.start("a", {}, 1)
+    mirror.start("c", {}, 3)  # trial 2 never reached MLflow
+    again = Tracker(uri, sweep)
+    again.reopen_parent(parent)
+    logger = TrialLogger(sweep, again, lambda line: None)
+    logger.reattach()
+    assert [logger.number(t) for t in ("a", "c", "new", "newer", "new")] == [1, 3, 4, 5, 4]
+    fresh = TrialLogger(sweep, again, lambda line: None)
+    assert [fresh.number(t) for t in ("x", "y", "x")] == [1, 2, 1]
