@@ -1,6 +1,7 @@
 """The Optuna search space of a sweep, as a define-by-run function."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,19 @@ from sweeps.config._schema import Dimension, dropped_by, kind_switches, search_o
 AUTO_TPE_TRIALS = 250
 
 
+class NSGAII(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, picklable: Tune pickles the searcher with its sampler, and Optuna 5.1's
+    NSGAIISampler holds a ``threading.Lock`` (its generation cache's), which pickle refuses. The
+    lock is left out of the pickle and made anew on unpickling."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_thread_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
 class Staged(optuna.samplers.BaseSampler):
     """Optuna's TPE for a study's first ``switch`` trials, then its NSGA-II: what
     ``search.sampler: auto`` is. Each trial is drawn wholly by one of them, chosen by the
@@ -25,14 +39,14 @@ class Staged(optuna.samplers.BaseSampler):
         >>> sampler = Staged(seed=0, switch=2)
         >>> study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
         >>> study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=4)
-        >>> [t.system_attrs.get("NSGAIISampler:generation") for t in study.trials]
+        >>> [t.system_attrs.get(NSGAII._get_generation_key()) for t in study.trials]
         [None, None, 0, 0]
     """
 
     def __init__(self, seed: int | None = None, switch: int = AUTO_TPE_TRIALS) -> None:
         self.switch = switch
         self.first = optuna.samplers.TPESampler(seed=seed)
-        self.then = optuna.samplers.NSGAIISampler(seed=seed)
+        self.then = NSGAII(seed=seed)
 
     def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
         return self.first if trial.number < self.switch else self.then
@@ -63,7 +77,7 @@ class Staged(optuna.samplers.BaseSampler):
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "auto": lambda seed: Staged(seed=seed),
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
-    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+    "nsga2": lambda seed: NSGAII(seed=seed),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
     "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
 }
