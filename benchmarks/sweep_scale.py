@@ -21,7 +21,9 @@ trials are left out, as no trial starts after them and so none is suggested), an
   second: ``TUNE_GLOBAL_CHECKPOINT_S``);
 - ``mlflow``: every MlflowClient call (create run, params, metrics, tags, artifacts, end);
 - ``logger``: the TrialLogger's own work around them (the mirror, progress lines);
-- ``rest``: the remainder of the driver's CPU (Tune's event loop, Ray's calls).
+- ``rest``: the remainder of the driver's CPU, split into ``loop`` (the rest of the main
+  thread: Tune's event loop, Ray's calls) and ``threads`` (the process's other threads: Ray's,
+  Tune's syncer copying the experiment folder into storage).
 
 Then it checks that MLflow lost nothing: one FINISHED child run per trial with its final
 metrics. A size is skipped when the previous one projects it past ``--budget-minutes``.
@@ -179,7 +181,8 @@ class Meter:
         setattr(owner, name, timed)
 
     def snapshot(self) -> dict[str, float]:
-        return {**self.totals, "cpu": time.process_time()}
+        # called on the main thread (Tune's event loop calls the printer): its CPU time too
+        return {**self.totals, "cpu": time.process_time(), "main": time.thread_time()}
 
 
 def instrument(meter: Meter) -> None:
@@ -235,8 +238,10 @@ def run_size(size: int, args: argparse.Namespace, folder: Path, meter: Meter) ->
 
 
 def _per_trial(a: dict[str, float], b: dict[str, float], n: int) -> dict[str, float]:
-    parts = {k: (b[k] - a[k]) / n for k in (*COMPONENTS, "cpu")}
+    parts = {k: (b[k] - a[k]) / n for k in (*COMPONENTS, "cpu", "main")}
     parts["rest"] = parts["cpu"] - sum(parts[k] for k in COMPONENTS)
+    parts["loop"] = parts["main"] - sum(parts[k] for k in COMPONENTS)  # the rest on the main thread
+    parts["threads"] = parts["cpu"] - parts["main"]                     # the process's other threads
     return parts
 
 
@@ -288,7 +293,7 @@ def driver_costs(args: argparse.Namespace) -> None:
     finally:
         ray.shutdown()
     head = f"{'trials':>8s} {'wall s/trial':>12s} {'':>6s} {'driver CPU':>10s} " + " ".join(
-        f"{c:>10s}" for c in (*COMPONENTS, "rest"))
+        f"{c:>10s}" for c in (*COMPONENTS, "rest", "(loop", "threads)"))
     print(f"\n{args.sampler} sampler, {args.slots} trials at a time, {args.work:g} s of work each; driver seconds "
           "per trial (whole launch / its last tenth of trials before the last --slots):")
     print(head)
@@ -296,7 +301,7 @@ def driver_costs(args: argparse.Namespace) -> None:
         for part in ("whole", "tail"):
             p = r[part]
             print(f"{r['size']:8,d} {r['wall'] / r['size'] if part == 'whole' else float('nan'):12.3f} {part:>6s} "
-                  f"{p['cpu']:10.3f} " + " ".join(f"{p[c]:10.3f}" for c in (*COMPONENTS, "rest")))
+                  f"{p['cpu']:10.3f} " + " ".join(f"{p[c]:10.3f}" for c in (*COMPONENTS, "rest", "loop", "threads")))
     if len(rows) > 1:
         ratio = rows[-1]["tail"]["cpu"] / rows[0]["tail"]["cpu"]
         print(f"\nmarginal driver CPU per trial at {rows[-1]['size']:,} over that at {rows[0]['size']:,}: {ratio:.2f} "
