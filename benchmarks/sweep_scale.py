@@ -13,14 +13,17 @@ real trial's poison plan and config), ``--slots`` at a time on a local Ray that 
 many CPUs. Each trial's objectives are a smooth function of its drawn values plus seeded noise,
 so the samplers see a front (constant values would make TPE's split trivial). Per size: the
 driver process's CPU seconds per trial over the whole launch and over its last tenth of
-trials (the marginal cost: what grows shows there), and where they go:
+trials before the drain (the marginal cost: what grows shows there; the last ``--slots``
+trials are left out, as no trial starts after them and so none is suggested), and where they go:
 
 - ``searcher``: OptunaSearch's suggest and tell (the sampler and the study's SQLite storage);
 - ``tune state``: Tune's experiment-state saves (every trial's state, pickled, at most once a
   second: ``TUNE_GLOBAL_CHECKPOINT_S``);
 - ``mlflow``: every MlflowClient call (create run, params, metrics, tags, artifacts, end);
 - ``logger``: the TrialLogger's own work around them (the mirror, progress lines);
-- ``rest``: the remainder of the driver's CPU (Tune's event loop, Ray's calls).
+- ``rest``: the remainder of the driver's CPU, split into ``loop`` (the rest of the main
+  thread: Tune's event loop, Ray's calls) and ``threads`` (the process's other threads: Ray's,
+  Tune's syncer copying the experiment folder into storage).
 
 Then it checks that MLflow lost nothing: one FINISHED child run per trial with its final
 metrics. A size is skipped when the previous one projects it past ``--budget-minutes``.
@@ -61,22 +64,38 @@ def sampler_costs(names: list[str], sizes: list[int], window: int, budget_s: flo
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"Optuna {optuna.__version__}, in memory, 3 objectives, 3 dimensions: seconds per ask+tell "
-          f"(mean of {window} trials) at each study size")
-    print(f"{'sampler':10s}" + "".join(f"{n:>12,d}" for n in sizes))
+          f"(mean of {window} trials) at each study size; then the hypervolume of the front found by "
+          f"that size (of the normalised objectives, larger is better; the same objectives for every sampler)")
+    print(f"{'sampler':10s}" + "".join(f"{n:>12,d}" for n in sizes) + "".join(f"{f'HV@{n:,}':>12s}" for n in sizes))
     for name in names:
         study = optuna.create_study(directions=["maximize", "maximize", "minimize"], sampler=make_sampler(name, 0))
-        cells, deadline = [], time.perf_counter() + budget_s
+        cells, volumes, deadline = [], [], time.perf_counter() + budget_s
         for size in sizes:
             while len(study.trials) < size and time.perf_counter() < deadline:
                 _ask_tell(study)
             if len(study.trials) < size:
                 cells.append(f"{'(over time)':>12s}")
+                volumes.append(f"{'':>12s}")
                 continue
+            volumes.append(f"{hypervolume(study.trials[:size]):12.4f}")
             timed = time.perf_counter()
             for _ in range(window):
                 _ask_tell(study)
             cells.append(f"{(time.perf_counter() - timed) / window:12.4f}")
-        print(f"{name:10s}" + "".join(cells), flush=True)
+        print(f"{name:10s}" + "".join(cells) + "".join(volumes), flush=True)
+
+
+def hypervolume(trials: list[Any]) -> float:
+    """The hypervolume dominated by ``trials``' objectives (attack success and utility maximised,
+    the count minimised), each scaled to [0, 1] over its range, up to the worst corner."""
+    import numpy as np
+    from optuna._hypervolume import compute_hypervolume
+
+    values = np.array([t.values for t in trials if t.values is not None], dtype=float)
+    # losses in [0, 1]: 1 - success, (0.85 - utility) / 0.2 (utility lies in [0.65, 0.85]), log-count over [10, 400]
+    losses = np.stack([1 - values[:, 0], (0.85 - values[:, 1]) / 0.2,
+                       np.log(values[:, 2] / 10) / math.log(40)], axis=1).clip(0, 1)
+    return float(compute_hypervolume(losses, np.ones(3)))
 
 
 def _ask_tell(study: Any) -> None:
@@ -162,7 +181,8 @@ class Meter:
         setattr(owner, name, timed)
 
     def snapshot(self) -> dict[str, float]:
-        return {**self.totals, "cpu": time.process_time()}
+        # called on the main thread (Tune's event loop calls the printer): its CPU time too
+        return {**self.totals, "cpu": time.process_time(), "main": time.thread_time()}
 
 
 def instrument(meter: Meter) -> None:
@@ -208,15 +228,20 @@ def run_size(size: int, args: argparse.Namespace, folder: Path, meter: Meter) ->
     outcome = run_sweep(sweep, tracking_uri=f"sqlite:///{folder / str(size) / 'mlflow.db'}", printer=printer,
                         trainable=fixed_work_trainable)
     wall, after = time.perf_counter() - start, meter.snapshot()
-    tail = marks[len(marks) - max(1, len(marks) // 10) - 1] if len(marks) > 1 else before
-    last = max(1, len(marks) // 10)
+    # the marginal cost: the last tenth of trials before the drain (the last `slots` trials end
+    # with none started after them, so no suggestion), each trial's start and end inside it
+    end = max(1, len(marks) - args.slots)
+    last = max(1, size // 10)
+    start_mark = marks[end - last - 1] if end - last - 1 >= 0 else before
     return {"size": size, "wall": wall, "whole": _per_trial(before, after, size),
-            "tail": _per_trial(tail, marks[-1] if marks else after, last), "lost": lost(outcome, size)}
+            "tail": _per_trial(start_mark, marks[end - 1] if marks else after, last), "lost": lost(outcome, size)}
 
 
 def _per_trial(a: dict[str, float], b: dict[str, float], n: int) -> dict[str, float]:
-    parts = {k: (b[k] - a[k]) / n for k in (*COMPONENTS, "cpu")}
+    parts = {k: (b[k] - a[k]) / n for k in (*COMPONENTS, "cpu", "main")}
     parts["rest"] = parts["cpu"] - sum(parts[k] for k in COMPONENTS)
+    parts["loop"] = parts["main"] - sum(parts[k] for k in COMPONENTS)  # the rest on the main thread
+    parts["threads"] = parts["cpu"] - parts["main"]                     # the process's other threads
     return parts
 
 
@@ -264,19 +289,19 @@ def driver_costs(args: argparse.Namespace) -> None:
             rows.append(run_size(size, args, folder, meter))
             r = rows[-1]
             print(f"{size:,} trials: {r['wall']:.0f} s wall, driver CPU {r['whole']['cpu']:.3f} s/trial, "
-                  f"last tenth {r['tail']['cpu']:.3f} s/trial; lost in MLflow: {r['lost']}", flush=True)
+                  f"last tenth before the drain {r['tail']['cpu']:.3f} s/trial; lost in MLflow: {r['lost']}", flush=True)
     finally:
         ray.shutdown()
     head = f"{'trials':>8s} {'wall s/trial':>12s} {'':>6s} {'driver CPU':>10s} " + " ".join(
-        f"{c:>10s}" for c in (*COMPONENTS, "rest"))
+        f"{c:>10s}" for c in (*COMPONENTS, "rest", "(loop", "threads)"))
     print(f"\n{args.sampler} sampler, {args.slots} trials at a time, {args.work:g} s of work each; driver seconds "
-          "per trial (whole launch / its last tenth of trials):")
+          "per trial (whole launch / its last tenth of trials before the last --slots):")
     print(head)
     for r in rows:
         for part in ("whole", "tail"):
             p = r[part]
             print(f"{r['size']:8,d} {r['wall'] / r['size'] if part == 'whole' else float('nan'):12.3f} {part:>6s} "
-                  f"{p['cpu']:10.3f} " + " ".join(f"{p[c]:10.3f}" for c in (*COMPONENTS, "rest")))
+                  f"{p['cpu']:10.3f} " + " ".join(f"{p[c]:10.3f}" for c in (*COMPONENTS, "rest", "loop", "threads")))
     if len(rows) > 1:
         ratio = rows[-1]["tail"]["cpu"] / rows[0]["tail"]["cpu"]
         print(f"\nmarginal driver CPU per trial at {rows[-1]['size']:,} over that at {rows[0]['size']:,}: {ratio:.2f} "
@@ -290,8 +315,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000], help="sweep sizes (100 1000 10000)")
     parser.add_argument("--slots", type=int, default=16, help="trials at a time; the local Ray declares as many CPUs")
     parser.add_argument("--work", type=float, default=0.2, help="seconds of work per trial (0.2)")
-    parser.add_argument("--sampler", default="tpe", help="search.sampler of the driver's sweeps (tpe)")
-    parser.add_argument("--samplers", default="tpe,nsga2,random,gp", help="the samplers part 1 compares")
+    parser.add_argument("--sampler", default="auto", help="search.sampler of the driver's sweeps (auto)")
+    parser.add_argument("--samplers", default="auto,tpe,nsga2,random,gp", help="the samplers part 1 compares")
     parser.add_argument("--window", type=int, default=20, help="trials timed at each size in part 1 (20)")
     parser.add_argument("--budget-minutes", type=float, default=30, help="skip a size projected past this (30)")
     parser.add_argument("--only", choices=["samplers", "driver"], help="run one part")

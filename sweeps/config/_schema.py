@@ -131,7 +131,8 @@ class Dimension(Section):
 class SearchConfig(Section):
     objectives: dict[str, Literal["max", "min"]] = Field(
         default_factory=lambda: {"attack_success": "max", "utility": "max", "poison_count": "min"})
-    sampler: Literal["tpe", "nsga2", "random", "gp"] = "tpe"
+    # auto: TPE for the first 250 trials, then NSGA-II (TPE's cost per trial grows with the study)
+    sampler: Literal["auto", "tpe", "nsga2", "random", "gp"] = "auto"
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
     seed: int | None = None  # the sampler's seed; default: the config's seed

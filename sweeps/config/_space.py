@@ -1,16 +1,83 @@
 """The Optuna search space of a sweep, as a define-by-run function."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.config._schema import Dimension, dropped_by, kind_switches, search_order
 
+#: ``search.sampler: auto`` draws trials below this number with TPE, the rest with NSGA-II: TPE's
+#: cost per trial grows with the study (about 0.02 s at 100 trials, 0.1 s at 1,000), NSGA-II's
+#: stays near a millisecond (docs/search.md, benchmarks/sweep_scale.py).
+AUTO_TPE_TRIALS = 250
+
+
+class NSGAII(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, picklable: Tune pickles the searcher with its sampler, and Optuna 5.1's
+    NSGAIISampler holds a ``threading.Lock`` (its generation cache's), which pickle refuses. The
+    lock is left out of the pickle and made anew on unpickling."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_thread_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
+class Staged(optuna.samplers.BaseSampler):
+    """Optuna's TPE for a study's first ``switch`` trials, then its NSGA-II: what
+    ``search.sampler: auto`` is. Each trial is drawn wholly by one of them, chosen by the
+    trial's number (so a resumed study chooses as before).
+
+    Example:
+        >>> sampler = Staged(seed=0, switch=2)
+        >>> study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        >>> study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=4)
+        >>> [t.system_attrs.get(NSGAII._get_generation_key()) for t in study.trials]
+        [None, None, 0, 0]
+    """
+
+    def __init__(self, seed: int | None = None, switch: int = AUTO_TPE_TRIALS) -> None:
+        self.switch = switch
+        self.first = optuna.samplers.TPESampler(seed=seed)
+        self.then = NSGAII(seed=seed)
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        return self.first if trial.number < self.switch else self.then
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.first.reseed_rng()
+        self.then.reseed_rng()
+
+
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "auto": lambda seed: Staged(seed=seed),
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
-    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+    "nsga2": lambda seed: NSGAII(seed=seed),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
     "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
 }

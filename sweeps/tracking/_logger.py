@@ -118,6 +118,7 @@ class TrialLogger(tune.Callback):
         self.backoff = Backoff()
         self.behind: dict[str, Any] = {}  # trials whose MLflow run lags Tune's record
         self.order: dict[str, int] = {}
+        self.highest = 0  # max(order.values()): numbering is O(1) per trial
         self.finished: dict[str, TrialRow] = {}
         self.start = time.monotonic()
         self.first_start: float | None = None  # the first trial's start, this process's clock
@@ -137,6 +138,7 @@ class TrialLogger(tune.Callback):
         self.mirror.load_existing()
         for trial_id, run in self.mirror.runs.items():
             self.order[trial_id] = run.number
+            self.highest = max(self.highest, run.number)
 
     def say(self, line: str) -> None:
         """Prints a progress line stamped with the time since the sweep started."""
@@ -170,10 +172,11 @@ class TrialLogger(tune.Callback):
         return f"trial {self.number(trial.trial_id)}/{self.total}"
 
     def number(self, trial_id: str) -> int:
-        """The trial's number (its run is ``trial-NNN``): the next after the highest given, so a
+        """The trial's number (its run name starts with it): the next after the highest given, so a
         resumed launch whose MLflow lacks some trials (the server was down) never reuses one."""
         if trial_id not in self.order:
-            self.order[trial_id] = max(self.order.values(), default=0) + 1
+            self.highest += 1
+            self.order[trial_id] = self.highest
         return self.order[trial_id]
 
     def _write(self, trial: Any, write: Callable[[], Any]) -> bool:

@@ -482,3 +482,32 @@ def test_printed_tracking_uris_hide_their_password():
     assert redact("postgresql://mlflow:s3cret@db/mlflow") == "postgresql://mlflow:***@db/mlflow"
     assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
     assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_the_auto_sampler_is_the_default_tpe_first_then_nsga2_in_a_conditional_space():
+    import pickle
+
+    import optuna
+
+    from sweeps.config._space import AUTO_TPE_TRIALS, NSGAII, Staged, make_sampler
+
+    cfg = validate_config(mixed())
+    assert cfg.search.sampler == "auto"
+    assert isinstance(make_sampler("auto", 0), Staged) and make_sampler("auto", 0).switch == AUTO_TPE_TRIALS
+    for name in ("auto", "tpe", "nsga2", "random", "gp"):  # every sampler survives Tune's pickling
+        assert type(pickle.loads(pickle.dumps(make_sampler(name, 0)))) is type(make_sampler(name, 0))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = Staged(seed=0, switch=15)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    space = define_by_run(cfg.dimensions)
+    for number in range(30):
+        if number == 20:  # Tune pickles the searcher with its sampler (NSGA-II's lock included)
+            study.sampler = pickle.loads(pickle.dumps(study.sampler))
+        trial = study.ask()
+        space(trial)
+        params = trial.params
+        assert set(params) == set(cfg.active(params)), params  # only the drawn kinds' dimensions
+        study.tell(trial, [float(params["attack.poison_count"]), float(params["attack.kind"] == "targeted")])
+    generation = [t.system_attrs.get(NSGAII._get_generation_key()) for t in study.trials]
+    assert generation == [None] * 15 + [0] * 15  # NSGA-II drew exactly the trials from number 15 on
+    assert all(t.state.name == "COMPLETE" for t in study.trials)

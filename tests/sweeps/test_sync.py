@@ -197,3 +197,25 @@ def test_a_trial_with_a_final_checkpoint_is_finished_whatever_a_lost_decision_sa
     assert mirror.catch_up(trial, 1, 3, lambda t: "") == {"utility": 0.3, "poison_count": 40}
     run = MlflowClient(uri).get_run(mirror.runs["t1"].run_id)
     assert run.info.status == "FINISHED" and STOPPED_TAG not in run.data.tags
+
+
+def test_a_resumed_logger_numbers_new_trials_after_the_highest_in_mlflow(tmp_path):
+    """Trial numbers (the first part of the run names, ``007 ...``) go on after the highest an interrupted launch left
+    in MLflow, even where MLflow lacks some (the server was down): none is reused."""
+    from sweeps.tracking._client import Tracker
+    from sweeps.tracking._logger import TrialLogger
+
+    sweep = validate_config({"data": {"size": 64}, "search": {"objectives": {"utility": "max"}}}, check_data=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, sweep)
+    parent = first.start_parent()
+    mirror = Mirror(sweep, first)
+    mirror.start("a", {}, 1)
+    mirror.start("c", {}, 3)  # trial 2 never reached MLflow
+    again = Tracker(uri, sweep)
+    again.reopen_parent(parent)
+    logger = TrialLogger(sweep, again, lambda line: None)
+    logger.reattach()
+    assert [logger.number(t) for t in ("a", "c", "new", "newer", "new")] == [1, 3, 4, 5, 4]
+    fresh = TrialLogger(sweep, again, lambda line: None)
+    assert [fresh.number(t) for t in ("x", "y", "x")] == [1, 2, 1]
