@@ -72,7 +72,7 @@ def test_the_attack_trains_once_for_both_fine_tunings(sweep):
         history = sweep["client"].get_metric_history(t.info.run_id, "utility")
         assert sorted({h.step for h in history}) == [1, 2, 3, 4, 5]
         # the final metrics land at the last epoch's step (training's 3 + fine-tuning's 2)
-        assert [h.step for h in sweep["client"].get_metric_history(t.info.run_id, "poison_count")] == [5]
+        assert [h.step for h in sweep["client"].get_metric_history(t.info.run_id, "clean_utility")] == [5]
 
 
 @pytest.mark.parametrize("kind", ["clean-finetune", "cleanclip"])
