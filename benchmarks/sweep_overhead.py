@@ -137,6 +137,8 @@ def fixed_work_trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: d
     for epoch in range(first, epochs + 1):
         time.sleep(work / epochs)
         metrics = {**reports[min(epoch, len(reports)) - 1], "epoch": epoch}
+        if "poison_count" in metrics:  # epochs report the trial's own count, as its final metrics do
+            metrics["poison_count"] = config.attack.poison_count
         if every and (epoch % every == 0 or epoch == epochs):
             with _tempfile.TemporaryDirectory() as folder:  # the real loop state's files, as write_state leaves them
                 shutil.copytree(record / STATE_DIR, folder, dirs_exist_ok=True)
