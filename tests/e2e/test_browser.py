@@ -15,7 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,17 +110,25 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@contextmanager
+def serving_ui(folder: Path) -> Iterator[Server]:
+    """`poisonsweep ui` over a fresh SQLite store in ``folder``, launched in the background (beside
+    ray.init, up while the sweep runs) and stopped at the end, whatever happened."""
+    _require_chromium()
+    uri, port, log = f"sqlite:///{folder / 'mlflow.db'}", free_port(), folder / "ui.log"
+    with ThreadPoolExecutor(1) as pool:
+        launch = pool.submit(_launch_ui, uri, port, log)
+        try:
+            yield Server(uri=uri, port=port, url=f"http://127.0.0.1:{port}", log=log, launch=launch, clock=Clock())
+        finally:
+            _stop(launch.result())
+
+
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
     """The MLflow UI over a fresh SQLite store, launched beside ray.init and up while the sweep runs."""
-    _require_chromium()
-    folder = tmp_path_factory.mktemp("browser")
-    uri, port, log = f"sqlite:///{folder / 'mlflow.db'}", free_port(), folder / "ui.log"
-    with ThreadPoolExecutor(1) as pool:
-        server = Server(uri=uri, port=port, url=f"http://127.0.0.1:{port}", log=log, clock=Clock(),
-                        launch=pool.submit(_launch_ui, uri, port, log))
+    with serving_ui(tmp_path_factory.mktemp("browser")) as server:
         yield server
-    _stop(server.launch.result())
 
 
 def _launch_ui(uri: str, port: int, log: Path) -> subprocess.Popen:

@@ -18,17 +18,8 @@ import yaml
 
 from sweeps.analysis._report import DEFAULT_UI
 from sweeps.cli import main
-from tests.e2e.test_browser import (
-    CHROMIUM,
-    SWEEP,
-    Clock,
-    Server,
-    _close_assistant,
-    _launch_ui,
-    _require_chromium,
-    _stop,
-)
-from tests.support import free_port, launch_runs
+from tests.e2e.test_browser import CHROMIUM, SWEEP, _close_assistant, serving_ui
+from tests.support import launch_runs
 
 EXPERIMENT = "report-browser"
 PAIRS = ["attack_success-vs-utility", "attack_success-vs-poison_count", "utility-vs-poison_count"]
@@ -50,14 +41,8 @@ PLOTS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(el
 @pytest.fixture(scope="module")
 def report_server(tmp_path_factory):
     """`poisonsweep ui` over a fresh SQLite store, launched beside ray.init and up while the sweep runs."""
-    _require_chromium()
-    folder = tmp_path_factory.mktemp("report-browser")
-    uri, port, log = f"sqlite:///{folder / 'mlflow.db'}", free_port(), folder / "ui.log"
-    with ThreadPoolExecutor(1) as pool:
-        server = Server(uri=uri, port=port, url=f"http://127.0.0.1:{port}", log=log, clock=Clock(),
-                        launch=pool.submit(_launch_ui, uri, port, log))
+    with serving_ui(tmp_path_factory.mktemp("report-browser")) as server:
         yield server
-    _stop(server.launch.result())
 
 
 @pytest.mark.slow
