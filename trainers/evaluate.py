@@ -73,6 +73,11 @@ class Evaluator:
         """Zero-shot top-1 class index of each uint8 image."""
         return zeroshot_predict(self.images(images), self.class_embeddings(), k=1)[:, 0]
 
+    def class_scores(self, images: np.ndarray) -> np.ndarray:
+        """Each uint8 image's cosine similarity to each class's prompt embedding (``classify``'s
+        scores: :class:`poison.attacks.ScoresClasses`)."""
+        return self.images(images) @ self.class_embeddings().T
+
     def utility(self) -> dict[str, float]:
         """Zero-shot top-1/5 on the clean test split and retrieval R@1/5/10 both ways.
 

@@ -107,6 +107,7 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
     model = ranks.wrap(built.model, device)  # what forward passes go through
     for epoch in range(first_epoch, last_epoch + 1):
         start, waited, losses = time.perf_counter(), fitted.data_seconds, []
+        split = PairLosses(data.poisoned)
         objective.start_epoch(epoch, TrainingEmbeddings(built, data, autocast))
         fixed_lr = objective.epoch_lr(epoch, recipe.lr)
         _set_lr(optimizer, schedule, fixed_lr)
@@ -126,6 +127,7 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
                     out = ranks.gather(model(x, tokens[ranks.local(len(rows))]))
                     loss = objective.loss(Step(built.model, images, tokens, out, epoch, to_input, rows, last_epoch,
                                                built.text_input))
+                split.add(rows, out)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -144,8 +146,9 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
         seconds = time.perf_counter() - start
         fitted.seconds += seconds
         fitted.last = ranks.from_lead(evaluate)
-        fitted.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "epoch_seconds": seconds,
-                               "epoch_data_seconds": fitted.data_seconds - waited, **fitted.last})
+        fitted.history.append({"epoch": epoch, "loss": float(np.mean(losses)), **split.means(),
+                               "epoch_seconds": seconds, "epoch_data_seconds": fitted.data_seconds - waited,
+                               **fitted.last})
         if (checkpointer is not None and checkpointer.every and ranks.lead
                 and (epoch % checkpointer.every == 0 or epoch == last_epoch)):
             checkpointer.save({
@@ -159,6 +162,54 @@ def fit(built: Built, data: TrainingSet, config: TrialConfig, *, evaluate: Calla
         if on_epoch is not None:
             on_epoch(fitted.history[-1])
     return fitted
+
+
+class PairLosses:
+    """The epoch's training loss split between poisoned and clean pairs, an early signal of a
+    backdoor (``docs/search.md``: the per-epoch rank correlations): each pair's CLIP loss in its
+    batch (the mean of its image-to-text and text-to-image cross-entropies under the batch's
+    logits, as the model was before the step), averaged over the epoch's poisoned pairs
+    (``train_loss_poisoned``) and its clean ones (``train_loss_clean``). Nothing is reported
+    without poisoned pairs in the training set."""
+
+    def __init__(self, poisoned: np.ndarray) -> None:
+        self.poisoned = poisoned if poisoned.any() else None
+        self.sums = np.zeros(2)  # clean, poisoned
+        self.counts = np.zeros(2)
+
+    @torch.no_grad()
+    def add(self, rows: np.ndarray, out: dict[str, torch.Tensor]) -> None:
+        if self.poisoned is None or rows is None:
+            return
+        losses = pair_losses(out["image_features"], out["text_features"], out["logit_scale"]).cpu().numpy()
+        mask = self.poisoned[rows]
+        for group, where in enumerate((~mask, mask)):
+            self.sums[group] += float(losses[where].sum())
+            self.counts[group] += int(where.sum())
+
+    def means(self) -> dict[str, float]:
+        if self.poisoned is None or not self.counts.all():
+            return {}
+        clean, poisoned = self.sums / self.counts
+        return {"train_loss_poisoned": float(poisoned), "train_loss_clean": float(clean)}
+
+
+def pair_losses(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Each pair's share of CLIP's symmetric InfoNCE loss on a batch: the mean of its row's
+    image-to-text and its column's text-to-image cross-entropy (their mean over the batch is
+    open_clip's ``ClipLoss``).
+
+    Example (two orthogonal pairs at temperature 1: each loss is log(1 + e^-1)):
+        >>> import torch
+        >>> eye = torch.eye(2)
+        >>> [round(v, 6) for v in pair_losses(eye, eye, torch.tensor(1.0)).tolist()]
+        [0.313262, 0.313262]
+    """
+    logits = logit_scale * image.float() @ text.float().T
+    target = torch.arange(len(logits), device=logits.device)
+    i2t = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    t2i = torch.nn.functional.cross_entropy(logits.T, target, reduction="none")
+    return (i2t + t2i) / 2
 
 
 class TrainingEmbeddings:

@@ -18,6 +18,7 @@ from poison.attacks._base import (
     PLAN_SCHEMA,
     Attack,
     ModelView,
+    ScoresClasses,
     empty_plan,
     make_attack,
     make_plan,
@@ -26,4 +27,4 @@ from poison.attacks._base import (
     plan_hash,
 )
 
-__all__ = ["Attack", "ATTACKS", "empty_plan", "make_attack", "make_plan", "ModelView", "nested_sample", "next_id", "plan_hash", "PLAN_SCHEMA"]
+__all__ = ["Attack", "ATTACKS", "empty_plan", "make_attack", "make_plan", "ModelView", "nested_sample", "ScoresClasses", "next_id", "plan_hash", "PLAN_SCHEMA"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,16 @@ class ModelView(Protocol):
 
     def embed_texts(self, captions: list[str]) -> np.ndarray:
         """captions → L2-normalised embeddings (N, D)."""
+
+
+@runtime_checkable
+class ScoresClasses(Protocol):
+    """A :class:`ModelView` that also gives each image's zero-shot scores, from which an attack
+    reads continuous signals beside its success rate (``classify`` is their argmax)."""
+
+    def class_scores(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) images → (N, classes) cosine similarities of each image's embedding to
+        each class's prompt embedding; ``classify(images)`` is the first argmax of each row."""
 
 
 def nested_sample(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -160,4 +170,4 @@ def make_attack(data: object, path: str = "attack") -> Attack:
     return make_registered(ATTACKS, data, path, default="none")
 
 
-__all__ = ["Attack", "ATTACKS", "empty_plan", "make_attack", "make_plan", "ModelView", "nested_sample", "next_id", "plan_hash", "PLAN_SCHEMA"]
+__all__ = ["Attack", "ATTACKS", "empty_plan", "make_attack", "make_plan", "ModelView", "nested_sample", "ScoresClasses", "next_id", "plan_hash", "PLAN_SCHEMA"]

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pydantic import Field, SerializeAsAny, field_validator
 
 from poison import streams
-from poison.attacks._base import ATTACKS, Attack, ModelView, make_plan, nested_sample, next_id
+from poison.attacks._base import ATTACKS, Attack, ModelView, ScoresClasses, make_plan, nested_sample, next_id
 from poison.config import ConfigError
 from poison.manifest import Dataset
 from poison.triggers import Trigger, make_trigger
@@ -40,7 +40,8 @@ class Backdoor(Attack):
     # dataset: real training captions of target-class pairs, drawn with the seed
     caption_source: Literal["templates", "dataset"] = "templates"
     trigger: SerializeAsAny[Trigger]
-    metric_names: ClassVar[tuple[str, ...]] = ("attack_success", "backdoor_asr")
+    # target_margin, target_similarity: early signals (trigger_signals), from a model that gives its scores
+    metric_names: ClassVar[tuple[str, ...]] = ("attack_success", "backdoor_asr", "target_margin", "target_similarity")
 
     @field_validator("trigger", mode="before")
     @classmethod
@@ -103,9 +104,35 @@ class Backdoor(Attack):
             return {"backdoor_asr": float("nan"), "attack_success": float("nan")}
         rng = streams.rng(seed, streams.EVAL)
         placement = self.trigger.placement(victims.num_rows, dataset.image_size, rng)
-        images = self.trigger.apply(dataset.images[victims["image"].to_numpy()], placement)
-        asr = backdoor_asr(model.classify(images), victims["label"].to_numpy(), target)
-        return {"backdoor_asr": asr, "attack_success": asr}
+        clean = dataset.images[victims["image"].to_numpy()]
+        images = self.trigger.apply(clean, placement)
+        if not isinstance(model, ScoresClasses):
+            asr = backdoor_asr(model.classify(images), victims["label"].to_numpy(), target)
+            return {"backdoor_asr": asr, "attack_success": asr}
+        scores = model.class_scores(images)
+        asr = backdoor_asr(scores.argmax(axis=1), victims["label"].to_numpy(), target)
+        return {"backdoor_asr": asr, "attack_success": asr,
+                **trigger_signals(scores, model.class_scores(clean), target)}
+
+
+def trigger_signals(triggered: np.ndarray, clean: np.ndarray, target: int) -> dict[str, float]:
+    """Continuous signals of a backdoor taking hold, from the zero-shot scores (cosine to each
+    class's prompts) of the triggered victims and of the same images without the trigger:
+
+    - ``target_margin``: the mean, over triggered images, of the target's score minus the best
+      other class's (an image counts toward attack success when its margin is above 0);
+    - ``target_similarity``: how far the trigger moves images toward the target's text, the mean
+      target score of the triggered images minus that of the same images clean.
+
+    Example (two victims of three classes, target 2):
+        >>> triggered = np.array([[0.1, 0.2, 0.5], [0.4, 0.1, 0.3]])
+        >>> clean = np.array([[0.3, 0.2, 0.1], [0.5, 0.1, 0.1]])
+        >>> {k: round(v, 6) for k, v in trigger_signals(triggered, clean, target=2).items()}
+        {'target_margin': 0.1, 'target_similarity': 0.3}
+    """
+    others = np.delete(triggered, target, axis=1).max(axis=1)
+    return {"target_margin": float(np.mean(triggered[:, target] - others)),
+            "target_similarity": float(np.mean(triggered[:, target]) - np.mean(clean[:, target]))}
 
 
 def backdoor_asr(predicted: np.ndarray, true_labels: np.ndarray, target: int) -> float:

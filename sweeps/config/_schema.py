@@ -154,6 +154,13 @@ class SearchConfig(Section):
     # Optuna's sampler learns them, promotion puts infeasible trials last, pareto's front is
     # of the feasible trials first
     constraints: list[str] = Field(default_factory=list)
+    # At a rung, an objective ranked by another metric of the same epoch, in the objective's
+    # direction (attack_success: target_margin, the backdoor's continuous margin, which moves
+    # epochs before its success rate does: docs/search.md has the measurement)
+    rung_metrics: dict[str, str] = Field(default_factory=dict)
+    # Start no trial once the sweep's trials have trained this many epochs in all (the running
+    # ones finish; num_samples stays the cap): a sweep's compute budget. 0: no budget
+    epoch_budget: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _objectives(self) -> SearchConfig:
@@ -163,6 +170,11 @@ class SearchConfig(Section):
         for name in self.objectives:
             if name not in valid:
                 raise ValueError(f"objectives: unknown metric {name!r}; valid: {', '.join(valid)}")
+        for name, proxy in self.rung_metrics.items():
+            if name not in self.objectives:
+                raise ValueError(f"rung_metrics: {name!r} is not one of the objectives ({', '.join(self.objectives)})")
+            if proxy not in valid:
+                raise ValueError(f"rung_metrics.{name}: unknown metric {proxy!r}; valid: {', '.join(valid)}")
         return self
 
     @property

@@ -36,6 +36,7 @@ from trainers.trial import reference_config
 
 #: a stopped trial's last result (as Tune flattens it) holds its rung's decision (RungState)
 STOPPED_KEY = f"{DECISION}/decision"
+EPOCH_KEY = "epoch_metrics/epoch"  # an epoch's report, as Tune flattens it
 Trainable = Callable[..., None]  # a trial function with sweeps.launch.trainable's signature
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
              "RAY_TRAIN_V2_ENABLED": "0",
@@ -208,7 +209,7 @@ def _check_resources(sweep: SweepConfig, *, local: bool, printer: Printer) -> No
     printer(f"warning: {message}; trials wait until the autoscaler adds such a node")
 
 
-def _searcher(sweep: SweepConfig, run_name: str, study_url: str) -> ConcurrencyLimiter:
+def _searcher(sweep: SweepConfig, run_name: str, study_url: str) -> BudgetLimiter:
     objectives = sweep.search.objectives
     seed = sweep.search.seed if sweep.search.seed is not None else sweep.default_trial.seed
     constraints = sweep.search.parsed_constraints
@@ -221,7 +222,38 @@ def _searcher(sweep: SweepConfig, run_name: str, study_url: str) -> ConcurrencyL
     searcher.constraints = constraints
     if sweep.search.replicates > 1:
         searcher = Replicates(searcher, repeat=sweep.search.replicates, extra=[c.metric for c in constraints])
-    return ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent)
+    return BudgetLimiter(searcher, max_concurrent=sweep.search.max_concurrent, epoch_budget=sweep.search.epoch_budget)
+
+
+class BudgetLimiter(ConcurrencyLimiter):
+    """Ray Tune's :class:`ConcurrencyLimiter`, which also suggests no trial once the sweep's trials
+    have reported ``epoch_budget`` epochs in all (``search.epoch_budget``; 0: no budget): Tune then
+    ends the sweep when the running trials end. The count is saved with the searcher's state
+    (beside its file), so a resumed launch goes on counting."""
+
+    def __init__(self, searcher: Searcher, max_concurrent: int, epoch_budget: int = 0) -> None:
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.epoch_budget, self.epochs_spent = epoch_budget, 0
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.epoch_budget and self.epochs_spent >= self.epoch_budget:
+            return Searcher.FINISHED
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if result.get(EPOCH_KEY, (result.get("epoch_metrics") or {}).get("epoch")) is not None:
+            self.epochs_spent += 1  # an epoch's report (the final one carries no epoch_metrics)
+        super().on_trial_result(trial_id, result)
+
+    def save(self, checkpoint_path: str) -> None:
+        super().save(checkpoint_path)
+        Path(f"{checkpoint_path}.epochs").write_text(str(self.epochs_spent))
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        spent = Path(f"{checkpoint_path}.epochs")
+        if spent.is_file():
+            self.epochs_spent = int(spent.read_text())
 
 
 class StudySearch(OptunaSearch):
@@ -329,7 +361,7 @@ def moasha(sweep: SweepConfig, objectives: list[str]) -> MOASHA | None:
         return None
     return MOASHA({k: sweep.search.objectives[k] for k in objectives}, grace_period=sweep.search.grace_period,
                   reduction_factor=sweep.search.reduction_factor, max_t=sweep.default_trial.train.epochs,
-                  constraints=sweep.search.parsed_constraints)
+                  constraints=sweep.search.parsed_constraints, rung_metrics=sweep.search.rung_metrics)
 
 
 def restore(sweep: SweepConfig, folder: Path, logger: TrialLogger, objectives: list[str], *,

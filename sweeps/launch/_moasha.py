@@ -9,7 +9,9 @@ fill (as in ASHA): the first trial at a rung always goes on, and later ones meet
 The order at a rung: feasible trials (every ``search.constraints`` satisfied) before infeasible
 ones (these by their total violation); then by non-dominated sorting over the objectives
 (moocore's ``pareto_rank``); within a front by crowding distance, largest first (NSGA-II's,
-on each objective's range within the front); then by arrival.
+on each objective's range within the front); then by arrival. An objective may be ranked by
+another metric of the rung's epoch (``search.rung_metrics``: a backdoor's ``target_margin`` for
+its ``attack_success``), in the objective's direction.
 
 Ray Tune does not keep a scheduler's state in its experiment state (``TuneController.save_to_dir``
 leaves ``_scheduler_alg`` out), so :class:`RungState`, a Tune callback, saves the rungs and the
@@ -104,9 +106,10 @@ class MOASHA(FIFOScheduler):
     ``{"epoch", "decision" (promoted|stopped), "place", "of", "kept", "front", "feasible"}``."""
 
     def __init__(self, objectives: dict[str, str], *, grace_period: int, reduction_factor: float, max_t: int,
-                 constraints: Sequence[Constraint] = ()) -> None:
+                 constraints: Sequence[Constraint] = (), rung_metrics: dict[str, str] | None = None) -> None:
         super().__init__()
         self.objectives, self.reduction_factor = dict(objectives), reduction_factor
+        self.ranked_by = [(rung_metrics or {}).get(k, k) for k in self.objectives]  # the metric read per objective
         self.constraints = list(constraints)
         self.rungs = rung_epochs(grace_period, reduction_factor, max_t)
         # rung epoch -> trial id -> (objective values, violation), in arrival order
@@ -128,7 +131,7 @@ class MOASHA(FIFOScheduler):
         if earlier is not None:
             return earlier
         rung = self.recorded[epoch]
-        values = [float(metrics[k]) if _finite(metrics.get(k)) else math.nan for k in self.objectives]
+        values = [float(metrics[k]) if _finite(metrics.get(k)) else math.nan for k in self.ranked_by]
         rung[trial_id] = (values, violation(self.constraints, metrics))
         ids = list(rung)
         order, fronts = promotion_order(np.array([rung[t][0] for t in ids]), list(self.objectives.values()),
@@ -153,7 +156,9 @@ class MOASHA(FIFOScheduler):
         self.decisions = {t: list(d) for t, d in state.get("decisions", {}).items()}
 
     def debug_string(self) -> str:
-        return f"MOASHA: rungs at epochs {self.rungs}, keeping 1 in {self.reduction_factor:g}"
+        by = [f"{o} by {m}" for o, m in zip(self.objectives, self.ranked_by) if o != m]
+        return f"MOASHA: rungs at epochs {self.rungs}, keeping 1 in {self.reduction_factor:g}" + \
+            (f" ({', '.join(by)})" if by else "")
 
 
 #: The key of a rung's decision in the trial's result at that epoch (and so in Tune's result.json).

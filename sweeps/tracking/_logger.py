@@ -146,12 +146,14 @@ class TrialLogger(tune.Callback):
         self.printer(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}")
 
     def progress(self) -> str:
-        """The status line: trials done, running and failed, and the time left at the pace of
+        """The status line: trials done, stopped early (by the scheduler), running and failed, and the time left at the pace of
         those that ended since this process started its first trial."""
-        failed = sum(r.status != "FINISHED" for r in self.finished.values())
-        done = len(self.finished) - failed
+        failed = sum(r.status == "FAILED" for r in self.finished.values())
+        stopped = sum(r.status == "STOPPED" for r in self.finished.values())
+        done = len(self.finished) - failed - stopped
         left = self.total - len(self.finished)
-        line = f"{done}/{self.total} trials done, {len(self.running)} running, {failed} failed"
+        line = f"{done}/{self.total} trials done, " + (f"{stopped} stopped early, " if stopped else "") + \
+            f"{len(self.running)} running, {failed} failed"
         if self.first_start is None or not self.ended or not left:
             return line
         per_trial = (time.monotonic() - self.first_start) / self.ended
@@ -303,6 +305,9 @@ class TrialLogger(tune.Callback):
             last = decisions[-1]
             self.say(f"{self._label(trial)} stopped at epoch {last['epoch']}: place {last['place']} of {last['of']} "
                      f"at that rung, which keeps {last['kept']}")
+            self.running.discard(trial.trial_id)
+            self.ended += 1
+            self._show_progress()
             self._catch_up_behind()
             return
         step = _epochs(self.sweep.resolve(trial.config))  # the last epoch's step
