@@ -2,7 +2,8 @@
 
 One recipe, the packaged demo (``sweeps/presets/demo.yaml``: a patch backdoor on the synthetic
 set, searching ``poison_count`` and the trigger's size; objectives attack success, utility,
-poison count) trained for ``--epochs`` (9: rungs at 1, 3 and 9), swept by the real driver
+poison count) on 4,000 pairs (``--size``; the demo's 8,000 would take twice as long) trained for
+``--epochs`` (9: rungs at 1, 3 and 9), swept by the real driver
 (``sweeps.launch.run_sweep``: Ray Tune, Optuna, MLflow) in arms, each run once per sweep seed
 (``search.seed``; the trials' own seed stays 0, so one configuration trains alike in every arm):
 
@@ -30,7 +31,7 @@ final utility): attack success itself, ``target_margin``, ``target_similarity`` 
 loss of the poisoned pairs against the clean ones (``train_loss_clean - train_loss_poisoned``).
 
     .venv/bin/python benchmarks/multifidelity.py [--seeds 0 1 2] [--arms tpe tpe-moasha random-moasha]
-        [--epochs 9] [--configs 24] [--proxy target_margin] [--out poisonsweep_results/multifidelity]
+        [--epochs 9] [--size 4000] [--configs 24] [--proxy target_margin] [--out poisonsweep_results/multifidelity]
         [--report-only]
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ REFERENCE = (1.1, 1.1, 1.1)
 def overrides(arm: str, seed: int, args: argparse.Namespace, folder: Path) -> list[str]:
     sampler, scheduler, proxy = ARMS[arm]
     budget = args.configs * args.epochs
-    out = [f"name=mf-{arm}-s{seed}", f"train.epochs={args.epochs}", *args.set, f"search.seed={seed}",
+    out = [f"name=mf-{arm}-s{seed}", f"data.size={args.size}", f"train.epochs={args.epochs}", *args.set, f"search.seed={seed}",
            f"search.sampler={sampler}", f"search.scheduler={scheduler}", "search.max_concurrent=2",
            f"storage.path={folder}", f"storage.cache={args.out / 'cache'}"]
     if scheduler == "none":
@@ -230,6 +231,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["tpe", "tpe-moasha", "random-moasha"])
     parser.add_argument("--epochs", type=int, default=9)
+    parser.add_argument("--size", type=int, default=4000, help="the synthetic set's pairs")
     parser.add_argument("--configs", type=int, default=24)
     parser.add_argument("--proxy", default="target_margin", help="the metric that ranks attack success at a rung")
     parser.add_argument("--points", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.6, 1.0])

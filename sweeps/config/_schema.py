@@ -31,7 +31,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from poison import ATTACKS, DEFENSES, DataError, load_dataset
 from poison.config import ConfigError, Section, validate_section
@@ -170,12 +170,18 @@ class SearchConfig(Section):
         for name in self.objectives:
             if name not in valid:
                 raise ValueError(f"objectives: unknown metric {name!r}; valid: {', '.join(valid)}")
-        for name, proxy in self.rung_metrics.items():
-            if name not in self.objectives:
-                raise ValueError(f"rung_metrics: {name!r} is not one of the objectives ({', '.join(self.objectives)})")
-            if proxy not in valid:
-                raise ValueError(f"rung_metrics.{name}: unknown metric {proxy!r}; valid: {', '.join(valid)}")
         return self
+
+    @field_validator("rung_metrics")
+    @classmethod
+    def _rung_metrics(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        objectives, valid = info.data.get("objectives") or {}, objective_names()
+        for name, proxy in value.items():
+            if name not in objectives:
+                raise ValueError(f"{name!r} is not one of the objectives ({', '.join(objectives)})")
+            if proxy not in valid:
+                raise ValueError(f"{name}: unknown metric {proxy!r}; valid: {', '.join(valid)}")
+        return value
 
     @property
     def parsed_constraints(self) -> list[Constraint]:
@@ -621,6 +627,9 @@ def _check_scheduler(search: SearchConfig, trial: TrialConfig, dims: dict[str, D
     """moasha's rungs are epochs below ``train.epochs``: a fixed number of them, more than
     ``grace_period``."""
     if search.scheduler == "none":
+        if search.rung_metrics:
+            raise ConfigError("search.rung_metrics: only search.scheduler: moasha ranks trials at rungs; "
+                              "set it, or leave rung_metrics out")
         return
     if "train.epochs" in dims:
         raise ConfigError("search.scheduler: moasha needs a fixed train.epochs (its rungs are epochs "

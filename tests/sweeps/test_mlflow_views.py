@@ -194,3 +194,6 @@ def test_the_status_line_counts_trials_and_estimates_the_time_left_at_the_pace_s
     logger.finished = {"a": TrialRow("a", "FINISHED", {}, {}, None), "b": TrialRow("b", "FAILED", {}, {}, None)}
     monkeypatch.setattr(_logger.time, "monotonic", lambda: 1100.0)  # two ended in 100 s: 50 s each
     assert logger.progress() == "1/4 trials done, 1 running, 1 failed, about 1:40 left"
+    logger.finished["d"] = TrialRow("d", "STOPPED", {}, {}, None, "stopped at epoch 1")
+    logger.ended = 4  # one more ended early and the pace doubles: 25 s each, one trial left
+    assert logger.progress() == "1/4 trials done, 1 stopped early, 1 running, 1 failed, about 0:25 left"

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
 
 from sweeps.config import Constraint
 from sweeps.launch._moasha import DECISION, MOASHA, RungState, crowding_distance, promotion_order, rung_epochs
@@ -121,6 +122,24 @@ def test_constraints_decide_ties_against_the_infeasible():
     assert report(scheduler, "D", 1) == TrialScheduler.STOP  # no utility_drop reported: infeasible
 
 
+def test_a_rung_metric_ranks_its_objective_in_the_objectives_direction():
+    # attack success ranked by target_margin: A's success is higher, but B's margin is; with
+    # poison_count equal, the margin alone decides, and of 2 arrivals with factor 2 one goes on
+    scheduler = MOASHA(OBJECTIVES, grace_period=1, reduction_factor=2, max_t=4,
+                       rung_metrics={"attack_success": "target_margin"})
+    first = {"epoch_metrics/epoch": 1, "epoch_metrics/attack_success": 0.02, "epoch_metrics/target_margin": -0.3,
+             "epoch_metrics/poison_count": 20}
+    second = {**first, "epoch_metrics/attack_success": 0.0, "epoch_metrics/target_margin": -0.1}
+    assert scheduler.on_trial_result(None, trial("A"), first) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, trial("B"), second) == TrialScheduler.CONTINUE  # 1 of 2: kept 1
+    assert scheduler.on_trial_result(None, trial("C"), first) == TrialScheduler.STOP  # behind B, A came first
+    assert "attack_success by target_margin" in scheduler.debug_string()
+    # without the rung metric, A's and C's success puts B last
+    plain = MOASHA(OBJECTIVES, grace_period=1, reduction_factor=2, max_t=4)
+    assert [plain.on_trial_result(None, trial(t), r) for t, r in (("A", first), ("B", second))] == \
+        [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+
+
 def test_the_rungs_survive_tunes_experiment_state():
     scheduler = MOASHA(OBJECTIVES, grace_period=1, reduction_factor=2, max_t=4)
     report(scheduler, "A", 1)
@@ -222,6 +241,13 @@ def test_replicates_of_a_configuration_one_of_them_stopped_are_told_as_stopped()
     ({"constraints": ["utility_drop < 0.02"]}, {},
      "search.constraints[0]: 'utility_drop < 0.02' is not 'METRIC <= BOUND' or 'METRIC >= BOUND'"),
     ({"constraints": ["utility >= nan"]}, {}, "search.constraints[0]: bound 'nan' is not a finite number"),
+    ({"scheduler": "moasha", "rung_metrics": {"utility_drop": "target_margin"}}, {},
+     "search.rung_metrics: 'utility_drop' is not one of the objectives (attack_success, utility, poison_count)"),
+    ({"scheduler": "moasha", "rung_metrics": {"attack_success": "target_margn"}}, {},
+     "search.rung_metrics: attack_success: unknown metric 'target_margn'; valid: "),
+    ({"rung_metrics": {"attack_success": "target_margin"}}, {},
+     "search.rung_metrics: only search.scheduler: moasha ranks trials at rungs"),
+    ({"epoch_budget": -1}, {}, "search.epoch_budget: "),
 ])
 def test_bad_scheduler_and_constraint_settings_are_one_line_naming_the_key(search, train, message):
     from poison import ConfigError
@@ -246,3 +272,47 @@ def test_a_valid_scheduler_config():
 
     scheduler = moasha(sweep, list(sweep.search.objectives))
     assert scheduler.rungs == [2, 4] and scheduler.constraints == sweep.search.parsed_constraints  # TINY: 5 epochs
+
+
+class Counting(Searcher):
+    """A searcher that suggests ``{"x": n}`` for its n-th trial."""
+
+    def __init__(self) -> None:
+        super().__init__(metric="attack_success", mode="max")
+        self.n = 0
+
+    def suggest(self, trial_id):
+        self.n += 1
+        return {"x": self.n}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+    def save(self, checkpoint_path):
+        pass
+
+    def restore(self, checkpoint_path):
+        pass
+
+
+def test_the_epoch_budget_stops_suggesting_once_spent_and_survives_a_resume(tmp_path):
+    from sweeps.launch._driver import BudgetLimiter
+
+    limiter = BudgetLimiter(Counting(), max_concurrent=2, epoch_budget=3)
+    assert limiter.suggest("t1") == {"x": 1} and limiter.suggest("t2") == {"x": 2}
+    for epoch in (1, 2):
+        limiter.on_trial_result("t1", {"epoch_metrics/epoch": epoch, "epoch_metrics/loss": 1.0})
+    limiter.on_trial_result("t1", {"attack_success": 0.5})  # the final report is no epoch
+    limiter.on_trial_complete("t1", {"attack_success": 0.5})
+    assert limiter.epochs_spent == 2 and limiter.suggest("t3") == {"x": 3}  # 2 of 3 spent
+    limiter.on_trial_result("t2", {"epoch_metrics": {"epoch": 1}})  # unflattened, as a searcher may see it
+    limiter.on_trial_complete("t2", None)
+    assert limiter.suggest("t4") == Searcher.FINISHED  # 3 of 3 spent: t3 runs on, nothing starts
+    limiter.save(str(tmp_path / "searcher.pkl"))
+    resumed = BudgetLimiter(Counting(), max_concurrent=2, epoch_budget=3)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    assert resumed.epochs_spent == 3 and resumed.suggest("t4") == Searcher.FINISHED
+    unlimited = BudgetLimiter(Counting(), max_concurrent=2)
+    for epoch in range(1, 100):
+        unlimited.on_trial_result("t1", {"epoch_metrics/epoch": epoch})
+    assert unlimited.suggest("t1") == {"x": 1}
