@@ -89,6 +89,40 @@ def test_evaluate_triggers_only_non_target_test_images(small_synthetic):
     assert out == {"backdoor_asr": 1.0, "attack_success": 1.0}
 
 
+class Scores:
+    """A ModelView that scores images against the classes: the target scores ``pull`` in the first
+    call (the attack asks for the triggered victims first) and 0 in the next (the same images
+    clean); class 0 scores 0.5 and every other class 0.2."""
+
+    def __init__(self, dataset, target, pull):
+        self.dataset, self.target, self.pull = dataset, target, pull
+        self.calls = 0
+
+    def class_scores(self, images):
+        self.calls += 1
+        scores = np.full((len(images), len(self.dataset.classnames)), 0.2)
+        scores[:, 0] = 0.5  # whatever the image: class 0 stands for its own class here
+        scores[:, self.target] = self.pull if self.calls == 1 else 0.0  # first the triggered images
+        return scores
+
+    def classify(self, images):
+        raise AssertionError("a model with scores is classified from them")
+
+
+def test_evaluate_reads_signals_from_a_model_that_gives_its_scores(small_synthetic):
+    attack = make_attack(backdoor(5))
+    target = small_synthetic.classnames.index("blue circle")
+    assert target != 0
+    # pull 0.7: every triggered victim's target score beats the best other (0.5) by 0.2
+    out = attack.evaluate(small_synthetic, Scores(small_synthetic, target, 0.7), seed=0)
+    assert out["attack_success"] == out["backdoor_asr"] == 1.0
+    assert out["target_margin"] == pytest.approx(0.2) and out["target_similarity"] == pytest.approx(0.7)
+    # pull 0.4: no victim reaches the target (margin -0.1), and the trigger still pulls it by 0.4
+    out = attack.evaluate(small_synthetic, Scores(small_synthetic, target, 0.4), seed=0)
+    assert out["attack_success"] == 0.0
+    assert out["target_margin"] == pytest.approx(-0.1) and out["target_similarity"] == pytest.approx(0.4)
+
+
 EXAMPLES = {  # one small config per attack, for the nesting checks below
     "backdoor": backdoor(12),
     "targeted": {"kind": "targeted", "target": "blue circle", "targets": 5, "poison_count": 12},

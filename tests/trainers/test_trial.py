@@ -34,6 +34,10 @@ def test_one_trial_trains_evaluates_and_reuses_the_clean_model(tmp_path):
     # every epoch's report has the trial's poison and its utility drop so far (a scheduler compares on them)
     assert [(e["poison_count"], e["poison_rate"]) for e in epochs] == [(60, m["poison_rate"])] * 2
     assert epochs[-1]["utility_drop"] == pytest.approx(m["clean_utility"] - epochs[-1]["utility"])
+    # and the early signals of the backdoor (docs/search.md): the loss of its poisoned pairs and
+    # the clean ones, the trigger's pull toward the target's text
+    for name in ("train_loss_poisoned", "train_loss_clean", "target_margin", "target_similarity"):
+        assert all(math.isfinite(e[name]) for e in epochs), name
     assert result.plan.num_rows == 60
     # the clean model was cached on disk; asking again loads it instead of training
     again = clean_model(config, cache_dir=str(tmp_path))
@@ -385,3 +389,20 @@ def test_an_epoch_of_a_set_smaller_than_its_clean_pairs_holds_no_row_twice_in_a_
     for _ in range(200):
         batches = Rows(99, 128).epoch(8, rng)
         assert len(batches) == 16 and all(len(set(b.tolist())) == 8 for b in batches)
+
+
+def test_the_epochs_loss_is_split_between_poisoned_and_clean_pairs():
+    from trainers.loop import PairLosses
+
+    eye, swap = torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    one = torch.tensor(1.0)
+    split = PairLosses(np.array([False, True, False, True]))
+    # matched pairs: each loss log(1 + e^-1) = 0.313262; crossed ones: log(1 + e) = 1.313262
+    split.add(np.array([0, 1]), {"image_features": eye, "text_features": eye, "logit_scale": one})
+    split.add(np.array([1, 3]), {"image_features": eye, "text_features": swap, "logit_scale": one})
+    means = split.means()
+    assert means["train_loss_clean"] == pytest.approx(0.313262, abs=1e-6)  # row 0
+    assert means["train_loss_poisoned"] == pytest.approx((0.313262 + 2 * 1.313262) / 3, abs=1e-6)  # rows 1, 1, 3
+    clean_only = PairLosses(np.zeros(4, bool))
+    clean_only.add(np.array([0, 1]), {"image_features": eye, "text_features": eye, "logit_scale": one})
+    assert clean_only.means() == {}
