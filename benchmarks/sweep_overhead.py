@@ -113,7 +113,8 @@ def record_trial(sweep: Any, folder: Path) -> dict[str, Any]:
 
 
 def fixed_work_trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_dir: str,
-                         threads: int, objectives: list[str], every: int = 1, **_: Any) -> None:
+                         threads: int, objectives: list[str], every: int = 1, kept: list[str] | None = None,
+                         **_: Any) -> None:
     """A trial of ``$SWEEP_OVERHEAD_WORK`` seconds, with :func:`sweeps.launch.trainable`'s
     signature and reports, replaying the recorded real trial (see the module's docstring);
     parameters it has no use for are ignored."""
@@ -122,7 +123,7 @@ def fixed_work_trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: d
     import yaml
     from ray import tune
 
-    from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE
+    from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE, epoch_result, final_result
     from sweeps.config._schema import resolve
     from sweeps.launch._trainable import for_worker
 
@@ -143,15 +144,15 @@ def fixed_work_trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: d
             with _tempfile.TemporaryDirectory() as folder:  # the real loop state's files, as write_state leaves them
                 shutil.copytree(record / STATE_DIR, folder, dirs_exist_ok=True)
                 (Path(folder) / "epoch.json").write_text(str(epoch))
-                tune.report({"epoch_metrics": metrics}, checkpoint=tune.Checkpoint.from_directory(folder))
+                tune.report(epoch_result(metrics, kept), checkpoint=tune.Checkpoint.from_directory(folder))
         else:
-            tune.report({"epoch_metrics": metrics})
+            tune.report(epoch_result(metrics, kept))
     final = {**json.loads((record / FINAL_FILE).read_text()), "poison_count": config.attack.poison_count}
     with _tempfile.TemporaryDirectory() as folder:
         shutil.copy(record / PLAN_FILE, Path(folder) / PLAN_FILE)
         (Path(folder) / METRICS_FILE).write_text(json.dumps(final, indent=1))
         (Path(folder) / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+        tune.report(final_result(final, kept), checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def bare_tune(args: argparse.Namespace, sweep: Any, folder: Path) -> float:

@@ -118,7 +118,8 @@ def synthetic_objectives(count: int, size: int, lr: float, seed: int) -> tuple[f
 # ---------------------------------------------------------------- part 2: the driver
 
 def fixed_work_trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_dir: str,
-                         threads: int, objectives: list[str], every: int = 1, **_: Any) -> None:
+                         threads: int, objectives: list[str], every: int = 1, kept: list[str] | None = None,
+                         **_: Any) -> None:
     """A trial of ``$SWEEP_SCALE_WORK`` seconds with :func:`sweeps.launch.trainable`'s reports:
     each epoch's metrics with a 1 KB checkpoint, then the final metrics, a real trial's plan and
     the resolved config."""
@@ -127,7 +128,7 @@ def fixed_work_trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: d
     import yaml
     from ray import tune
 
-    from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE
+    from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE, epoch_result, final_result
     from sweeps.config._schema import resolve
     from sweeps.launch._trainable import for_worker
 
@@ -142,14 +143,14 @@ def fixed_work_trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: d
                    "utility": utility * epoch / epochs}
         with _tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "state.bin").write_bytes(b"\0" * 1024)
-            tune.report({"epoch_metrics": metrics}, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(epoch_result(metrics, kept), checkpoint=tune.Checkpoint.from_directory(folder))
     final = {**json.loads((record / "final.json").read_text()), "attack_success": success, "utility": utility,
              "poison_count": count}
     with _tempfile.TemporaryDirectory() as folder:
         shutil.copy(record / PLAN_FILE, Path(folder) / PLAN_FILE)
         (Path(folder) / METRICS_FILE).write_text(json.dumps(final, indent=1))
         (Path(folder) / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+        tune.report(final_result(final, kept), checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 class Meter:

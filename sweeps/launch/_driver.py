@@ -380,9 +380,18 @@ def _resourced_trainable(sweep: SweepConfig, objectives: list[str], trainable: T
     return tune.with_resources(
         tune.with_parameters(trainable or trial_trainable, raw=sweep.raw, dims=sweep.dimensions, cache_dir=cache_dir,
                              threads=threads, objectives=objectives, every=sweep.search.checkpoint_every,
-                             **trial_parameters(sweep.resources), **extra),
+                             kept=tune_metrics(sweep, objectives), **trial_parameters(sweep.resources), **extra),
         trial_resources(sweep.resources),
     )
+
+
+def tune_metrics(sweep: SweepConfig, objectives: list[str]) -> list[str]:
+    """The metrics Tune's scheduler and searcher read from a trial's results, the only numbers the
+    trial reports to Tune (:func:`sweeps._files.epoch_result`): the objectives, the metrics that rank
+    them at rungs, the constraints' metrics."""
+    search = sweep.search
+    return list(dict.fromkeys([*objectives, *search.objectives, *search.rung_metrics.values(),
+                               *(c.metric for c in search.parsed_constraints)]))
 
 
 def clean_first(sweep: SweepConfig, seeds: list[int] | None = None) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import yaml
 from ray import tune
 
 from poison import load_dataset
-from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE
+from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE, epoch_result, final_result
 from sweeps.config import ResourcesConfig, resolve
 from trainers import TrialConfig, clean_model, run_trial
 from trainers.resume import read_state, write_state
@@ -31,8 +31,8 @@ class TuneCheckpointer:
     """The training loop's state kept in Tune's checkpoints: saved with the epoch's report, so
     a trial that Tune restarts (a lost worker, a retried error) goes on from its last epoch."""
 
-    def __init__(self, every: int) -> None:
-        self.every, self.pending = every, None
+    def __init__(self, every: int, kept: list[str] | None = None) -> None:
+        self.every, self.pending, self.kept = every, None, kept
 
     def load(self) -> dict[str, Any] | None:
         checkpoint = tune.get_checkpoint()
@@ -46,22 +46,27 @@ class TuneCheckpointer:
 
     def report(self, metrics: dict[str, float]) -> None:
         if self.pending is None:
-            tune.report({"epoch_metrics": metrics})
+            tune.report(epoch_result(metrics, self.kept))
             return
         with tempfile.TemporaryDirectory() as folder:
             write_state(folder, self.pending)
             self.pending = None
-            tune.report({"epoch_metrics": metrics}, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(epoch_result(metrics, self.kept), checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_dir: str,
                threads: int, objectives: list[str], every: int = 1, workers: int = 1,
-               worker_resources: dict[str, float] | None = None, clean_seeds: list[int] | None = None) -> None:
+               worker_resources: dict[str, float] | None = None, clean_seeds: list[int] | None = None,
+               kept: list[str] | None = None) -> None:
     """One Tune trial: resolve the config, train (on from its last checkpoint when Tune
     restarted it), report epochs with their checkpoints, then the final metrics.
 
     ``clean_seeds``: only trials of these seeds are measured against a clean model of their
     own (``clean_*`` and ``utility_drop``); None: every trial is.
+
+    ``kept``: the metrics Tune's scheduler and searcher read, the only numbers its results carry
+    (:func:`sweeps._files.epoch_result`); every metric is in the epoch's ``epoch_report`` and
+    the final checkpoint's metrics file. None: every metric is a number to Tune.
 
     With ``workers`` > 1 (``resources.workers``), the trial trains data-parallel through Ray
     Train on that many workers of ``worker_resources`` each (:func:`data_parallel`), and this
@@ -69,16 +74,17 @@ def trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_
 
     A trial Tune restores from its final checkpoint (its worker lost after the final report,
     before Tune completed it) reports that checkpoint again instead of training again."""
-    if report_final_again():
+    if report_final_again(kept):
         return
     config = resolve(raw, dims, values)
     baseline = clean_seeds is None or config.seed in clean_seeds
     if workers > 1:
         metrics, plan = data_parallel(config, workers=workers, worker_resources=worker_resources or {"CPU": 1},
-                                      cache_dir=cache_dir, threads=threads, every=every, baseline=baseline)
+                                      cache_dir=cache_dir, threads=threads, every=every, baseline=baseline,
+                                      kept=kept)
     else:
         config = for_worker(config, threads)
-        saver = TuneCheckpointer(every)
+        saver = TuneCheckpointer(every, kept)
         result = run_trial(config, cache_dir=cache_dir, on_epoch=saver.report, checkpointer=saver if every else None,
                            baseline=baseline)
         metrics, plan = result.metrics, result.plan
@@ -90,10 +96,10 @@ def trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_
         pq.write_table(plan, Path(folder) / PLAN_FILE)
         (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
         (Path(folder) / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        tune.report(final_result(metrics, kept), checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def report_final_again() -> bool:
+def report_final_again(kept: list[str] | None = None) -> bool:
     """When Tune restored this trial from its final checkpoint (the one holding METRICS_FILE),
     reports its metrics and that checkpoint again and returns True; else False."""
     checkpoint = tune.get_checkpoint()
@@ -103,7 +109,7 @@ def report_final_again() -> bool:
         if not (Path(folder) / METRICS_FILE).is_file():
             return False
         metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
-    tune.report(metrics, checkpoint=checkpoint)
+    tune.report(final_result(metrics, kept), checkpoint=checkpoint)
     return True
 
 
@@ -131,7 +137,8 @@ def trial_parameters(resources: ResourcesConfig) -> dict[str, Any]:
 
 
 def data_parallel(config: TrialConfig, *, workers: int, worker_resources: dict[str, float], cache_dir: str,
-                  threads: int, every: int, baseline: bool = True) -> tuple[dict[str, float], Any]:
+                  threads: int, every: int, baseline: bool = True,
+                  kept: list[str] | None = None) -> tuple[dict[str, float], Any]:
     """Runs the trial on ``workers`` Ray Train workers (gloo on CPU, nccl on GPU), each running
     :func:`run_trial` as one rank of a torch process group (``trainers.distributed``); returns
     rank 0's final metrics and poison plan.
@@ -177,7 +184,7 @@ def data_parallel(config: TrialConfig, *, workers: int, worker_resources: dict[s
 
     runner = threading.Thread(target=fit, name="ray-train-driver", daemon=True)
     runner.start()
-    saver = TuneCheckpointer(every)
+    saver = TuneCheckpointer(every, kept)
     try:
         while True:
             try:

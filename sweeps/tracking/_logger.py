@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import numpy as np
 from ray import tune
 
-from sweeps._files import DECISION_KEY, METRICS_FILE
+from sweeps._files import DECISION_KEY, METRICS_FILE, reported_epoch
 from sweeps.config import REPLICATE, SweepConfig
 from sweeps.tracking._client import LAUNCH_TAG, Tracker, trial_name
 from sweeps.tracking._mirror import TRACKING_ERRORS, Backoff, Mirror, has_final, rung_decisions, stopped, trial_folder
@@ -279,7 +279,7 @@ class TrialLogger(tune.Callback):
         self._catch_up_behind()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        epoch = result.get("epoch_metrics")
+        epoch = reported_epoch(result)
         if not epoch:
             return
         self._write(trial, lambda: self.mirror.epoch(trial.trial_id, epoch))

@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from poison import plan_hash
 from poison.config import ConfigError
 from poison.manifest import atomic_write
-from sweeps._files import CONFIG_FILE, DECISION_KEY, LAUNCH_FILE, METRICS_FILE, PLAN_FILE
+from sweeps._files import CONFIG_FILE, DECISION_KEY, LAUNCH_FILE, METRICS_FILE, PLAN_FILE, reported_epoch
 from sweeps.config import SweepConfig
 from sweeps.tracking._client import FINAL_TAG, NUMBER_TAG, Tracker
 
@@ -232,8 +232,9 @@ def epoch_reports(trial_dir: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line still being written
             continue
-        if row.get("epoch_metrics"):
-            reports.append(row["epoch_metrics"])
+        epoch = reported_epoch(row)
+        if epoch:
+            reports.append(epoch)
     return reports
 
 

@@ -219,3 +219,33 @@ def test_a_resumed_logger_numbers_new_trials_after_the_highest_in_mlflow(tmp_pat
     assert [logger.number(t) for t in ("a", "c", "new", "newer", "new")] == [1, 3, 4, 5, 4]
     fresh = TrialLogger(sweep, again, lambda line: None)
     assert [fresh.number(t) for t in ("x", "y", "x")] == [1, 2, 1]
+
+
+def test_tune_gets_only_the_numbers_it_compares_and_every_metric_reaches_the_mirror(tmp_path):
+    """An epoch's report holds as numbers only the epoch and the metrics Tune's scheduler and
+    searcher read (Tune keeps running statistics of every number, per trial, in the experiment
+    state it rewrites at each save); all of the epoch's metrics travel as JSON text, which the
+    mirror reads back from ``result.json`` as from a live result, as it reads an older launch's rows."""
+    from ray.tune.utils import flatten_dict
+
+    from sweeps._files import epoch_result, final_result, reported_epoch
+    from sweeps.launch._driver import tune_metrics
+    from sweeps.tracking._mirror import epoch_reports
+    from tests.support import TINY
+
+    sweep = validate_config({**TINY, "search": {**TINY["search"], "scheduler": "moasha", "constraints": [
+        "utility_drop <= 0.02"], "rung_metrics": {"attack_success": "target_margin"}}}, check_data=False)
+    kept = tune_metrics(sweep, list(sweep.search.objectives))
+    assert kept == ["attack_success", "utility", "poison_count", "target_margin", "utility_drop"]
+    metrics = {"epoch": 2, "loss": 1.5, "utility": 0.4, "attack_success": 0.1, "target_margin": -0.2,
+               "poison_count": 40, "utility_drop": 0.01, "zeroshot_top5": 0.9, "i2t_r1": 0.3, "epoch_seconds": 4.0}
+    result = epoch_result(metrics, kept)
+    numbers = {k for k, v in flatten_dict(result).items() if isinstance(v, (int, float))}
+    assert numbers == {f"epoch_metrics/{k}" for k in ("epoch", *kept)}
+    assert reported_epoch(result) == metrics
+    old = {"epoch_metrics": metrics}  # a row of a launch written before
+    (tmp_path / "result.json").write_text(json.dumps(old) + "\n" + json.dumps(result) + "\n"
+                                          + json.dumps(final_result({**metrics, "i2t_r5": 0.5}, kept)) + "\n")
+    assert epoch_reports(tmp_path) == [metrics, metrics]
+    assert final_result({**metrics, "i2t_r5": 0.5}, kept) == {k: metrics[k] for k in kept}
+    assert epoch_result(metrics, None) == old and final_result(metrics, None) == metrics
