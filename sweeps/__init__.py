@@ -12,7 +12,7 @@ ray, optuna and mlflow.
 
 Each package's ``__init__`` lists its public names; its modules (``_name.py``) are private.
 """
-from sweeps._lazy import exports
+from poison.lazy import exports
 
 __all__, __getattr__, __dir__ = exports(__name__, {
     "api": ["ConfigError", "SweepResult", "defenses", "load", "minimal_budget", "pareto", "run", "trials"],

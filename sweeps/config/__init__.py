@@ -1,7 +1,7 @@
 """The sweep config: its schema (sweep-level sections, the trial's sections with search
 dimensions in place of values), validation, overrides, resolving a drawn point into a trial
 config, and the search space Optuna draws from."""
-from sweeps._lazy import exports
+from poison.lazy import exports
 
 __all__, __getattr__, __dir__ = exports(__name__, {
     "_schema": ["REPLICATE", "Constraint", "Dimension", "ResourcesConfig", "StrictLoader", "SweepConfig", "apply_override",

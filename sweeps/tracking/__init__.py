@@ -1,7 +1,7 @@
 """Tracking: the MLflow client (parent and trial runs, params, tags), the mirror of Tune's
 storage into MLflow (live, and ``poisonsweep sync`` after an outage), and the trial logger
 that feeds it from Tune's events."""
-from sweeps._lazy import exports
+from poison.lazy import exports
 
 __all__, __getattr__, __dir__ = exports(__name__, {
     "_client": ["FINAL_TAG", "LAUNCH_TAG", "LOST_TAG", "ROLE_TAG", "RUNGS_TAG", "STOPPED_TAG", "Tracker",

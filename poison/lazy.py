@@ -1,9 +1,10 @@
-"""Public names of sweeps' packages, imported when first used (PEP 562).
+"""Public names of a package, imported when first used (PEP 562): ``trainers`` and sweeps'
+packages use it (here, in the package every other imports).
 
 Each package's ``__init__`` lists what it makes public and where each name lives; a name's
 module is imported on first use. So importing one part does not import the others' libraries:
-a Ray worker unpickling the trainable does not import Optuna or MLflow, and the analysis verbs
-(``pareto``, ``defenses``) do not import torch.
+reading a trial config does not import torch, a Ray worker unpickling the trainable does not
+import Optuna or MLflow, and the analysis verbs (``pareto``, ``defenses``) do not import torch.
 """
 from __future__ import annotations
 
