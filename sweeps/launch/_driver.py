@@ -6,6 +6,7 @@ and runs a ``Tuner`` whose trials call :func:`trainers.run_trial`.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -227,13 +228,27 @@ def _searcher(sweep: SweepConfig, run_name: str, study_url: str) -> BudgetLimite
 
 class BudgetLimiter(ConcurrencyLimiter):
     """Ray Tune's :class:`ConcurrencyLimiter`, which also suggests no trial once the sweep's trials
-    have reported ``epoch_budget`` epochs in all (``search.epoch_budget``; 0: no budget): Tune then
-    ends the sweep when the running trials end. The count is saved with the searcher's state
-    (beside its file), so a resumed launch goes on counting."""
+    have reached ``epoch_budget`` epochs in all (``search.epoch_budget``; 0: no budget): Tune then
+    ends the sweep when the running trials end. A trial counts the last epoch it reported (a
+    retried one does not count its epochs twice): Tune tells the searcher each result of a trial
+    that goes on and, when a trial ends, its last (a stopped trial's: the rung's epoch). The
+    counts are saved with the searcher's state (beside its file), so a resumed launch goes on
+    counting."""
 
     def __init__(self, searcher: Searcher, max_concurrent: int, epoch_budget: int = 0) -> None:
         super().__init__(searcher, max_concurrent=max_concurrent)
-        self.epoch_budget, self.epochs_spent = epoch_budget, 0
+        self.epoch_budget = epoch_budget
+        self.epochs: dict[str, int] = {}  # trial id -> the last epoch it reported
+
+    @property
+    def epochs_spent(self) -> int:
+        return sum(self.epochs.values())
+
+    def _seen(self, trial_id: str, result: dict | None) -> None:
+        result = result or {}
+        epoch = result.get(EPOCH_KEY, (result.get("epoch_metrics") or {}).get("epoch"))
+        if epoch is not None:  # an epoch's report (a final one carries no epoch_metrics)
+            self.epochs[trial_id] = max(self.epochs.get(trial_id, 0), int(epoch))
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.epoch_budget and self.epochs_spent >= self.epoch_budget:
@@ -241,19 +256,22 @@ class BudgetLimiter(ConcurrencyLimiter):
         return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if result.get(EPOCH_KEY, (result.get("epoch_metrics") or {}).get("epoch")) is not None:
-            self.epochs_spent += 1  # an epoch's report (the final one carries no epoch_metrics)
+        self._seen(trial_id, result)
         super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._seen(trial_id, result)
+        super().on_trial_complete(trial_id, result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:
         super().save(checkpoint_path)
-        Path(f"{checkpoint_path}.epochs").write_text(str(self.epochs_spent))
+        Path(f"{checkpoint_path}.epochs").write_text(json.dumps(self.epochs))
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         spent = Path(f"{checkpoint_path}.epochs")
         if spent.is_file():
-            self.epochs_spent = int(spent.read_text())
+            self.epochs = {k: int(v) for k, v in json.loads(spent.read_text()).items()}
 
 
 class StudySearch(OptunaSearch):

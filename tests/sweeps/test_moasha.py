@@ -298,20 +298,22 @@ class Counting(Searcher):
 def test_the_epoch_budget_stops_suggesting_once_spent_and_survives_a_resume(tmp_path):
     from sweeps.launch._driver import BudgetLimiter
 
-    limiter = BudgetLimiter(Counting(), max_concurrent=2, epoch_budget=3)
-    assert limiter.suggest("t1") == {"x": 1} and limiter.suggest("t2") == {"x": 2}
+    limiter = BudgetLimiter(Counting(), max_concurrent=3, epoch_budget=4)
+    assert [limiter.suggest(t) for t in ("t1", "t2", "t3")] == [{"x": 1}, {"x": 2}, {"x": 3}]
     for epoch in (1, 2):
         limiter.on_trial_result("t1", {"epoch_metrics/epoch": epoch, "epoch_metrics/loss": 1.0})
+    limiter.on_trial_result("t1", {"epoch_metrics/epoch": 2})  # a retried trial reports an epoch again
     limiter.on_trial_result("t1", {"attack_success": 0.5})  # the final report is no epoch
     limiter.on_trial_complete("t1", {"attack_success": 0.5})
-    assert limiter.epochs_spent == 2 and limiter.suggest("t3") == {"x": 3}  # 2 of 3 spent
-    limiter.on_trial_result("t2", {"epoch_metrics": {"epoch": 1}})  # unflattened, as a searcher may see it
-    limiter.on_trial_complete("t2", None)
-    assert limiter.suggest("t4") == Searcher.FINISHED  # 3 of 3 spent: t3 runs on, nothing starts
+    # Tune tells a searcher no result of a trial the scheduler stops, only its last, at the end
+    limiter.on_trial_complete("t2", {"epoch_metrics/epoch": 1, "rung_decision/decision": "stopped"})
+    assert limiter.epochs_spent == 3 and limiter.suggest("t4") == {"x": 4}  # 3 of 4 spent
+    limiter.on_trial_result("t3", {"epoch_metrics": {"epoch": 1}})  # unflattened, as a searcher may see it
+    assert limiter.suggest("t5") == Searcher.FINISHED  # 4 of 4 spent: t3 and t4 run on, nothing starts
     limiter.save(str(tmp_path / "searcher.pkl"))
-    resumed = BudgetLimiter(Counting(), max_concurrent=2, epoch_budget=3)
+    resumed = BudgetLimiter(Counting(), max_concurrent=3, epoch_budget=4)
     resumed.restore(str(tmp_path / "searcher.pkl"))
-    assert resumed.epochs_spent == 3 and resumed.suggest("t4") == Searcher.FINISHED
+    assert resumed.epochs_spent == 4 and resumed.suggest("t5") == Searcher.FINISHED
     unlimited = BudgetLimiter(Counting(), max_concurrent=2)
     for epoch in range(1, 100):
         unlimited.on_trial_result("t1", {"epoch_metrics/epoch": epoch})
