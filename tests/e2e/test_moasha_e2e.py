@@ -185,3 +185,50 @@ def test_a_resumed_moasha_launch_keeps_its_rungs(tmp_path, ray_local, capsys):
     assert [d["of"] for d in decisions[1]] == [1] and [d["of"] for d in decisions[2]] == [2]
     (fifth,) = decisions[last]
     assert fifth["epoch"] == 1 and fifth["of"] >= 4
+
+
+@pytest.mark.slow
+def test_an_epoch_budget_ends_a_moasha_sweep_once_its_trials_reached_it(tmp_path, ray_local):
+    """``search.epoch_budget`` under the scheduler: trials of fixed, short work, one at a time, 3
+    epochs each unless stopped at the rung (epoch 1). Tune tells the searcher no result of a trial
+    its scheduler stops; the budget must count the stopped trials' epochs all the same. The
+    sweep starts trials while fewer than 12 epochs are spent and none after. 20 to 40 s."""
+    from sweeps.config._schema import load_config
+    from sweeps.launch._driver import run_sweep
+    from tests.support import write_sweep
+
+    def fixed_work(values, *, raw, dims, kept=None, **_) -> None:  # nested: Ray's workers get it by value
+        import json
+        import tempfile
+        from pathlib import Path
+
+        import pyarrow.parquet as pq
+        import yaml
+        from ray import tune
+
+        from poison.attacks import empty_plan
+        from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE, epoch_result, final_result
+        from sweeps.config import resolve
+
+        config = resolve(raw, dims, values)
+        count = config.attack.poison_count
+        metrics = {"attack_success": count / 40, "utility": 1 - count / 80, "poison_count": count}
+        for epoch in range(1, config.train.epochs + 1):
+            tune.report(epoch_result({"epoch": epoch, "loss": 1.0 / epoch, **metrics}, kept))
+        with tempfile.TemporaryDirectory() as folder:
+            pq.write_table(empty_plan(), Path(folder) / PLAN_FILE)
+            (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics))
+            (Path(folder) / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict()))
+            tune.report(final_result(metrics, kept), checkpoint=tune.Checkpoint.from_directory(folder))
+
+    sweep = load_config(write_sweep(tmp_path, "budget", train={**TINY["train"], "epochs": 3}, search={
+        **TINY["search"], "num_samples": 30, "objectives": OBJECTIVES, "scheduler": "moasha", "grace_period": 1,
+        "reduction_factor": 3, "epoch_budget": 12}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_sweep(sweep, tracking_uri=uri, printer=lambda line: None, trainable=fixed_work)
+    client, parent, children = launch_runs(uri, "budget", "sweep")
+    epochs = [len(client.get_metric_history(c.info.run_id, "loss")) for c in
+              sorted(children, key=lambda c: c.info.run_name)]  # in the order they started, one at a time
+    assert any(e == 1 for e in epochs) and any(e == 3 for e in epochs)  # some stopped at the rung, some finished
+    assert sum(epochs[:-1]) < 12 <= sum(epochs) and len(epochs) < 30, epochs
+    assert {r.status for r in outcome.rows} == {"FINISHED", "STOPPED"} and parent.info.status == "FINISHED"
