@@ -8,12 +8,15 @@ poison count) on 4,000 pairs (``--size``; the demo's 8,000 would take twice as l
 (``search.seed``; the trials' own seed stays 0, so one configuration trains alike in every arm):
 
 - ``tpe``: (a) full fidelity, TPE, ``--configs`` trials to the last epoch;
-- ``tpe-moasha``: (b) TPE with ``search.scheduler: moasha`` (grace period 1, reduction factor 3),
-  ranking attack success at a rung by ``--proxy`` (``search.rung_metrics``);
+- ``tpe-moasha``: (b) TPE with ``search.scheduler: moasha`` (``--grace-period`` 2, reduction
+  factor 3: rungs at epochs 2 and 6), ranking attack success at a rung by ``--proxy``
+  (``search.rung_metrics``; default ``target_similarity``, what the early-signal table below
+  supports);
 - ``random-moasha``: (c) random search with the same scheduler and proxy;
-- ``tpe-moasha-raw``: (b) ranking attack success by itself (no proxy), to show what the proxy buys.
+- ``tpe-moasha-raw``: (b) ranking attack success by itself (no proxy), to show what the proxy buys;
+- ``tpe-moasha-margin1``: (b) with rungs at epochs 1 and 3 ranking by ``target_margin``.
 
-(b), (c) and the raw arm start trials until they have spent (a)'s epochs (``search.epoch_budget``
+The scheduler's arms start trials until they have spent (a)'s epochs (``search.epoch_budget``
 = configs x epochs; running trials finish). Every arm and seed keeps its results under ``--out``
 (``<arm>-s<seed>.json``, from the launch's MLflow store), so a rerun skips what is done and an
 interrupted launch is resumed (``--resume``): the benchmark runs in parts.
@@ -31,7 +34,7 @@ final utility): attack success itself, ``target_margin``, ``target_similarity`` 
 loss of the poisoned pairs against the clean ones (``train_loss_clean - train_loss_poisoned``).
 
     .venv/bin/python benchmarks/multifidelity.py [--seeds 0 1 2] [--arms tpe tpe-moasha random-moasha]
-        [--epochs 9] [--size 4000] [--configs 24] [--proxy target_margin] [--out poisonsweep_results/multifidelity]
+        [--epochs 9] [--size 4000] [--configs 24] [--proxy target_similarity] [--grace-period 2] [--out poisonsweep_results/multifidelity]
         [--report-only]
 """
 from __future__ import annotations
@@ -52,11 +55,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
-ARMS = {  # arm -> (sampler, scheduler, ranks attack success by the proxy)
-    "tpe": ("tpe", "none", False),
-    "tpe-moasha": ("tpe", "moasha", True),
-    "random-moasha": ("random", "moasha", True),
-    "tpe-moasha-raw": ("tpe", "moasha", False),
+ARMS = {  # arm -> (sampler, scheduler, the metric ranking attack success at rungs, grace period)
+    "tpe": ("tpe", "none", None, None),
+    "tpe-moasha": ("tpe", "moasha", "proxy", "grace"),
+    "random-moasha": ("random", "moasha", "proxy", "grace"),
+    "tpe-moasha-raw": ("tpe", "moasha", None, "grace"),
+    "tpe-moasha-margin1": ("tpe", "moasha", "target_margin", 1),
 }
 OBJECTIVES = ("attack_success", "utility", "poison_count")
 SIGNALS = ("attack_success", "target_margin", "target_similarity", "loss_gap")
@@ -66,7 +70,9 @@ REFERENCE = (1.1, 1.1, 1.1)
 
 
 def overrides(arm: str, seed: int, args: argparse.Namespace, folder: Path) -> list[str]:
-    sampler, scheduler, proxy = ARMS[arm]
+    sampler, scheduler, proxy, grace = ARMS[arm]
+    proxy = args.proxy if proxy == "proxy" else proxy
+    grace = args.grace_period if grace == "grace" else grace
     budget = args.configs * args.epochs
     out = [f"name=mf-{arm}-s{seed}", f"data.size={args.size}", f"train.epochs={args.epochs}", *args.set, f"search.seed={seed}",
            f"search.sampler={sampler}", f"search.scheduler={scheduler}", "search.max_concurrent=2",
@@ -74,10 +80,10 @@ def overrides(arm: str, seed: int, args: argparse.Namespace, folder: Path) -> li
     if scheduler == "none":
         out.append(f"search.num_samples={args.configs}")
     else:  # trials until (a)'s epochs are spent; num_samples only a cap
-        out += ["search.grace_period=1", "search.reduction_factor=3", f"search.num_samples={budget}",
+        out += [f"search.grace_period={grace}", "search.reduction_factor=3", f"search.num_samples={budget}",
                 f"search.epoch_budget={budget}"]
         if proxy:
-            out.append(f"search.rung_metrics={{attack_success: {args.proxy}}}")
+            out.append(f"search.rung_metrics={{attack_success: {proxy}}}")
     return out
 
 
@@ -169,6 +175,22 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(rho)
 
 
+def partial_spearman(x: list[float | None], y: list[float], z: list[float]) -> float:
+    """Spearman's correlation of ``x`` and ``y`` with ``z`` partialled out: the Pearson correlation
+    of their ranks' residuals after a least-squares line on ``z``'s rank."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    keep = [i for i, v in enumerate(x) if v is not None and math.isfinite(v)]
+    if len(keep) < 4:
+        return math.nan
+    rx, ry, rz = (rankdata(np.array([seq[i] for i in keep], float)) for seq in (x, y, z))
+    residual = [r - np.polyval(np.polyfit(rz, r, 1), rz) for r in (rx, ry)]
+    if not all(np.std(r) > 0 for r in residual):
+        return math.nan
+    return float(np.corrcoef(*residual)[0, 1])
+
+
 def signal(row: dict[str, float], name: str) -> float | None:
     if name == "loss_gap":
         clean, poisoned = row.get("train_loss_clean"), row.get("train_loss_poisoned")
@@ -219,6 +241,13 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
     for name in SIGNALS:
         rhos = [spearman([signal(t["epochs"][e], name) for t in early], final_asr) for e in range(args.epochs)]
         print(f"{name:20s}" + "".join(f"{r:7.2f}" for r in rhos))
+    counts = [t["final"]["poison_count"] for t in early]
+    print(f"The same with the poison budget partialled out (the correlation of the ranks' residuals after a "
+          f"line on poison_count's rank; poison_count alone: {spearman(counts, final_asr):.2f}):")
+    for name in SIGNALS:
+        rhos = [partial_spearman([signal(t["epochs"][e], name) for t in early], final_asr, counts)
+                for e in range(args.epochs)]
+        print(f"{name:20s}" + "".join(f"{r:7.2f}" for r in rhos))
     final_utility = [t["final"]["utility"] for t in early]
     rhos = [spearman([t["epochs"][e].get("utility") for t in early], final_utility) for e in range(args.epochs)]
     print(f"{'utility':20s}" + "".join(f"{r:7.2f}" for r in rhos))
@@ -233,7 +262,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--size", type=int, default=4000, help="the synthetic set's pairs")
     parser.add_argument("--configs", type=int, default=24)
-    parser.add_argument("--proxy", default="target_margin", help="the metric that ranks attack success at a rung")
+    parser.add_argument("--proxy", default="target_similarity", help="the metric that ranks attack success at a rung")
+    parser.add_argument("--grace-period", type=int, default=2, help="the scheduler's first rung (epochs)")
     parser.add_argument("--points", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.6, 1.0])
     parser.add_argument("--out", type=Path, default=ROOT / "poisonsweep_results" / "multifidelity")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
