@@ -155,8 +155,8 @@ class SearchConfig(Section):
     # of the feasible trials first
     constraints: list[str] = Field(default_factory=list)
     # At a rung, an objective ranked by another metric of the same epoch, in the objective's
-    # direction (attack_success: target_margin, the backdoor's continuous margin, which moves
-    # epochs before its success rate does: docs/search.md has the measurement)
+    # direction (attack_success: target_similarity, the trigger's pull toward the target's text,
+    # which ranks a backdoor's final success epochs before the success itself: docs/search.md)
     rung_metrics: dict[str, str] = Field(default_factory=dict)
     # Start no trial once the sweep's trials have trained this many epochs in all (the running
     # ones finish; num_samples stays the cap): a sweep's compute budget. 0: no budget
