@@ -18,8 +18,9 @@ poison count) on 4,000 pairs (``--size``; the demo's 8,000 would take twice as l
 
 The scheduler's arms start trials until they have spent (a)'s epochs (``search.epoch_budget``
 = configs x epochs; running trials finish). Every arm and seed keeps its results under ``--out``
-(``<arm>-s<seed>.json``, from the launch's MLflow store), so a rerun skips what is done and an
-interrupted launch is resumed (``--resume``): the benchmark runs in parts.
+(``<arm>-s<seed>.json``, from the launch's MLflow store; Tune's checkpoints are deleted then), so a
+rerun skips what is done and an interrupted launch is resumed (``--resume``): the benchmark runs in
+parts.
 
 It prints, per arm, the hypervolume of the front of the finished trials' final metrics against
 the epochs spent (``--points`` fractions of (a)'s epochs), over the seeds; and the ratio the
@@ -45,6 +46,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -297,6 +299,8 @@ def main() -> None:
             result = run_arm(arm, seed, args)
             path.write_text(json.dumps(result))
             results[(arm, seed)] = result
+            for launch in (args.out / f"{arm}-s{seed}").glob("mf-*"):  # Tune's checkpoints: gigabytes, read
+                shutil.rmtree(launch, ignore_errors=True)                # no more (MLflow's store is kept)
             print(f"{arm}, sweep seed {seed}: {len(result['trials'])} trials in {result['wall_s'] / 60:.1f} min", flush=True)
     report(results, args)
 
