@@ -13,8 +13,9 @@ real trial's poison plan and config), ``--slots`` at a time on a local Ray that 
 many CPUs. Each trial's objectives are a smooth function of its drawn values plus seeded noise,
 so the samplers see a front (constant values would make TPE's split trivial). Per size: the
 driver process's CPU seconds per trial over the whole launch and over its last tenth of
-trials before the drain (the marginal cost: what grows shows there; the last ``--slots``
-trials are left out, as no trial starts after them and so none is suggested), and where they go:
+trials before the drain, at least 50 of them (the marginal cost: what grows shows there; fewer
+trials make it noise; the last ``--slots`` trials are left out, as no trial starts after them
+and so none is suggested), and where they go:
 
 - ``searcher``: OptunaSearch's suggest and tell (the sampler and the study's SQLite storage);
 - ``tune state``: Tune's experiment-state saves (every trial's state, pickled, at most once a
@@ -229,10 +230,10 @@ def run_size(size: int, args: argparse.Namespace, folder: Path, meter: Meter) ->
     outcome = run_sweep(sweep, tracking_uri=f"sqlite:///{folder / str(size) / 'mlflow.db'}", printer=printer,
                         trainable=fixed_work_trainable)
     wall, after = time.perf_counter() - start, meter.snapshot()
-    # the marginal cost: the last tenth of trials before the drain (the last `slots` trials end
+    # the marginal cost: the last tenth (at least 50) of trials before the drain (the last `slots` trials end
     # with none started after them, so no suggestion), each trial's start and end inside it
     end = max(1, len(marks) - args.slots)
-    last = max(1, size // 10)
+    last = max(size // 10, min(50, end - 1))
     start_mark = marks[end - last - 1] if end - last - 1 >= 0 else before
     return {"size": size, "wall": wall, "whole": _per_trial(before, after, size),
             "tail": _per_trial(start_mark, marks[end - 1] if marks else after, last), "lost": lost(outcome, size)}
@@ -290,13 +291,13 @@ def driver_costs(args: argparse.Namespace) -> None:
             rows.append(run_size(size, args, folder, meter))
             r = rows[-1]
             print(f"{size:,} trials: {r['wall']:.0f} s wall, driver CPU {r['whole']['cpu']:.3f} s/trial, "
-                  f"last tenth before the drain {r['tail']['cpu']:.3f} s/trial; lost in MLflow: {r['lost']}", flush=True)
+                  f"last tenth (at least 50) before the drain {r['tail']['cpu']:.3f} s/trial; lost in MLflow: {r['lost']}", flush=True)
     finally:
         ray.shutdown()
     head = f"{'trials':>8s} {'wall s/trial':>12s} {'':>6s} {'driver CPU':>10s} " + " ".join(
         f"{c:>10s}" for c in (*COMPONENTS, "rest", "(loop", "threads)"))
     print(f"\n{args.sampler} sampler, {args.slots} trials at a time, {args.work:g} s of work each; driver seconds "
-          "per trial (whole launch / its last tenth of trials before the last --slots):")
+          "per trial (whole launch / its last tenth, at least 50, of trials before the last --slots):")
     print(head)
     for r in rows:
         for part in ("whole", "tail"):
