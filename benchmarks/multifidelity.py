@@ -35,7 +35,7 @@ final utility): attack success itself, ``target_margin``, ``target_similarity`` 
 loss of the poisoned pairs against the clean ones (``train_loss_clean - train_loss_poisoned``).
 
     .venv/bin/python benchmarks/multifidelity.py [--seeds 0 1 2] [--arms tpe tpe-moasha random-moasha]
-        [--epochs 9] [--size 4000] [--configs 24] [--proxy target_similarity] [--grace-period 2] [--out poisonsweep_results/multifidelity]
+        [--epochs 9] [--size 4000] [--configs 24] [--proxy target_similarity] [--grace-period 2] [--out benchmarks/data/multifidelity]
         [--report-only]
 """
 from __future__ import annotations
@@ -214,6 +214,16 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
         stopped = sum(sum(1 for t in results[k]["trials"] if t["stopped_at"]) for k in here) / len(here)
         cells = [sum(at(curves[k], p * full) for k in here) / len(here) for p in args.points]
         print(f"{arm:16s} {trials:7.1f} {stopped:8.1f}" + "".join(f"{c:9.4f}" for c in cells))
+    print("\nFinished trials per seed, those ending with attack success >= 0.5, and the least poison among them:")
+    for arm in arms:
+        cells = []
+        for s in seeds:
+            if (arm, s) not in results:
+                continue
+            done = [t["final"] for t in results[(arm, s)]["trials"] if t["final"] is not None]
+            hits = [f["poison_count"] for f in done if f["attack_success"] is not None and f["attack_success"] >= 0.5]
+            cells.append(f"seed {s}: {len(done)} finished, {len(hits)} >= 0.5" + (f" (least {min(hits):.0f})" if hits else ""))
+        print(f"{arm:20s} " + "; ".join(cells))
     print(f"\nEpochs to reach 95% of (a)'s final hypervolume, over (a)'s epochs ({full}), per seed:")
     print(f"{'arm':16s}" + "".join(f"{f'seed {s}':>14s}" for s in seeds) + f"{'mean':>8s}")
     for arm in arms:
@@ -267,7 +277,9 @@ def main() -> None:
     parser.add_argument("--proxy", default="target_similarity", help="the metric that ranks attack success at a rung")
     parser.add_argument("--grace-period", type=int, default=2, help="the scheduler's first rung (epochs)")
     parser.add_argument("--points", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.6, 1.0])
-    parser.add_argument("--out", type=Path, default=ROOT / "poisonsweep_results" / "multifidelity")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "data" / "multifidelity",
+                        help="each arm and seed's results (<arm>-s<seed>.json, kept in the repository) and its "
+                             "launch's folder (not kept)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every arm (a smaller recipe to try the benchmark out)")
     parser.add_argument("--report-only", action="store_true", help="print the tables from what --out holds")
@@ -279,13 +291,13 @@ def main() -> None:
           f"({os.cpu_count()} CPUs); results in {args.out}", flush=True)
     results: dict[tuple[str, int], dict[str, Any]] = {}
     started = False
-    for arm in args.arms:
+    for arm in ARMS:  # every arm's results there are; runs the asked arms' missing ones
         for seed in args.seeds:
             path = args.out / f"{arm}-s{seed}.json"
             if path.is_file():
                 results[(arm, seed)] = json.loads(path.read_text())
                 continue
-            if args.report_only:
+            if args.report_only or arm not in args.arms:
                 continue
             if not started:
                 from sweeps import _local_ray as local_ray
