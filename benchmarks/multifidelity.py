@@ -206,14 +206,15 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
     full = args.configs * args.epochs
     curves = {k: curve(r) for k, r in results.items()}
     print(f"\nHypervolume of the finished trials' front against the epochs spent ((a) = tpe: {args.configs} "
-          f"configurations x {args.epochs} epochs = {full} epochs per seed); mean over seeds {seeds}:")
-    print(f"{'arm':16s} {'trials':>7s} {'stopped':>8s}" + "".join(f"{f'@{p:g}':>9s}" for p in args.points))
+          f"configurations x {args.epochs} epochs = {full} epochs per seed) at fractions of those epochs; "
+          f"per arm, the mean over its seeds:")
+    print(f"{'arm':20s} {'seeds':>6s} {'trials':>7s} {'stopped':>8s}" + "".join(f"{f'@{p:g}':>9s}" for p in args.points))
     for arm in arms:
         here = [k for k in curves if k[0] == arm]
         trials = sum(len(results[k]["trials"]) for k in here) / len(here)
         stopped = sum(sum(1 for t in results[k]["trials"] if t["stopped_at"]) for k in here) / len(here)
         cells = [sum(at(curves[k], p * full) for k in here) / len(here) for p in args.points]
-        print(f"{arm:16s} {trials:7.1f} {stopped:8.1f}" + "".join(f"{c:9.4f}" for c in cells))
+        print(f"{arm:20s} {len(here):6d} {trials:7.1f} {stopped:8.1f}" + "".join(f"{c:9.4f}" for c in cells))
     print("\nFinished trials per seed, those ending with attack success >= 0.5, and the least poison among them:")
     for arm in arms:
         cells = []
@@ -225,7 +226,7 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
             cells.append(f"seed {s}: {len(done)} finished, {len(hits)} >= 0.5" + (f" (least {min(hits):.0f})" if hits else ""))
         print(f"{arm:20s} " + "; ".join(cells))
     print(f"\nEpochs to reach 95% of (a)'s final hypervolume, over (a)'s epochs ({full}), per seed:")
-    print(f"{'arm':16s}" + "".join(f"{f'seed {s}':>14s}" for s in seeds) + f"{'mean':>8s}")
+    print(f"{'arm':20s}" + "".join(f"{f'seed {s}':>14s}" for s in seeds) + f"{'mean':>8s}")
     for arm in arms:
         cells, ratios = [], []
         for s in seeds:
@@ -241,7 +242,7 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
                 ratios.append(spent / full)
                 cells.append(f"{spent / full:14.3f}")
         mean = sum(ratios) / len(ratios) if ratios else math.nan
-        print(f"{arm:16s}" + "".join(cells) + f"{mean:8.3f}")
+        print(f"{arm:20s}" + "".join(cells) + f"{mean:8.3f}")
     early = [t for (a, _), r in results.items() if a == "tpe" for t in r["trials"]
              if t["final"] is not None and len(t["epochs"]) == args.epochs]
     if not early:
