@@ -26,7 +26,7 @@ from poison import ConfigError
 from sweeps import _local_ray as local_ray
 from sweeps._files import LAUNCH_FILE
 from sweeps.config import Constraint, SweepConfig, define_by_run, make_sampler, read_yaml
-from sweeps.launch._moasha import DECISION, MOASHA, RungState
+from sweeps.launch._moasha import DECISION, EPOCH, MOASHA, RungState
 from sweeps.launch._trainable import finite, train_clean, train_reference, trial_parameters, trial_resources
 from sweeps.launch._trainable import trainable as trial_trainable
 from sweeps.tracking import TRACKING_ERRORS, Launch, Tracker, without_credentials
@@ -37,7 +37,6 @@ from trainers.trial import reference_config
 
 #: a stopped trial's last result (as Tune flattens it) holds its rung's decision (RungState)
 STOPPED_KEY = f"{DECISION}/decision"
-EPOCH_KEY = "epoch_metrics/epoch"  # an epoch's report, as Tune flattens it
 Trainable = Callable[..., None]  # a trial function with sweeps.launch.trainable's signature
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
              "RAY_TRAIN_V2_ENABLED": "0",
@@ -239,16 +238,14 @@ class BudgetLimiter(ConcurrencyLimiter):
         super().__init__(searcher, max_concurrent=max_concurrent)
         self.epoch_budget = epoch_budget
         self.epochs: dict[str, int] = {}  # trial id -> the last epoch it reported
-
-    @property
-    def epochs_spent(self) -> int:
-        return sum(self.epochs.values())
+        self.epochs_spent = 0             # their sum, kept as they change (suggest is called often)
 
     def _seen(self, trial_id: str, result: dict | None) -> None:
         result = result or {}
-        epoch = result.get(EPOCH_KEY, (result.get("epoch_metrics") or {}).get("epoch"))
-        if epoch is not None:  # an epoch's report (a final one carries no epoch_metrics)
-            self.epochs[trial_id] = max(self.epochs.get(trial_id, 0), int(epoch))
+        epoch = result.get(EPOCH, (result.get("epoch_metrics") or {}).get("epoch"))
+        if epoch is not None and int(epoch) > self.epochs.get(trial_id, 0):  # an epoch's report (a final one has none)
+            self.epochs_spent += int(epoch) - self.epochs.get(trial_id, 0)
+            self.epochs[trial_id] = int(epoch)
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.epoch_budget and self.epochs_spent >= self.epoch_budget:
@@ -272,6 +269,7 @@ class BudgetLimiter(ConcurrencyLimiter):
         spent = Path(f"{checkpoint_path}.epochs")
         if spent.is_file():
             self.epochs = {k: int(v) for k, v in json.loads(spent.read_text()).items()}
+            self.epochs_spent = sum(self.epochs.values())
 
 
 class StudySearch(OptunaSearch):

@@ -10,7 +10,7 @@ The order at a rung: feasible trials (every ``search.constraints`` satisfied) be
 ones (these by their total violation); then by non-dominated sorting over the objectives
 (moocore's ``pareto_rank``); within a front by crowding distance, largest first (NSGA-II's,
 on each objective's range within the front); then by arrival. An objective may be ranked by
-another metric of the rung's epoch (``search.rung_metrics``: a backdoor's ``target_margin`` for
+another metric of the rung's epoch (``search.rung_metrics``: a backdoor's ``target_similarity`` for
 its ``attack_success``), in the objective's direction.
 
 Ray Tune does not keep a scheduler's state in its experiment state (``TuneController.save_to_dir``

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -146,10 +147,10 @@ class TrialLogger(tune.Callback):
         self.printer(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}")
 
     def progress(self) -> str:
-        """The status line: trials done, stopped early (by the scheduler), running and failed, and the time left at the pace of
-        those that ended since this process started its first trial."""
-        failed = sum(r.status == "FAILED" for r in self.finished.values())
-        stopped = sum(r.status == "STOPPED" for r in self.finished.values())
+        """The status line: trials done, stopped early (by the scheduler), running and failed, and
+        the time left at the pace of those that ended since this process started its first trial."""
+        statuses = Counter(r.status for r in self.finished.values())
+        failed, stopped = statuses["FAILED"], statuses["STOPPED"]
         done = len(self.finished) - failed - stopped
         left = self.total - len(self.finished)
         line = f"{done}/{self.total} trials done, " + (f"{stopped} stopped early, " if stopped else "") + \
@@ -305,10 +306,7 @@ class TrialLogger(tune.Callback):
             last = decisions[-1]
             self.say(f"{self._label(trial)} stopped at epoch {last['epoch']}: place {last['place']} of {last['of']} "
                      f"at that rung, which keeps {last['kept']}")
-            self.running.discard(trial.trial_id)
-            self.ended += 1
-            self._show_progress()
-            self._catch_up_behind()
+            self._ended(trial)
             return
         step = _epochs(self.sweep.resolve(trial.config))  # the last epoch's step
         with trial.checkpoint.as_directory() as folder:
@@ -317,16 +315,17 @@ class TrialLogger(tune.Callback):
         metrics = self.finished[trial.trial_id].metrics
         self.say(f"{self._label(trial)} done: attack_success {metrics.get('attack_success', float('nan')):.3f} "
                  f"utility {metrics['utility']:.3f} poison_count {metrics['poison_count']}")
-        self.running.discard(trial.trial_id)
-        self.ended += 1
-        self._show_progress()
-        self._catch_up_behind()
+        self._ended(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _error_text(trial)
         self._write(trial, lambda: self.mirror.fail(trial.trial_id, error))
         self._record(trial)
         self.say(f"{self._label(trial)} FAILED: {self.finished[trial.trial_id].error}")
+        self._ended(trial)
+
+    def _ended(self, trial: Any) -> None:
+        """A trial finished, failed or was stopped: the status line counts it."""
         self.running.discard(trial.trial_id)
         self.ended += 1
         self._show_progress()

@@ -90,19 +90,18 @@ def test_evaluate_triggers_only_non_target_test_images(small_synthetic):
 
 
 class Scores:
-    """A ModelView that scores images against the classes: the target scores ``pull`` in the first
-    call (the attack asks for the triggered victims first) and 0 in the next (the same images
-    clean); class 0 scores 0.5 and every other class 0.2."""
+    """A ModelView that scores images against the classes: the target scores ``pull`` on an image
+    that is none of the dataset's (a triggered one) and 0 on one of the dataset's own (clean);
+    class 0 scores 0.5 and every other class 0.2."""
 
     def __init__(self, dataset, target, pull):
         self.dataset, self.target, self.pull = dataset, target, pull
-        self.calls = 0
+        self.clean = {image.tobytes() for image in dataset.images}
 
     def class_scores(self, images):
-        self.calls += 1
         scores = np.full((len(images), len(self.dataset.classnames)), 0.2)
         scores[:, 0] = 0.5  # whatever the image: class 0 stands for its own class here
-        scores[:, self.target] = self.pull if self.calls == 1 else 0.0  # first the triggered images
+        scores[:, self.target] = [0.0 if image.tobytes() in self.clean else self.pull for image in images]
         return scores
 
     def classify(self, images):
