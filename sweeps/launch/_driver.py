@@ -29,6 +29,7 @@ from sweeps.config import Constraint, SweepConfig, define_by_run, make_sampler, 
 from sweeps.launch._moasha import DECISION, EPOCH, MOASHA, RungState
 from sweeps.launch._trainable import finite, train_clean, train_reference, trial_parameters, trial_resources
 from sweeps.launch._trainable import trainable as trial_trainable
+from sweeps.launch._tune_fixes import repair_reset_failures
 from sweeps.tracking import TRACKING_ERRORS, Launch, Tracker, without_credentials
 from sweeps.tracking._logger import Printer, TrialLogger, TrialRow, restoring, summary_csv, sweep_note, trial_count
 from trainers import TrialConfig
@@ -342,9 +343,11 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
     ``clean_seeds``: the seeds whose trials are measured against a clean model (default: all).
 
     A trial that fails (an error, a lost worker or node) is retried ``search.max_failures``
-    times, from its last per-epoch checkpoint."""
+    times, from its last per-epoch checkpoint (also one whose reused worker dies as it switches
+    trials: :mod:`sweeps.launch._tune_fixes`)."""
     storage = Path(sweep.storage.path).resolve()
     scheduler = moasha(sweep, objectives)
+    repair_reset_failures()
     return tune.Tuner(
         _resourced_trainable(sweep, objectives, trainable, clean_seeds),
         param_space=param_space,
@@ -384,6 +387,7 @@ def restore(sweep: SweepConfig, folder: Path, logger: TrialLogger, objectives: l
             trainable: Trainable | None = None) -> tune.Tuner:
     """The interrupted launch in ``folder``, restored by Tune with its searcher's state: finished
     trials stay finished, unfinished ones go on from their last checkpoint, failed ones stay failed."""
+    repair_reset_failures()
     with restoring(logger):  # the pickled Tuner's callback unpickles as this launch's logger
         return tune.Tuner.restore(str(folder), trainable=_resourced_trainable(sweep, objectives, trainable),
                                   resume_unfinished=True, resume_errored=False, restart_errored=False)

@@ -24,7 +24,8 @@ from tests.support import TINY, children, kill_family, launch_runs
 
 pytestmark = pytest.mark.slow
 
-TRIALS, EPOCHS, SEED = 50, 3, 2026
+TRIALS, EPOCHS = 50, 3
+SEED = int(os.environ.get("CHAOS_SEED", 2026))  # another schedule of faults: CHAOS_SEED=7 pytest ...
 WORKER_KILLS, SERVER_RESTARTS, DRIVER_KILLS = 6, 2, 2
 
 #: The launch: poisonsweep's own driver with a trainable of fixed work (by value: defined here).
@@ -103,8 +104,9 @@ def test_a_sweep_survives_a_seeded_schedule_of_faults_and_loses_nothing(tmp_path
     """50 trials of 3 epochs, 2 at a time. At epoch reports drawn with a fixed seed: 6 trial
     workers are SIGKILLed, the tracking server is killed twice (restarted 3 s later), and the whole
     launch is SIGKILLed twice and resumed with ``--resume``. MLflow ends with one FINISHED run per
-    trial of Tune's record, each epoch once, a KILLED run for each trial a killed driver started
-    but Tune never recorded, and the parent run FINISHED. About 2-3 minutes on 2 cores."""
+    trial of Tune's record, each epoch once (every trial runs to its end), a KILLED run for each
+    trial a killed driver started but Tune never recorded, and the parent run FINISHED. About 2-3
+    minutes on 2 cores."""
     server = TrackingServer(tmp_path)
     server.start()
     config = tmp_path / "chaos.yaml"
@@ -191,9 +193,10 @@ def test_a_sweep_survives_a_seeded_schedule_of_faults_and_loses_nothing(tmp_path
         assert {t: rs[0].info.status for t, rs in by_trial.items() if t in recorded} == {
             t: "FINISHED" if status == "TERMINATED" else "FAILED" for t, status in record.items()}
         assert all(r.info.status == "KILLED" and LOST_TAG in r.data.tags for r in abandoned)
-        # at most one trial per driver kill is not run to the end: the one a kill took with it, or one
-        # failing in the second of the kill, which Tune restores as failed (resume_errored=False)
-        assert len(done) >= TRIALS - held["driver"] and len(recorded) <= TRIALS
+        # every trial ran to its end: a dead worker's trial was retried, also one whose reused
+        # worker died as it switched trials (sweeps/launch/_tune_fixes.py), and a killed driver's
+        # were resumed
+        assert len(done) == len(recorded) == TRIALS, {t: s for t, s in record.items() if s != "TERMINATED"}
         for run in finished:
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
             assert sorted(steps) == list(range(1, EPOCHS + 1)), (run.info.run_name, steps)  # each epoch once
