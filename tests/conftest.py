@@ -28,6 +28,33 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def terminal_sweep(tmp_path_factory):
+    """One real ``poisonsweep run`` (two one-epoch trials) on a pseudo-terminal, as from a shell,
+    with a fresh home (Ray writes its token there) and a fresh MLflow store (its tables are
+    created), the listening sockets of everything it starts sampled as it runs: what a person
+    sees (tests/e2e/test_terminal.py) and what the network sees (tests/sweeps/test_security.py)
+    of one run. (TerminalRun, the home folder.)"""
+    import yaml
+
+    from tests.support import backdoor, run_on_a_terminal
+
+    folder = tmp_path_factory.mktemp("terminal")
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "terminal", "seed": 0, "data": {"size": 200, "test_size": 40}, "train": {"epochs": 1, "batch_size": 64},
+        "attack": {**backdoor(), "poison_count": {"low": 8, "high": 30, "log": True, "default": 12}},
+        "search": {"num_samples": 2, "max_concurrent": 1}, "resources": {"cpu": 1},
+        "storage": {"path": str(folder / "results")}}))
+    env = {**os.environ, "HOME": str(folder / "home"), "TERM": "xterm"}
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "MLFLOW_LOGGING_LEVEL"):
+        env.pop(key, None)
+    run = run_on_a_terminal([sys.executable, "-m", "sweeps.cli", "run", str(path), "--tracking-uri",
+                             f"sqlite:///{folder / 'mlflow.db'}"], env)
+    assert run.code == 0, run.out[-3000:]
+    return run, folder / "home"
+
+
 _EXIT_STATUS = pytest.StashKey[int]()
 
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import pty
 import random
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 from PIL import Image
@@ -149,6 +153,70 @@ class LaunchProcess:
         out, _ = self.proc.communicate(timeout=timeout)
         self.lines.append(out)
         return self.proc.returncode
+
+
+@dataclass
+class TerminalRun:
+    """A command run on a pseudo-terminal: its exit status, what the terminal showed, and what its
+    process tree listened on while it ran (sampled every 0.25 s)."""
+    code: int
+    out: str
+    listening: set[tuple[str, str, int]] = field(default_factory=set)  # (process name, address, port)
+    gcs_auth_modes: set[str | None] = field(default_factory=set)     # RAY_AUTH_MODE in the GCS's environment
+
+
+def listening_sockets(root: psutil.Process) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of ``root`` and its descendants."""
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            name = proc.name()
+            sockets = proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        found |= {(name, s.laddr.ip, s.laddr.port) for s in sockets if s.status == psutil.CONN_LISTEN}
+    return found
+
+
+def run_on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 600) -> TerminalRun:
+    """Runs ``args`` with a pseudo-terminal as stdout and stderr, as from a shell, reading it to the
+    end while a thread samples the listening sockets of the process and everything it starts."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env, close_fds=True)
+    os.close(follower)
+    run, stop = TerminalRun(code=-1, out=""), threading.Event()
+
+    def sample() -> None:
+        try:
+            root = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not stop.is_set() and proc.poll() is None:
+            try:
+                run.listening.update(listening_sockets(root))
+                run.gcs_auth_modes.update(p.environ().get("RAY_AUTH_MODE") for p in root.children(recursive=True)
+                                          if p.name() == "gcs_server")
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                pass
+            stop.wait(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    run.code = proc.wait(timeout=timeout)
+    stop.set()
+    sampler.join()
+    run.out = b"".join(chunks).decode(errors="replace")
+    return run
 
 
 # -- files -------------------------------------------------------------------------------------

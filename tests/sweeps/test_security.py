@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import ast
 import ipaddress
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -190,19 +185,6 @@ def test_no_code_binds_every_interface():
     assert not found, found
 
 
-def _listening(root: psutil.Process) -> set[tuple[str, str, int]]:
-    """(process name, address, port) of every listening TCP socket of ``root`` and its descendants."""
-    found = set()
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            name = proc.name()
-            sockets = proc.net_connections(kind="inet")
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        found |= {(name, s.laddr.ip, s.laddr.port) for s in sockets if s.status == psutil.CONN_LISTEN}
-    return found
-
-
 def _loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip.split("%")[0])
     mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
@@ -210,40 +192,19 @@ def _loopback(ip: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_local_run_listens_on_loopback_only_with_a_private_token(tmp_path):
-    """A real ``poisonsweep run`` on one trial: every socket that it and the processes it starts
-    (Ray's GCS, raylet, agents and workers, the trial) listen on, sampled until it ends, is on
-    loopback; Ray runs with token authentication and its token file is the owner's alone.
-    (Before: GCS, raylets and workers on ``::``, the agents on the host's address.)"""
-    config = {"name": "loopback", "seed": 0, "data": {"size": 200, "test_size": 40},
-              "train": {"epochs": 1, "batch_size": 64}, "attack": {"kind": "backdoor", "target": "blue circle",
-                                                                    "poison_count": 10,
-                                                                    "trigger": {"kind": "patch", "size": 4}},
-              "search": {"num_samples": 1}, "resources": {"cpu": 1}, "storage": {"path": str(tmp_path / "r")}}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "HOME": str(tmp_path / "home")}  # a fresh ~/.ray: the token is made here
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
-        env.pop(key, None)
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path),
-                             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    root, seen, modes = psutil.Process(proc.pid), set(), set()
-    while proc.poll() is None:
-        try:
-            seen |= _listening(root)
-            modes |= {p.environ().get("RAY_AUTH_MODE") for p in root.children(recursive=True)
-                      if p.name() == "gcs_server"}
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-        time.sleep(0.25)
-    out = proc.communicate()[0]
-    assert proc.returncode == 0, out[-3000:]
+def test_a_local_run_listens_on_loopback_only_with_a_private_token(terminal_sweep):
+    """A real ``poisonsweep run`` (the ``terminal_sweep`` fixture: two trials from a fresh home):
+    every socket that it and the processes it starts (Ray's GCS, raylet, agents and workers, the
+    trials) listen on, sampled until it ends, is on loopback; Ray runs with token authentication and
+    its token file is the owner's alone. (Before: GCS, raylets and workers on ``::``, the agents on
+    the host's address.)"""
+    run, home = terminal_sweep
+    seen, modes, out = run.listening, run.gcs_auth_modes, run.out
     names = {name for name, _, _ in seen}
     assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), seen
     outside = sorted(s for s in seen if not _loopback(s[1]))
     assert not outside, outside
-    token = tmp_path / "home" / ".ray" / "auth_token"
+    token = home / ".ray" / "auth_token"
     assert token.stat().st_mode & 0o777 == 0o600
     assert modes == {"token"}, modes  # the GCS requires the token
     assert "Token authentication is enabled" not in out  # Ray's warning for those who did not choose it
