@@ -16,14 +16,17 @@ def small_synthetic():
     return load_dataset(DataSpec(dataset="synthetic", size=400, test_size=40, seed=3))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
-    """Local Ray with two CPUs for the real sweeps of one test module (shut down after it)."""
+    """Local Ray with two CPUs for the real sweeps in this test process, started by the first test
+    that asks and shut down at the end: a start and stop cost about 12 CPU-seconds (its servers,
+    a worker importing torch), once rather than once per module."""
     import ray
 
     from sweeps import _local_ray as local_ray
 
-    local_ray.init(num_cpus=2)
+    if not ray.is_initialized():
+        local_ray.init(num_cpus=2)
     yield
     ray.shutdown()
 
