@@ -2,7 +2,8 @@
 (``train_clean``).
 
 Kept apart from the driver so that a worker imports only Ray Tune and trainers/: not
-Optuna, MLflow or the driver's analysis code (a new trial actor starts seconds sooner).
+Optuna, MLflow or the driver's analysis code (a new trial actor starts seconds sooner), and
+trainers' torch and open_clip only when it trains (``tests/test_layering.py``).
 """
 from __future__ import annotations
 
@@ -19,12 +20,11 @@ import ray
 import yaml
 from ray import tune
 
+import trainers  # its names import on first use: a worker imports torch when it trains, not before
 from poison import load_dataset
 from sweeps._files import CONFIG_FILE, METRICS_FILE, PLAN_FILE, epoch_result, final_result
 from sweeps.config import ResourcesConfig, resolve
-from trainers import TrialConfig, clean_model, run_trial
-from trainers.resume import read_state, write_state
-from trainers.trial import reference_model
+from trainers import TrialConfig  # the schema alone
 
 
 class TuneCheckpointer:
@@ -38,6 +38,8 @@ class TuneCheckpointer:
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
             return None
+        from trainers.resume import read_state
+
         with checkpoint.as_directory() as folder:
             return read_state(folder)
 
@@ -48,6 +50,8 @@ class TuneCheckpointer:
         if self.pending is None:
             tune.report(epoch_result(metrics, self.kept))
             return
+        from trainers.resume import write_state
+
         with tempfile.TemporaryDirectory() as folder:
             write_state(folder, self.pending)
             self.pending = None
@@ -85,8 +89,8 @@ def trainable(values: dict[str, Any], *, raw: dict[str, Any], dims: dict, cache_
     else:
         config = for_worker(config, threads)
         saver = TuneCheckpointer(every, kept)
-        result = run_trial(config, cache_dir=cache_dir, on_epoch=saver.report, checkpointer=saver if every else None,
-                           baseline=baseline)
+        result = trainers.run_trial(config, cache_dir=cache_dir, on_epoch=saver.report,
+                                    checkpointer=saver if every else None, baseline=baseline)
         metrics, plan = result.metrics, result.plan
     bad = [k for k in objectives if not finite(metrics.get(k))]
     if bad:  # Optuna must be told FAIL, not given a NaN
@@ -154,6 +158,8 @@ def data_parallel(config: TrialConfig, *, workers: int, worker_resources: dict[s
     from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.torch.torch_trainer import TorchTrainer
     from ray.util.queue import Empty, Queue
+
+    from trainers.resume import read_state
 
     checkpoint = tune.get_checkpoint()
     state = None
@@ -245,8 +251,8 @@ def _rank_main(args: dict[str, Any]) -> None:
     config = for_worker(config, args["threads"])
     lead = dist.get_rank() == 0
     saver = RankCheckpointer(args["every"], args["state"], args["queue"], lead)
-    result = run_trial(config, cache_dir=args["cache_dir"], on_epoch=saver.report,
-                       checkpointer=saver if args["every"] else None, baseline=args["baseline"])
+    result = trainers.run_trial(config, cache_dir=args["cache_dir"], on_epoch=saver.report,
+                                checkpointer=saver if args["every"] else None, baseline=args["baseline"])
     if lead:
         args["queue"].put(("final", {**result.metrics, "train_workers": float(dist.get_world_size())}, result.plan))
 
@@ -272,7 +278,7 @@ def _to_cpu(value: Any) -> Any:
 
 @ray.remote
 def train_clean(config: dict[str, Any], cache_dir: str, threads: int) -> dict[str, Any]:
-    model = clean_model(for_worker(TrialConfig.model_validate(config), threads), cache_dir=cache_dir)
+    model = trainers.clean_model(for_worker(TrialConfig.model_validate(config), threads), cache_dir=cache_dir)
     return {"utility": model.metrics["utility"], "cached": model.cached}
 
 
@@ -280,6 +286,8 @@ def train_clean(config: dict[str, Any], cache_dir: str, threads: int) -> dict[st
 def train_reference(config: dict[str, Any], cache_dir: str, threads: int) -> dict[str, Any]:
     """The offline reference model a data-side filter of ``config`` embeds with, trained once on
     trusted pairs and cached (``trainers.trial.reference_model``), as its trials would train it."""
+    from trainers.trial import reference_model
+
     trial = for_worker(TrialConfig.model_validate(config), threads)
     pairs = trial.defense.reference_pairs or load_dataset(trial.data_spec(cache_dir)).num_train
     model = reference_model(trial, pairs, cache_dir=cache_dir)
