@@ -19,8 +19,8 @@ def small_synthetic():
 @pytest.fixture(scope="session")
 def ray_local():
     """Local Ray with two CPUs for the real sweeps in this test process, started by the first test
-    that asks and shut down at the end: a start and stop cost about 12 CPU-seconds (its servers,
-    a worker importing torch), once rather than once per module."""
+    that asks and shut down at the end: its servers start, and its workers import torch, once
+    rather than once per module."""
     import ray
 
     from sweeps import _local_ray as local_ray
