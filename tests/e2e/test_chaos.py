@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 TRIALS, EPOCHS = 50, 3
 SEED = int(os.environ.get("CHAOS_SEED", 2026))  # another schedule of faults: CHAOS_SEED=7 pytest ...
 WORKER_KILLS, SERVER_RESTARTS, DRIVER_KILLS = 6, 2, 2
+CHECKPOINT_GONE = "Could not recover from checkpoint as it does not exist on storage anymore"  # Tune's words
 
 #: The launch: poisonsweep's own driver with a trainable of fixed work (by value: defined here).
 DRIVER = '''
@@ -104,7 +105,7 @@ def test_a_sweep_survives_a_seeded_schedule_of_faults_and_loses_nothing(tmp_path
     """50 trials of 3 epochs, 2 at a time. At epoch reports drawn with a fixed seed: 6 trial
     workers are SIGKILLed, the tracking server is killed twice (restarted 3 s later), and the whole
     launch is SIGKILLed twice and resumed with ``--resume``. MLflow ends with one FINISHED run per
-    trial of Tune's record, each epoch once (every one runs to its end), a KILLED run for each
+    trial of Tune's record, each epoch once (each runs to its end, see below), a KILLED run for each
     trial a killed driver started but Tune never recorded, and the parent run FINISHED. About 2-3
     minutes on 2 cores."""
     server = TrackingServer(tmp_path)
@@ -193,10 +194,15 @@ def test_a_sweep_survives_a_seeded_schedule_of_faults_and_loses_nothing(tmp_path
         assert {t: rs[0].info.status for t, rs in by_trial.items() if t in recorded} == {
             t: "FINISHED" if status == "TERMINATED" else "FAILED" for t, status in record.items()}
         assert all(r.info.status == "KILLED" and LOST_TAG in r.data.tags for r in abandoned)
-        # every trial of Tune's record ran to its end: a dead worker's trial was retried, also one
-        # whose reused worker died as it switched trials (sweeps/launch/_tune_fixes.py), and a
-        # killed driver's were resumed
-        assert len(done) == len(recorded), {t: s for t, s in record.items() if s != "TERMINATED"}
+        # every trial of Tune's record ran to its end (a dead worker's trial was retried, also one
+        # whose reused worker died as it switched trials: sweeps/launch/_tune_fixes.py; a killed
+        # driver's were resumed) but for one case, at most once per driver kill: these trials' epochs
+        # (0.15 s) can register two checkpoints within one of Tune's state saves (1 s), so Tune
+        # deletes the one the saved state names (it keeps 2), and a driver killed then resumes a
+        # trial whose checkpoint is gone. A real epoch takes minutes.
+        unfinished = {t: by_trial[t][0].data.tags.get("error", "") for t, s in record.items() if s != "TERMINATED"}
+        assert len(unfinished) <= held["driver"], unfinished
+        assert all(CHECKPOINT_GONE in error for error in unfinished.values()), unfinished
         # Tune copies its searcher's state and its trials' apart (a file at a time, from a staging
         # folder): a driver killed between the two can resume with a count of trials drawn that
         # includes one its record lacks, and draw one fewer
