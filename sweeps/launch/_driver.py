@@ -366,8 +366,8 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
             # Tune deletes a trial's oldest checkpoint when it registers a newer one, before the
             # experiment state naming the newer one reaches storage: with one kept, a driver
             # killed in that gap leaves a state whose checkpoint is gone and the trial cannot
-            # resume. Two kept close the gap unless two epochs end within one state save
-            # (TUNE_GLOBAL_CHECKPOINT_S)
+            # resume. Two kept close the gap unless two checkpoints come within one state save
+            # (TUNE_GLOBAL_CHECKPOINT_S): a trial's last epoch's and its final report's can
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0,
         ),

@@ -199,7 +199,8 @@ def test_a_sweep_survives_a_seeded_schedule_of_faults_and_loses_nothing(tmp_path
         # driver's were resumed) but for one case, at most once per driver kill: these trials' epochs
         # (0.15 s) can register two checkpoints within one of Tune's state saves (1 s), so Tune
         # deletes the one the saved state names (it keeps 2), and a driver killed then resumes a
-        # trial whose checkpoint is gone. A real epoch takes minutes.
+        # trial whose checkpoint is gone (a real trial's only close pair: its last epoch's and its
+        # final report's, docs/faults.md).
         unfinished = {t: by_trial[t][0].data.tags.get("error", "") for t, s in record.items() if s != "TERMINATED"}
         assert len(unfinished) <= held["driver"], unfinished
         assert all(CHECKPOINT_GONE in error for error in unfinished.values()), unfinished
