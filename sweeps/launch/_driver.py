@@ -29,7 +29,7 @@ from sweeps.config import Constraint, SweepConfig, define_by_run, make_sampler, 
 from sweeps.launch._moasha import DECISION, EPOCH, MOASHA, RungState
 from sweeps.launch._trainable import finite, train_clean, train_reference, trial_parameters, trial_resources
 from sweeps.launch._trainable import trainable as trial_trainable
-from sweeps.launch._tune_fixes import repair_reset_failures
+from sweeps.launch._tune_fixes import mend_torn_state, repair_reset_failures
 from sweeps.tracking import TRACKING_ERRORS, Launch, Tracker, without_credentials
 from sweeps.tracking._logger import Printer, TrialLogger, TrialRow, restoring, summary_csv, sweep_note, trial_count
 from trainers import TrialConfig
@@ -101,6 +101,8 @@ def run_sweep(sweep: SweepConfig, *, tracking_uri: str, address: str | None = No
         else:
             logger.reattach()
             logger.say(f"resuming {launch.run_name}: {len(logger.mirror.runs)} trials already in MLflow")
+            for line in mend_torn_state(folder):  # a launch killed while Tune copied its state
+                logger.say(line)
         base = sweep.default_trial.seed  # one clean model per replicate seed
         for seed, clean in zip(range(base, base + sweep.search.replicates),
                                clean_first(sweep, seeds=list(range(base, base + sweep.search.replicates)))):

@@ -1,6 +1,7 @@
-"""The repair of Tune's lost trial when a reused actor dies in its reset
-(``sweeps/launch/_tune_fixes.py``), through real Ray Tune: without it, the second trial here ends
-in ERROR with 1 failure of 2 allowed, the defect the chaos test met."""
+"""The repairs of ``sweeps/launch/_tune_fixes.py``: Tune's lost trial when a reused actor dies in
+its reset, through real Ray Tune (without the repair, the second trial here ends in ERROR with 1
+failure of 2 allowed, the defect the chaos test met), and an experiment state torn by a launch
+killed while Tune copied it into storage (without the mend, Tune starts the sweep afresh)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 from ray import tune
 from ray.tune.execution.tune_controller import TuneController
 
-from sweeps.launch._tune_fixes import repair_reset_failures
+from sweeps.launch._tune_fixes import mend_torn_state, repair_reset_failures
 
 
 def test_a_trial_whose_reused_actor_dies_in_its_reset_is_retried_not_failed(tmp_path, ray_local):
@@ -50,3 +51,41 @@ def test_a_trial_whose_reused_actor_dies_in_its_reset_is_retried_not_failed(tmp_
     assert results.num_errors == 0
     assert sorted(r.config["i"] for r in results) == [0, 1, 2]
     assert [r.metrics["steps"] for r in results] == [2, 2, 2]
+
+
+def _launch(tmp_path, states: dict[str, bytes]):
+    folder = tmp_path / "results" / "swp-20261206-120000"
+    folder.mkdir(parents=True)
+    for session, state in states.items():
+        (folder / f"experiment_state-{session}.json").write_bytes(state)
+        (folder / f"search_gen_state-{session}.json").write_text('{"counter": 1}')
+        (folder / f"searcher-state-{session}.pkl").write_bytes(b"old")
+    return folder
+
+
+def test_a_torn_experiment_state_is_mended_from_rays_staging_copy(tmp_path):
+    folder = _launch(tmp_path, {"2026-12-06_12-00-00": b'{"trial_data": []}', "2026-12-06_12-00-30": b""})
+    staging = tmp_path / "ray" / "session_x" / "artifacts" / "2026-12-06_12-00-00" / folder.name / "driver_artifacts"
+    staging.mkdir(parents=True)
+    (staging / "experiment_state-2026-12-06_12-00-30.json").write_text('{"trial_data": [1, 2]}')
+    (staging / "searcher-state-2026-12-06_12-00-30.pkl").write_bytes(b"new")
+    (staging / "search_gen_state-2026-12-06_12-00-30.json").write_text('{"counter": 2}')
+    said = mend_torn_state(folder, ray_temp=tmp_path / "ray")
+    assert len(said) == 1 and "restored from Ray's staging copy" in said[0]
+    assert (folder / "experiment_state-2026-12-06_12-00-30.json").read_text() == '{"trial_data": [1, 2]}'
+    assert (folder / "searcher-state-2026-12-06_12-00-30.pkl").read_bytes() == b"new"  # the same session's
+    assert (folder / "search_gen_state-2026-12-06_12-00-30.json").read_text() == '{"counter": 2}'
+    assert (folder / "experiment_state-2026-12-06_12-00-00.json").read_text() == '{"trial_data": []}'
+    assert mend_torn_state(folder, ray_temp=tmp_path / "ray") == []  # whole now: nothing to do
+
+
+def test_a_torn_experiment_state_without_a_whole_copy_is_set_aside(tmp_path):
+    cut = b'{"trial_data": [{"trial_id": "a"'  # a copy cut short
+    folder = _launch(tmp_path, {"2026-12-06_12-00-00": b'{"trial_data": []}', "2026-12-06_12-00-30": cut})
+    said = mend_torn_state(folder, ray_temp=tmp_path / "ray")
+    assert len(said) == 1 and "set aside" in said[0]
+    # Tune reads the newest of these patterns: the torn session's files no longer match them
+    assert [p.name for p in folder.glob("experiment_state-*.json")] == ["experiment_state-2026-12-06_12-00-00.json"]
+    assert [p.name for p in folder.glob("searcher-state-*.pkl")] == ["searcher-state-2026-12-06_12-00-00.pkl"]
+    assert [p.name for p in folder.glob("search_gen_state-*.json")] == ["search_gen_state-2026-12-06_12-00-00.json"]
+    assert (folder / "experiment_state-2026-12-06_12-00-30.json.torn").read_bytes() == cut
