@@ -41,10 +41,10 @@ log = logging.getLogger(__name__)
 def repair_reset_failures() -> None:
     """Install the repair on Tune's controller (once; a Tune without the methods it wraps is left
     alone, with a warning)."""
-    original = TuneController._trial_task_failure
+    original = getattr(TuneController, "_trial_task_failure", None)
     if getattr(original, "poisonsweep_repair", False):
         return
-    if not hasattr(TuneController, "_actor_failed"):
+    if original is None or not hasattr(TuneController, "_actor_failed"):
         log.warning("Ray Tune changed: the repair of a trial failing in an actor's reset is not installed")
         return
 
