@@ -16,6 +16,40 @@ def small_synthetic():
     return load_dataset(DataSpec(dataset="synthetic", size=400, test_size=40, seed=3))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_tables_copied(tmp_path_factory):
+    """A new SQLite MLflow store in this test process gets its tables as a copy of one store's,
+    made by MLflow's own ``_initialize_tables`` once per run, rather than by running its schema
+    migrations again (about 1.3 s each, for each of the suite's stores). The copy is
+    SQLite's backup of that database: the same tables at the same schema revision. Stores made by
+    the processes the tests start (a CLI run, a tracking server) migrate as usual."""
+    import contextlib
+    import sqlite3
+
+    from mlflow.store.db import utils
+
+    original = utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow-tables") / "tables.db"
+
+    def initialize(engine):
+        path = engine.url.database if engine.dialect.name == "sqlite" else None
+        if not path or path == ":memory:":
+            return original(engine)
+        if not template.exists():
+            import sqlalchemy
+
+            made = sqlalchemy.create_engine(f"sqlite:///{template}")
+            original(made)
+            made.dispose()
+        with contextlib.closing(sqlite3.connect(template)) as source, contextlib.closing(sqlite3.connect(path)) as copy:
+            source.backup(copy)
+        return None
+
+    utils._initialize_tables = initialize
+    yield
+    utils._initialize_tables = original
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """Local Ray with two CPUs for the real sweeps in this test process, started by the first test

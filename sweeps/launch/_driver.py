@@ -29,7 +29,7 @@ from sweeps.config import Constraint, SweepConfig, define_by_run, make_sampler, 
 from sweeps.launch._moasha import DECISION, EPOCH, MOASHA, RungState
 from sweeps.launch._trainable import finite, train_clean, train_reference, trial_parameters, trial_resources
 from sweeps.launch._trainable import trainable as trial_trainable
-from sweeps.launch._tune_fixes import mend_torn_state, repair_reset_failures
+from sweeps.launch._tune_fixes import defer_checkpoint_deletion, mend_torn_state, repair_reset_failures
 from sweeps.tracking import TRACKING_ERRORS, Launch, Tracker, without_credentials
 from sweeps.tracking._logger import Printer, TrialLogger, TrialRow, restoring, summary_csv, sweep_note, trial_count
 from trainers import TrialConfig
@@ -45,8 +45,9 @@ QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOI
              # (MLflow's default: 7 retries with exponential back-off); the Mirror catches up later
              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-             # Tune saves its experiment state at most this often (its "auto": every >= 10 s); a
-             # launch killed and resumed reruns the trials that finished since the last save
+             # Tune saves its experiment state at least this often (its "auto": every >= 10 s), and
+             # less often where a save takes long (defer_checkpoint_deletion); a launch killed and
+             # resumed reruns the trials that finished since the last save
              "TUNE_GLOBAL_CHECKPOINT_S": "1"}
 
 
@@ -350,6 +351,7 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
     storage = Path(sweep.storage.path).resolve()
     scheduler = moasha(sweep, objectives)
     repair_reset_failures()
+    defer_checkpoint_deletion()
     return tune.Tuner(
         _resourced_trainable(sweep, objectives, trainable, clean_seeds),
         param_space=param_space,
@@ -365,12 +367,9 @@ def tuner(sweep: SweepConfig, search_alg: Searcher | SearchAlgorithm, num_sample
             # RungState first: it adds the scheduler's decision to the result the logger then sees
             callbacks=[RungState(scheduler), logger] if scheduler is not None else [logger],
             failure_config=tune.FailureConfig(max_failures=sweep.search.max_failures),
-            # Tune deletes a trial's oldest checkpoint when it registers a newer one, before the
-            # experiment state naming the newer one reaches storage: with one kept, a driver
-            # killed in that gap leaves a state whose checkpoint is gone and the trial cannot
-            # resume. Two kept close the gap unless two checkpoints come within one state save
-            # (TUNE_GLOBAL_CHECKPOINT_S): a trial's last epoch's and its final report's can
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # a trial's latest checkpoint; the one it supersedes is deleted once a state naming
+            # the newer one is in storage (defer_checkpoint_deletion), so a resumed trial finds it
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=0,
         ),
     )
@@ -390,6 +389,7 @@ def restore(sweep: SweepConfig, folder: Path, logger: TrialLogger, objectives: l
     """The interrupted launch in ``folder``, restored by Tune with its searcher's state: finished
     trials stay finished, unfinished ones go on from their last checkpoint, failed ones stay failed."""
     repair_reset_failures()
+    defer_checkpoint_deletion()
     with restoring(logger):  # the pickled Tuner's callback unpickles as this launch's logger
         return tune.Tuner.restore(str(folder), trainable=_resourced_trainable(sweep, objectives, trainable),
                                   resume_unfinished=True, resume_errored=False, restart_errored=False)

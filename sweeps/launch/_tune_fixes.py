@@ -1,6 +1,9 @@
-"""Repairs of two Ray Tune defects that lose trials under faults: a trial failed when its reused
-worker dies in its reset (:func:`repair_reset_failures`), and an experiment state torn by a launch
-killed while Tune copied it into storage (:func:`mend_torn_state`).
+"""Repairs of Ray Tune defects that lose trials under faults or slow a large sweep: a trial failed
+when its reused worker dies in its reset (:func:`repair_reset_failures`), an experiment state torn
+by a launch killed while Tune copied it into storage (:func:`mend_torn_state`), and checkpoints
+deleted before the experiment state that stops naming them is in storage, which Tune guards by
+rewriting that whole state whenever a trial checkpoints twice within a save
+(:func:`defer_checkpoint_deletion`).
 
 With ``reuse_actors=True`` Tune hands a finished trial's actor to the next trial and first runs
 its ``reset`` task. When the actor's worker dies during that task, Tune's actor manager reports
@@ -27,9 +30,14 @@ import json
 import logging
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from ray.exceptions import RayActorError
+from ray.train._internal import checkpoint_manager as _checkpoints
+from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
 
@@ -60,6 +68,99 @@ def repair_reset_failures() -> None:
 
     _trial_task_failure.poisonsweep_repair = True
     TuneController._trial_task_failure = _trial_task_failure
+
+
+#: Tune's experiment state is saved at least this often (seconds), and besides at most once per
+#: SAVE_SHARE times the last save's duration: saves take at most 1/SAVE_SHARE of the driver's time
+#: (Tune's own ``TUNE_GLOBAL_CHECKPOINT_S=auto`` uses 19, with a floor of 10 s)
+SAVE_FLOOR_S, SAVE_SHARE = 1.0, 19.0
+
+_pending: list[tuple[Any, str]] = []  # (filesystem, path): checkpoints waiting for a state save
+_pending_lock = threading.Lock()
+
+
+def defer_checkpoint_deletion() -> None:
+    """Delete a trial's superseded checkpoints only once an experiment state that no longer names
+    them is in storage, instead of forcing a save (once installed, in this process; a Tune without
+    the methods it wraps is left alone, with a warning).
+
+    Tune (``ray.train._internal.checkpoint_manager._CheckpointManager.register_checkpoint``)
+    deletes a trial's checkpoints beyond ``CheckpointConfig(num_to_keep)`` as soon as it registers
+    a newer one, while the experiment state in storage (saved at most every
+    ``TUNE_GLOBAL_CHECKPOINT_S``) may still name them: a launch killed then resumes a trial from
+    a checkpoint that is gone, and the trial fails ("Could not recover from checkpoint as it does
+    not exist on storage anymore"). Tune guards against it by forcing a save of the whole
+    experiment state, every trial's, whenever a trial has checkpointed ``num_to_keep`` times
+    since the last (``_ExperimentCheckpointManager.on_trial_checkpoint``): a save per trial at
+    least (its last epoch's and its final report's checkpoints come together), each as large as
+    the sweep, so the driver's cost per trial grows with the sweep.
+
+    Here a superseded checkpoint waits instead: it is deleted once a state written after it was
+    superseded has been copied into storage (the copy that Tune's syncer launched after the save
+    has ended without error), and no save is forced. The save period adapts as Tune's ``auto``
+    does, from ``SAVE_FLOOR_S`` up to ``SAVE_SHARE`` times the last save's duration, so a sweep of
+    thousands of trials does not spend its driver on rewriting their states every second. A launch
+    killed with deletions waiting leaves those checkpoints on disk (at most those superseded
+    within one save period)."""
+    original = getattr(_ExperimentCheckpointManager, "sync_up_experiment_state", None)
+    if getattr(original, "poisonsweep_repair", False):
+        return
+    delete = getattr(_checkpoints, "_delete_fs_path", None)
+    if original is None or delete is None or not hasattr(_ExperimentCheckpointManager, "on_trial_checkpoint"):
+        log.warning("Ray Tune changed: checkpoint deletions are not deferred to the experiment state's saves")
+        return
+
+    def queue(fs: Any, fs_path: str) -> None:
+        with _pending_lock:
+            _pending.append((fs, fs_path))
+
+    def delete_quietly(fs: Any, fs_path: str) -> None:
+        try:
+            delete(fs=fs, fs_path=fs_path)
+        except Exception as error:  # a checkpoint already gone, storage unreachable: Tune's own delete raises too
+            log.warning("could not delete the superseded checkpoint %s: %s", fs_path, error)
+
+    @functools.wraps(original)
+    def sync_up_experiment_state(self: _ExperimentCheckpointManager, save_fn: Any, force: bool = False,
+                                 wait: bool = False) -> None:
+        root = str(self._storage.experiment_fs_path).rstrip("/") + "/"
+        with _pending_lock:  # the deletions queued before this save, of this experiment's checkpoints
+            mine = [p for p in _pending if str(p[1]).startswith(root)]
+            _pending[:] = [p for p in _pending if not str(p[1]).startswith(root)]
+        saved, synced, start = self._last_save_time, self._last_sync_time, time.monotonic()
+        try:
+            original(self, save_fn, force=force, wait=wait)
+        except BaseException:
+            with _pending_lock:
+                _pending[:0] = mine
+            raise
+        awaiting = self.__dict__.setdefault("_poisonsweep_awaiting", [])
+        if self._last_sync_time != synced and mine:  # a copy of a state written after they were superseded
+            awaiting.append((getattr(self._storage.syncer, "_sync_process", None), mine))
+        elif mine:
+            with _pending_lock:
+                _pending[:0] = mine
+        if self._last_save_time != saved and not self._auto_checkpoint_enabled:
+            self._checkpoint_period = max(SAVE_FLOOR_S, SAVE_SHARE * (time.monotonic() - start))
+        still = []
+        for process, batch in awaiting:
+            if process is not None and process.is_running and not wait:
+                still.append((process, batch))
+            elif process is not None and getattr(process, "_result", {}).get("exception") is not None:
+                with _pending_lock:  # that copy failed: storage may still hold the older state
+                    _pending[:0] = batch
+            else:
+                for fs, fs_path in batch:
+                    delete_quietly(fs, fs_path)
+        self._poisonsweep_awaiting = still
+
+    def on_trial_checkpoint(self: _ExperimentCheckpointManager, trial: Trial) -> None:
+        return None  # no forced save: the deletion it guarded waits for a save instead
+
+    sync_up_experiment_state.poisonsweep_repair = True
+    _ExperimentCheckpointManager.sync_up_experiment_state = sync_up_experiment_state
+    _ExperimentCheckpointManager.on_trial_checkpoint = on_trial_checkpoint
+    _checkpoints._delete_fs_path = queue
 
 
 def mend_torn_state(folder: Path, ray_temp: Path | None = None) -> list[str]:

@@ -28,7 +28,7 @@ from poison.config import ConfigError
 from poison.manifest import atomic_write
 from sweeps._files import CONFIG_FILE, DECISION_KEY, LAUNCH_FILE, METRICS_FILE, PLAN_FILE, reported_epoch
 from sweeps.config import SweepConfig
-from sweeps.tracking._client import FINAL_TAG, NUMBER_TAG, Tracker
+from sweeps.tracking._client import FINAL_TAG, LOST_TAG, NUMBER_TAG, Tracker
 
 #: what an unreachable or failing tracking store raises through MlflowClient
 TRACKING_ERRORS = (MlflowException, OSError)
@@ -79,6 +79,7 @@ class _Run:
     logged: dict[int, dict[str, Any]] = field(default_factory=dict)  # the last epoch this process logged
     final: bool = False  # its final metrics are in MLflow (the run has FINAL_TAG)
     decisions: list[dict[str, Any]] = field(default_factory=list)  # the scheduler's, as tagged
+    lost: bool = False  # marked as a trial Tune never recorded (LOST_TAG)
 
 
 class Mirror:
@@ -101,7 +102,7 @@ class Mirror:
                     number = _run_number(run.data.tags.get(NUMBER_TAG), run.info.run_name or "", len(self.runs) + 1)
                     steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
                     self.runs[trial_id] = _Run(run.info.run_id, number, run.info.status, steps,
-                                               final=FINAL_TAG in run.data.tags)
+                                               final=FINAL_TAG in run.data.tags, lost=LOST_TAG in run.data.tags)
             token = page.token
             if not token:
                 return
@@ -167,13 +168,14 @@ class Mirror:
     # --- catching up from Tune's storage ---
 
     def close_lost(self, known: set[str]) -> int:
-        """Marks KILLED every unfinished run whose trial is not among ``known`` (Tune's record of
-        the launch): a trial started just before the driver was killed, which Tune's saved state
-        never held. Returns how many."""
-        lost = [r for t, r in self.runs.items() if t not in known and r.status == "RUNNING"]
+        """Marks lost (KILLED, :data:`LOST_TAG`) every unfinished run whose trial is not among
+        ``known`` (Tune's record of the launch): a trial started just before the driver was
+        killed, which Tune's saved state never held, also one the scheduler stopped in that time
+        (its run already KILLED). Returns how many."""
+        lost = [r for t, r in self.runs.items() if t not in known and not r.lost and r.status in ("RUNNING", "KILLED")]
         for run in lost:
             self.tracker.abandon_trial(run.run_id)
-            run.status = "KILLED"
+            run.status, run.lost = "KILLED", True
         return len(lost)
 
     def catch_up(self, trial: Any, number: int, last_step: int, error: Callable[[Any], str]) -> dict[str, float] | None:

@@ -249,3 +249,39 @@ def test_tune_gets_only_the_numbers_it_compares_and_every_metric_reaches_the_mir
     assert epoch_reports(tmp_path) == [metrics, metrics]
     assert final_result({**metrics, "i2t_r5": 0.5}, kept) == {k: metrics[k] for k in kept}
     assert epoch_result(metrics, None) == old and final_result(metrics, None) == metrics
+
+
+def test_runs_of_trials_tune_never_recorded_are_marked_lost_once_also_a_stopped_one(tmp_path):
+    """A driver killed within one state save of trials starting (and one of them being stopped at
+    its rung): the resumed launch's record lacks them and draws their points again, so their runs
+    are marked lost, the stopped one too; a finished or recorded run is left as it is."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking._client import LOST_TAG, STOPPED_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = validate_config({"name": "lost", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
+                            check_data=False)
+    tracker = Tracker(uri, sweep)
+    parent = tracker.start_parent()
+    mirror = Mirror(sweep, tracker)
+    for number, trial in enumerate(("recorded", "running", "stopped", "finished"), 1):
+        mirror.start(trial, {}, number)
+        mirror.epoch(trial, {"epoch": 1, "loss": 4.7, "utility": 0.25})
+    mirror.stop("stopped", [{"epoch": 1, "decision": "stopped", "place": 2, "of": 2, "kept": 1}])
+    tracker.finish_trial(mirror.runs["finished"].run_id, [])
+    resumed = Tracker(uri, sweep)
+    resumed.reopen_parent(parent)
+    again = Mirror(sweep, resumed)
+    again.load_existing()
+    assert again.close_lost({"recorded"}) == 2
+    assert again.close_lost({"recorded"}) == 0  # once
+    runs = {t: MlflowClient(uri).get_run(r.run_id) for t, r in again.runs.items()}
+    assert {t: (r.info.status, LOST_TAG in r.data.tags) for t, r in runs.items()} == {
+        "recorded": ("RUNNING", False), "running": ("KILLED", True), "stopped": ("KILLED", True),
+        "finished": ("FINISHED", False)}
+    assert runs["stopped"].data.tags[STOPPED_TAG] == "1"
+    third = Mirror(sweep, Tracker(uri, sweep))
+    third.tracker.reopen_parent(parent)
+    third.load_existing()
+    assert third.close_lost({"recorded"}) == 0  # the tag is read back: not marked again
