@@ -18,8 +18,8 @@ trials make it noise; the last ``--slots`` trials are left out, as no trial star
 and so none is suggested), and where they go:
 
 - ``searcher``: OptunaSearch's suggest and tell (the sampler and the study's SQLite storage);
-- ``tune state``: Tune's experiment-state saves (every trial's state, pickled, at most once a
-  second: ``TUNE_GLOBAL_CHECKPOINT_S``);
+- ``tune state``: Tune's experiment-state saves (every trial's state, every second, or every 19
+  times a save's duration where that is longer: ``sweeps/launch/_tune_fixes.py``);
 - ``mlflow``: every MlflowClient call (create run, params, metrics, tags, artifacts, end);
 - ``logger``: the TrialLogger's own work around them (the mirror, progress lines);
 - ``rest``: the remainder of the driver's CPU, split into ``loop`` (the rest of the main
