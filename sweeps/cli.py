@@ -248,6 +248,7 @@ def sync_launch(folder, cli_uri: str | None, *, printer: Callable[[str], None] =
     launch = Launch.read(folder)
     sweep = validate_config(read_yaml(launch.config_yaml, str(Path(folder) / LAUNCH_FILE)), check_data=False)
     uri = tracking_uri(cli_uri or launch.tracking_uri, sweep)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # as `run` does (QUIET_ENV)
     tracker = Tracker(uri, sweep)
     tracker.reopen_parent(launch.parent_run_id)
     logger = TrialLogger(sweep, tracker, printer)

@@ -45,6 +45,9 @@ QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOI
              # (MLflow's default: 7 retries with exponential back-off); the Mirror catches up later
              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+             # MLflow prints a link to each run it ends on a tracking server: one line per trial,
+             # among ours; `poisonsweep run` says once, at the end, how to open them
+             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
              # Tune saves its experiment state at least this often (its "auto": every >= 10 s), and
              # less often where a save takes long (defer_checkpoint_deletion); a launch killed and
              # resumed reruns the trials that finished since the last save

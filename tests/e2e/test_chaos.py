@@ -165,6 +165,7 @@ def test_a_sweep_survives_a_seeded_schedule_of_faults_and_loses_nothing(tmp_path
                 due.pop(0)
         Path(os.environ.get("CHAOS_LOG", os.devnull)).write_text("".join(log))
         assert "SYNCED True" in "".join(driver.lines)
+        assert not any("View run" in line for line in log)  # MLflow's link per ended run, on a server
         seconds = time.monotonic() - start
 
         client, parent, runs = launch_runs(server.uri, "chaos", "sweep")
