@@ -26,7 +26,8 @@ TEST_ENV := OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 SHARD_A  := tests/e2e/test_attacks_e2e.py tests/sweeps/test_budget.py tests/trainers/test_trial.py \
             tests/sweeps/test_pareto.py tests/sweeps/test_defenses_table.py tests/trainers/test_distributed.py \
             tests/e2e/test_defenses_pretrained_e2e.py tests/e2e/test_browser.py tests/e2e/test_out_of_memory.py \
-            tests/e2e/test_zeroshot.py tests/sweeps/test_api.py tests/e2e/test_report_browser.py tests/e2e/test_moasha_e2e.py
+            tests/e2e/test_zeroshot.py tests/sweeps/test_api.py tests/e2e/test_report_browser.py tests/e2e/test_moasha_e2e.py \
+            tests/sweeps/test_tune_fixes.py
 
 # the docstrings' examples run too (the packages' modules, beside tests/)
 DOCTESTS := --doctest-modules tests poison trainers sweeps
