@@ -136,16 +136,20 @@ def defer_checkpoint_deletion() -> None:
             raise
         awaiting = self.__dict__.setdefault("_poisonsweep_awaiting", [])
         if self._last_sync_time != synced and mine:  # a copy of a state written after they were superseded
-            awaiting.append((getattr(self._storage.syncer, "_sync_process", None), mine))
+            awaiting.append((getattr(self._storage.syncer, "_sync_process", None), self._last_sync_time, mine))
         elif mine:
             with _pending_lock:
                 _pending[:0] = mine
         if self._last_save_time != saved and not self._auto_checkpoint_enabled:
             self._checkpoint_period = max(SAVE_FLOOR_S, SAVE_SHARE * (time.monotonic() - start))
         still = []
-        for process, batch in awaiting:
-            if process is not None and process.is_running and not wait:
-                still.append((process, batch))
+        for process, launched, batch in awaiting:
+            # the copy has ended: waited for, seen ended, or followed by a later one (Tune's syncer
+            # waits for a copy before it launches the next; a syncer that does not show its copy
+            # is trusted only that way)
+            ended = wait or self._last_sync_time != launched or (process is not None and not process.is_running)
+            if not ended:
+                still.append((process, launched, batch))
             elif process is not None and getattr(process, "_result", {}).get("exception") is not None:
                 with _pending_lock:  # that copy failed: storage may still hold the older state
                     _pending[:0] = batch
