@@ -128,6 +128,17 @@ def test_catching_up_a_stopped_trial_marks_it_stopped_not_finished(tmp_path):
     assert MlflowClient(uri).get_run(run.info.run_id).info.status == "KILLED"
 
 
+def _lost_launch(tmp_path):
+    """A launch's store, sweep, tracker, parent run and mirror, for the resume tests below."""
+    from sweeps.tracking._client import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = validate_config({"name": "lost", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
+                            check_data=False)
+    tracker = Tracker(uri, sweep)
+    return uri, sweep, tracker, tracker.start_parent(), Mirror(sweep, tracker)
+
+
 def test_a_run_shown_stopped_whose_trial_went_on_ends_finished_and_untagged(tmp_path):
     """A driver killed in the second after a trial's stop decision (before Tune saved it): MLflow
     shows the run stopped, the resumed launch restores the trial as running and it finishes."""
@@ -135,12 +146,7 @@ def test_a_run_shown_stopped_whose_trial_went_on_ends_finished_and_untagged(tmp_
 
     from sweeps.tracking._client import STOPPED_TAG, Tracker
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = validate_config({"name": "lost", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
-                            check_data=False)
-    tracker = Tracker(uri, sweep)
-    parent = tracker.start_parent()
-    mirror = Mirror(sweep, tracker)
+    uri, sweep, tracker, parent, mirror = _lost_launch(tmp_path)
     mirror.start("t1", {}, 1)
     mirror.epoch("t1", {"epoch": 1, "loss": 4.7, "utility": 0.25})
     mirror.stop("t1", [{"epoch": 1, "decision": "stopped", "place": 2, "of": 2, "kept": 1}])
@@ -259,12 +265,7 @@ def test_runs_of_trials_tune_never_recorded_are_marked_lost_once_also_a_stopped_
 
     from sweeps.tracking._client import LOST_TAG, STOPPED_TAG, Tracker
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = validate_config({"name": "lost", "data": {"size": 64}, "search": {"objectives": {"utility": "max"}}},
-                            check_data=False)
-    tracker = Tracker(uri, sweep)
-    parent = tracker.start_parent()
-    mirror = Mirror(sweep, tracker)
+    uri, sweep, tracker, parent, mirror = _lost_launch(tmp_path)
     for number, trial in enumerate(("recorded", "running", "stopped", "finished"), 1):
         mirror.start(trial, {}, number)
         mirror.epoch(trial, {"epoch": 1, "loss": 4.7, "utility": 0.25})
